@@ -1,0 +1,5 @@
+import sys
+
+from bcdcore.cli import main
+
+sys.exit(main())

@@ -1,0 +1,224 @@
+"""Algorithm 1 (proximal block coordinate descent with damping) and the `entire` baseline.
+
+Round t with anchor a = x_t:
+  1. choose the active blocks S_t;
+  2. for each i in S_t, from z = a_i, run at most K solver steps on
+         F_i(z) = loss(x with block i = z; minibatch) + lam_i/2 ||z - a_i||^2,
+     stopping early once ||grad F_i(z)|| <= c * lam_i * ||z - a_i|| (checked at the iterate whose gradient
+     the step just used, so the rule costs no extra forward/backward; the step is still applied);
+  3. damping x_{t+1,i} = a_i + gamma_i (xhat_i - a_i); blocks outside S_t keep a_i.
+Jacobi: every subproblem sees the other blocks at x_t (each block's damped result goes to `next`, its slice
+of x is put back to a_i in the same fused pass). Gauss-Seidel: blocks in order, each damped in place, so later
+blocks see earlier blocks' new values. Memory beyond the model: anchor, next (Jacobi), the flat gradient and
+the solver state, all flat and independent of the number of blocks.
+
+Solver state policy (`state_policy`): "reset" (default) zeroes a block's momentum/Adam state at each new
+anchor, because F_i changes with the anchor and old momentum points along a different objective; "keep"
+carries each block's state (and Adam step count) across rounds.
+"""
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field
+from typing import Callable
+
+import torch
+from torch import Tensor, nn
+
+from bcdcore import ops
+from bcdcore.batches import BatchStream
+from bcdcore.params import FlatParams
+from bcdcore.recipe import AlgorithmConfig
+
+LossFn = Callable[[Tensor, Tensor], Tensor]
+
+
+@dataclass
+class BlockReport:
+    block: int
+    inner_steps: int
+    stopped_early: bool
+    residual: float  # ||grad F_i|| at the last checked iterate
+    threshold: float  # c * lam_i * ||z - a_i|| there (nan when the rule is off)
+    dist: float  # ||z - a_i|| there
+    lam: float
+    gamma: float
+
+
+@dataclass
+class RoundResult:
+    train_loss: float  # mean minibatch loss (without the proximal term) over the round's inner steps
+    grad_evals: int  # forward+backward passes on one minibatch
+    samples: int
+    blocks: list[BlockReport] = field(default_factory=list)
+
+
+class Solver:
+    """The inner solver: flat state buffers (parameter-sized) and the matching fused op."""
+
+    def __init__(self, cfg: AlgorithmConfig, like: Tensor, n_blocks: int, backend: str) -> None:
+        self.cfg, self.backend = cfg, backend
+        state_dtype = torch.float64 if like.dtype == torch.float64 else torch.float32
+        n_state = {"sgd": 0, "momentum": 1, "adam": 2}[cfg.solver]
+        self.state = [torch.zeros(like.numel(), dtype=state_dtype, device=like.device) for _ in range(n_state)]
+        self.steps = [0] * n_blocks  # Adam's bias-correction counters, per block
+
+    def reset(self, block: int, view: Callable[[Tensor], Tensor]) -> None:
+        for buf in self.state:
+            view(buf).zero_()
+        self.steps[block] = 0
+
+    def step(self, block: int, x: Tensor, g: Tensor, a: Tensor, view: Callable[[Tensor], Tensor], lam: float,
+             gamma: float | None = None, out: Tensor | None = None) -> tuple[Tensor, Tensor]:
+        c, b = self.cfg, self.backend
+        self.steps[block] += 1
+        if c.solver == "sgd":
+            return ops.prox_sgd_step_(x, g, a, lr=c.lr, lam=lam, gamma=gamma, out=out, backend=b)
+        if c.solver == "momentum":
+            return ops.prox_momentum_step_(x, g, a, view(self.state[0]), lr=c.lr, lam=lam, momentum=c.momentum,
+                                           nesterov=c.nesterov, gamma=gamma, out=out, backend=b)
+        return ops.prox_adam_step_(x, g, a, view(self.state[0]), view(self.state[1]), lr=c.lr, lam=lam,
+                                   beta1=c.beta1, beta2=c.beta2, eps=c.eps, step=self.steps[block],
+                                   gamma=gamma, out=out, backend=b)
+
+    def state_dict(self) -> dict:
+        return {"state": self.state, "steps": list(self.steps)}
+
+    def load_state_dict(self, state: dict) -> None:
+        for mine, saved in zip(self.state, state["state"]):
+            mine.copy_(saved)
+        self.steps = list(state["steps"])
+
+
+class BlockwiseTrainer:
+    """Algorithm 1 over a model whose parameters live in a FlatParams store."""
+
+    def __init__(self, model: nn.Module, params: FlatParams, loss_fn: LossFn, streams: list[BatchStream],
+                 cfg: AlgorithmConfig, lams: list[float], gammas: list[float], backend: str,
+                 seed: int) -> None:
+        n = params.n_blocks
+        if not (len(streams) == len(lams) == len(gammas) == n):
+            raise ValueError("one stream, lambda and gamma per block are required")
+        self.model, self.params, self.loss_fn, self.streams = model, params, loss_fn, streams
+        self.cfg, self.lams, self.gammas, self.backend = cfg, lams, gammas, backend
+        self.anchor = torch.empty_like(params.flat)
+        self.next = torch.empty_like(params.flat) if cfg.schedule == "jacobi" else None
+        self.solver = Solver(cfg, params.flat, n, backend)
+        self.active_generator = torch.Generator().manual_seed(seed)
+
+    def active_blocks(self, t: int) -> list[int]:
+        n = self.params.n_blocks
+        if self.cfg.active_share >= 1:
+            return list(range(n))
+        m = max(1, math.floor(self.cfg.active_share * n))
+        if self.cfg.active_rule == "cyclic":
+            return sorted((t * m + j) % n for j in range(m))
+        return sorted(torch.randperm(n, generator=self.active_generator)[:m].tolist())
+
+    def run_round(self, t: int) -> RoundResult:
+        p, cfg = self.params, self.cfg
+        self.model.train()
+        self.anchor.copy_(p.flat)
+        anchor_buffers = p.snapshot_buffers()
+        losses: list[Tensor] = []
+        reports, new_buffers = [], {}
+        for i in self.active_blocks(t):
+            before = anchor_buffers if cfg.schedule == "jacobi" else p.snapshot_buffers()
+            reports.append(self.solve_block(i, losses))
+            # Buffers (BatchNorm statistics) move with their block: keep block i's, undo the drift that the
+            # forward passes caused in every other block.
+            if cfg.schedule == "jacobi":
+                new_buffers[i] = [b.detach().clone() for b in p.block_buffers[i]]
+                p.restore_buffers(before)
+            else:
+                p.restore_buffers(before, [j for j in range(p.n_blocks) if j != i])
+        if cfg.schedule == "jacobi":
+            for r in reports:
+                p.block(r.block).copy_(p.block(r.block, self.next))
+                for live, new in zip(p.block_buffers[r.block], new_buffers[r.block]):
+                    live.copy_(new)
+        p.set_trainable(None)
+        steps = sum(r.inner_steps for r in reports)
+        loss = torch.stack(losses).mean().item() if losses else math.nan
+        batch = self.streams[0].batch_size
+        return RoundResult(train_loss=loss, grad_evals=steps, samples=steps * batch, blocks=reports)
+
+    def solve_block(self, i: int, losses: list[Tensor]) -> BlockReport:
+        p, cfg = self.params, self.cfg
+        lam, gamma = self.lams[i], self.gammas[i]
+        view = lambda t: p.block(i, t)  # noqa: E731
+        x, g, a = p.block(i), p.block(i, p.grad), p.block(i, self.anchor)
+        out = p.block(i, self.next) if self.next is not None else None
+        # Gauss-Seidel with gamma = 1 needs no damping write at all.
+        damp = gamma if (out is not None or gamma != 1.0) else None
+        if cfg.state_policy == "reset":
+            self.solver.reset(i, view)
+        p.set_trainable({i})
+        rule_on = cfg.accuracy_factor >= 0 and lam > 0
+        stopped, damped = False, False
+        r2 = d2 = None
+        for k in range(cfg.K):
+            xb, yb = self.streams[i].next()
+            g.zero_()
+            loss = self.loss_fn(self.model(xb), yb)
+            loss.backward()
+            losses.append(loss.detach())
+            last = k == cfg.K - 1
+            r2, d2 = self.solver.step(i, x, g, a, view, lam, gamma=damp if last else None,
+                                      out=out if last else None)
+            damped = last
+            if rule_on and math.sqrt(r2.item()) <= cfg.accuracy_factor * lam * math.sqrt(d2.item()):
+                stopped = True
+                break
+        if not damped and damp is not None:
+            ops.damp_(x, a, gamma=damp, out=out, backend=self.backend)
+        residual, dist = math.sqrt(r2.item()), math.sqrt(d2.item())
+        threshold = cfg.accuracy_factor * lam * dist if rule_on else math.nan
+        return BlockReport(block=i, inner_steps=k + 1, stopped_early=stopped, residual=residual,
+                           threshold=threshold, dist=dist, lam=lam, gamma=gamma)
+
+    def state_dict(self) -> dict:
+        return {"solver": self.solver.state_dict(), "active_generator": self.active_generator.get_state(),
+                "streams": [s.state_dict() for s in self.streams]}
+
+    def load_state_dict(self, state: dict) -> None:
+        self.solver.load_state_dict(state["solver"])
+        self.active_generator.set_state(state["active_generator"])
+        for stream, saved in zip(self.streams, state["streams"]):
+            stream.load_state_dict(saved)
+
+
+class EntireTrainer:
+    """The baseline: the whole model trained by the same solver, K steps per round, state kept throughout."""
+
+    def __init__(self, model: nn.Module, params: FlatParams, loss_fn: LossFn, stream: BatchStream,
+                 cfg: AlgorithmConfig, backend: str) -> None:
+        self.model, self.params, self.loss_fn, self.stream, self.cfg = model, params, loss_fn, stream, cfg
+        self.backend = backend
+        self.solver = Solver(cfg, params.flat, 1, backend)
+
+    def run_round(self, t: int) -> RoundResult:
+        p = self.params
+        self.model.train()
+        p.set_trainable(None)
+        x, g = p.flat, p.grad
+        whole = lambda t: t  # noqa: E731
+        losses = []
+        for _ in range(self.cfg.K):
+            xb, yb = self.stream.next()
+            g.zero_()
+            loss = self.loss_fn(self.model(xb), yb)
+            loss.backward()
+            losses.append(loss.detach())
+            # lam = 0: the anchor plays no part, so x itself stands in for it.
+            self.solver.step(0, x, g, x, whole, 0.0)
+        steps = self.cfg.K
+        return RoundResult(train_loss=torch.stack(losses).mean().item(), grad_evals=steps,
+                           samples=steps * self.stream.batch_size)
+
+    def state_dict(self) -> dict:
+        return {"solver": self.solver.state_dict(), "stream": self.stream.state_dict()}
+
+    def load_state_dict(self, state: dict) -> None:
+        self.solver.load_state_dict(state["solver"])
+        self.stream.load_state_dict(state["stream"])

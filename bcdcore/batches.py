@@ -1,0 +1,48 @@
+"""Seeded minibatch streams over an in-memory split.
+
+Each block draws from its own stream (seeded by run seed and block index), so what a block sees does not
+depend on the schedule, the active set of other blocks, or how blocks are spread over processes.
+"""
+from __future__ import annotations
+
+import torch
+from torch import Tensor
+
+
+class BatchStream:
+    """Epochs of a seeded permutation, cut into batches; the last short batch of an epoch is dropped
+    unless the split is smaller than one batch."""
+
+    def __init__(self, x: Tensor, y: Tensor, batch_size: int, seed: int) -> None:
+        self.x, self.y = x, y
+        self.n = len(x)
+        self.batch_size = min(batch_size, self.n)
+        self.generator = torch.Generator().manual_seed(seed)
+        self.order = torch.empty(0, dtype=torch.long)
+        self.position = 0
+
+    def next(self) -> tuple[Tensor, Tensor]:
+        if self.position + self.batch_size > len(self.order):
+            self.order = torch.randperm(self.n, generator=self.generator)
+            self.position = 0
+        idx = self.order[self.position:self.position + self.batch_size].to(self.x.device)
+        self.position += self.batch_size
+        return self.x.index_select(0, idx), self.y.index_select(0, idx)
+
+    def state_dict(self) -> dict:
+        return {"generator": self.generator.get_state(), "order": self.order, "position": self.position}
+
+    def load_state_dict(self, state: dict) -> None:
+        self.generator.set_state(state["generator"])
+        self.order = state["order"]
+        self.position = state["position"]
+
+
+def stream_seed(seed: int, stream: int) -> int:
+    """Distinct, reproducible seeds per (run seed, stream): a fixed odd multiplier keeps them apart."""
+    return (seed * 1_000_003 + stream * 7_919 + 12_345) % (2 ** 63 - 1)
+
+
+def eval_batches(x: Tensor, y: Tensor, batch_size: int):
+    for start in range(0, len(x), batch_size):
+        yield x[start:start + batch_size], y[start:start + batch_size]

@@ -1,0 +1,110 @@
+"""`bcdcore`: the headless command line. Recipe errors exit 2 with one line on stderr and no traceback."""
+from __future__ import annotations
+
+import argparse
+import logging
+import sys
+from pathlib import Path
+
+from bcdcore.recipe import RecipeError, expand_grid, load_recipe
+from bcdcore.rundir import default_runs_dir, effective_state, list_runs, read_events, read_status
+
+
+def _parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="bcdcore", description="Block coordinate descent workstation engine")
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    run = sub.add_parser("run", help="run one recipe")
+    run.add_argument("recipe", nargs="?", help="recipe .toml (omit with --resume)")
+    run.add_argument("--runs-dir", type=Path, default=None, help="where run directories go (default ./runs or $BCD_RUNS)")
+    run.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
+                     help="override one recipe key, e.g. --set algorithm.K=5 (repeatable)")
+    run.add_argument("--resume", type=Path, default=None, metavar="RUN_DIR", help="continue a killed run")
+    run.add_argument("--quiet", action="store_true", help="no progress bar")
+
+    check = sub.add_parser("check", help="validate a recipe without running it")
+    check.add_argument("recipe")
+    check.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE")
+
+    ls = sub.add_parser("ls", help="list runs with state and final metrics")
+    ls.add_argument("--runs-dir", type=Path, default=None)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = _parser().parse_args(argv)
+    logging.basicConfig(level=logging.WARNING, format="%(levelname)s: %(message)s")
+    try:
+        return {"run": cmd_run, "check": cmd_check, "ls": cmd_ls}[args.command](args)
+    except RecipeError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+
+
+def cmd_check(args) -> int:
+    recipe = load_recipe(args.recipe, args.overrides)
+    # The full check builds the model (block count, per-block lists) and opens the dataset.
+    from bcdcore.run import prepare
+
+    if recipe.sweep:
+        points = expand_grid(recipe.sweep)
+        print(f"ok: {args.recipe} (sweep of {len(points)} runs over {', '.join(recipe.sweep)})")
+        return 0
+    prepared = prepare(recipe)
+    print(f"ok: {args.recipe} ({recipe.model.name}, {prepared.params.n_blocks} blocks, "
+          f"{recipe.data.name}, {recipe.algorithm.mode}/{recipe.algorithm.schedule}, ops {prepared.backend})")
+    return 0
+
+
+def cmd_run(args) -> int:
+    from rich.console import Console
+
+    from bcdcore.run import final_summary, resume_run, start_run
+
+    if args.resume is not None:
+        if args.recipe or args.overrides:
+            raise RecipeError("--resume continues a run with its own recipe; drop the RECIPE and --set arguments")
+        run = resume_run(args.resume)
+    else:
+        if not args.recipe:
+            raise RecipeError("bcdcore run: give a recipe file (or --resume RUN_DIR)")
+        recipe = load_recipe(args.recipe, args.overrides)
+        if recipe.sweep:
+            raise RecipeError(f"{args.recipe}: has a [sweep] table; run its grid with `bcdcore sweep`")
+        run = start_run(recipe, args.runs_dir or default_runs_dir())
+    print(f"run directory: {run.rundir.path}", flush=True)
+    console = None if args.quiet else Console(stderr=True)
+    code = run.execute(console)
+    print(final_summary(run), flush=True)
+    return code
+
+
+def cmd_ls(args) -> int:
+    runs_dir = args.runs_dir or default_runs_dir()
+    runs = list_runs(runs_dir)
+    if not runs:
+        print(f"no runs in {runs_dir}")
+        return 0
+    from rich.console import Console
+    from rich.table import Table
+
+    table = Table("run", "state", "round", "train_loss", "val", "test")
+    for path in runs:
+        status = read_status(path)
+        metrics = read_events(path, "metric")
+        last = metrics[-1] if metrics else {}
+        progress = status.get("progress") or {}
+        val = last.get("val_acc", last.get("val_loss"))
+        test = last.get("test_acc", last.get("test_loss"))
+        table.add_row(path.name, effective_state(status), f"{progress.get('round', 0)}/{progress.get('rounds', 0)}",
+                      _fmt(last.get("train_loss")), _fmt(val), _fmt(test))
+    Console().print(table)
+    return 0
+
+
+def _fmt(value) -> str:
+    return f"{value:.4f}" if isinstance(value, (int, float)) else ("" if value is None else str(value))
+
+
+if __name__ == "__main__":
+    sys.exit(main())

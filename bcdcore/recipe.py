@@ -1,0 +1,624 @@
+"""TOML recipe -> validated, typed `Recipe`.
+
+Pure Python (no torch): the TUI imports this module for live validation. Every error is a `RecipeError`
+whose message is one line naming the file, the line where it can be found, the key, and how to fix it.
+"""
+from __future__ import annotations
+
+import copy
+import dataclasses
+import difflib
+import hashlib
+import itertools
+import json
+import math
+import re
+import tomllib
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+# ----------------------------------------------------------------------------------------------------------
+# Catalogues: the names a recipe may use. Loaders and builders live in bcdcore.data / bcdcore.models.
+
+CLASSIFICATION, REGRESSION = "classification", "regression"
+
+
+@dataclass(frozen=True)
+class DatasetSpec:
+    task: str
+    options: tuple[str, ...] = ()  # dataset-specific [data] keys this dataset accepts
+
+
+DATASETS: dict[str, DatasetSpec] = {
+    "digits": DatasetSpec(CLASSIFICATION, ("image_size", "channels")),
+    "digits_flat": DatasetSpec(CLASSIFICATION),
+    "diabetes": DatasetSpec(REGRESSION),
+    "toy_regression": DatasetSpec(REGRESSION, ("n_samples", "n_features", "noise")),
+    "quadratic": DatasetSpec(REGRESSION, ("n_samples", "n_features", "noise")),
+}
+DATASET_OPTION_KEYS = ("image_size", "channels", "n_samples", "n_features", "noise")
+
+MODELS = ("mlp", "linear", "cnn", "residual_cnn", "block_linear")
+SOLVERS = ("sgd", "momentum", "adam")
+MODES = ("blockwise", "entire")
+SCHEDULES = ("jacobi", "gauss_seidel")
+ACTIVE_RULES = ("random", "cyclic")
+STATE_POLICIES = ("reset", "keep")
+OPS_BACKENDS = ("auto", "reference", "cpu", "cuda")
+STOP_KINDS = ("patience", "target_loss", "target_accuracy", "wall_time", "divergence")
+METRICS = ("train_loss", "val_loss", "val_acc")
+MEASURE_UNITS: tuple[str, ...] = ()  # filled by the measurement issue
+
+
+class RecipeError(ValueError):
+    """A recipe problem, already phrased as the one line the user sees."""
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Typed recipe. Field defaults are the documented defaults (README "Recipe keys").
+
+@dataclass
+class RunConfig:
+    name: str = "run"
+    seed: int = 0
+    device: str = "auto"
+    rounds: int = 100
+    wall_time_s: float = 0.0  # 0 = no limit
+    checkpoint_every: int = 0  # rounds; 0 = only when the run stops
+    ops_backend: str = "auto"
+
+
+@dataclass
+class DataConfig:
+    name: str = "digits"
+    root: str = ""
+    download: bool = False
+    batch_size: int = 64
+    val_fraction: float = 0.1
+    test_fraction: float = 0.2
+    image_size: int = 0  # digits: 0 keeps 8x8
+    channels: int = 1  # digits: 1 or 3 (repeated)
+    n_samples: int = 1000  # synthetic datasets
+    n_features: int = 20
+    noise: float = 0.1
+
+
+@dataclass
+class ModelConfig:
+    name: str = "mlp"
+    widths: list[int] = field(default_factory=lambda: [64, 64])
+    group: int = 0  # 0 = one block per layer/unit; k = merge consecutive blocks into k groups
+    batch_norm: bool = True  # cnn, residual_cnn
+
+
+@dataclass
+class AlgorithmConfig:
+    mode: str = "blockwise"
+    schedule: str = "jacobi"
+    active_share: float = 1.0
+    active_rule: str = "random"
+    K: int = 10
+    gamma: float | list[float] = 1.0
+    lam: float | list[float] | str = 0.0  # TOML key "lambda"
+    accuracy_factor: float = -1.0  # < 0 disables the inexactness rule
+    solver: str = "sgd"
+    lr: float = 0.05
+    momentum: float = 0.9
+    nesterov: bool = False
+    beta1: float = 0.9
+    beta2: float = 0.999
+    eps: float = 1e-8
+    state_policy: str = "reset"
+
+
+@dataclass
+class EvalConfig:
+    every: int = 1
+    batch_size: int = 1024
+
+
+@dataclass
+class StopConfig:
+    kind: str
+    metric: str = ""
+    value: float = 0.0
+    patience: int = 5
+    min_delta: float = 0.0
+    seconds: float = 0.0
+    max_loss: float = math.inf
+
+
+@dataclass
+class MeasureConfig:
+    unit: str
+    every: int = 1
+
+
+@dataclass
+class DistributedConfig:
+    nproc: int = 1
+    backend: str = "gloo"
+
+
+@dataclass
+class Recipe:
+    run: RunConfig = field(default_factory=RunConfig)
+    data: DataConfig = field(default_factory=DataConfig)
+    model: ModelConfig = field(default_factory=ModelConfig)
+    algorithm: AlgorithmConfig = field(default_factory=AlgorithmConfig)
+    eval: EvalConfig = field(default_factory=EvalConfig)
+    stop: list[StopConfig] = field(default_factory=list)
+    measure: list[MeasureConfig] = field(default_factory=list)
+    distributed: DistributedConfig = field(default_factory=DistributedConfig)
+    sweep: dict[str, list] = field(default_factory=dict)
+    source: str = ""  # file the recipe came from (for messages); not written back
+
+    @property
+    def task(self) -> str:
+        return DATASETS[self.data.name].task
+
+    def to_dict(self) -> dict:
+        """The resolved recipe as plain TOML-able data (every default filled in)."""
+        out: dict[str, Any] = {}
+        for name in ("run", "data", "model", "algorithm", "eval", "distributed"):
+            section = dataclasses.asdict(getattr(self, name))
+            if name == "algorithm":
+                section = {("lambda" if k == "lam" else k): v for k, v in section.items()}
+            if name == "data":
+                spec = DATASETS[self.data.name]
+                section = {k: v for k, v in section.items()
+                           if k not in DATASET_OPTION_KEYS or k in spec.options}
+            out[name] = section
+        out["stop"] = [_stop_to_dict(s) for s in self.stop]
+        out["measure"] = [dataclasses.asdict(m) for m in self.measure]
+        if self.sweep:
+            out["sweep"] = dict(self.sweep)
+        return out
+
+    def digest(self) -> str:
+        """Hash of the resolved recipe (order-independent)."""
+        blob = json.dumps(self.to_dict(), sort_keys=True, default=str).encode()
+        return hashlib.sha256(blob).hexdigest()
+
+
+STOP_KEYS: dict[str, tuple[str, ...]] = {
+    "patience": ("metric", "patience", "min_delta"),
+    "target_loss": ("metric", "value"),
+    "target_accuracy": ("metric", "value"),
+    "wall_time": ("seconds",),
+    "divergence": ("metric", "max_loss"),
+}
+STOP_DEFAULT_METRIC = {"patience": "val_loss", "target_loss": "val_loss",
+                       "target_accuracy": "val_acc", "divergence": "train_loss"}
+
+
+def _stop_to_dict(stop: StopConfig) -> dict:
+    d = {"kind": stop.kind}
+    for key in STOP_KEYS[stop.kind]:
+        d[key] = getattr(stop, key)
+    return d
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Loading
+
+class _Locator:
+    """Finds the line of `section.key` in the recipe text so messages can point at it."""
+
+    def __init__(self, path: str, text: str) -> None:
+        self.path = path
+        self.lines = text.splitlines()
+
+    def where(self, dotted: str) -> str:
+        line = self.line_of(dotted)
+        return f"{self.path}:{line}" if line else self.path
+
+    def line_of(self, dotted: str) -> int | None:
+        parts = dotted.split(".")
+        section, key = (parts[0], parts[-1]) if len(parts) > 1 else ("", parts[0])
+        if section and not key:
+            return None
+        current = ""
+        header = re.compile(r"^\s*\[\[?\s*([^\]]+?)\s*\]\]?")
+        assign = re.compile(r'^\s*"?' + re.escape(key) + r'"?\s*=')
+        sec_line = None
+        for number, line in enumerate(self.lines, 1):
+            m = header.match(line)
+            if m:
+                current = m.group(1).strip()
+                if current == section and sec_line is None:
+                    sec_line = number
+                continue
+            if current == section and assign.match(line):
+                return number
+            if not section and current == "" and assign.match(line):
+                return number
+        return sec_line
+
+
+def load_recipe(path: str | Path, overrides: list[str] | tuple[str, ...] = ()) -> Recipe:
+    """Read, override (`section.key=value`) and validate one recipe file."""
+    path = Path(path)
+    if not path.is_file():
+        raise RecipeError(f"{path}: no such recipe file; pass the path of a .toml recipe")
+    text = path.read_text()
+    try:
+        raw = tomllib.loads(text)
+    except tomllib.TOMLDecodeError as exc:
+        raise RecipeError(f"{path}: not valid TOML: {exc}") from None
+    return parse_recipe(raw, source=str(path), text=text, overrides=overrides)
+
+
+def parse_recipe(raw: dict, source: str = "<recipe>", text: str = "",
+                 overrides: list[str] | tuple[str, ...] = ()) -> Recipe:
+    raw = copy.deepcopy(raw)
+    for item in overrides:
+        apply_override(raw, item)
+    return _Validator(source, text).recipe(raw)
+
+
+def parse_value(text: str) -> Any:
+    """A `--set` value: any TOML value (5, 0.1, true, [1, 2], "s"), else the bare text as a string."""
+    try:
+        return tomllib.loads(f"v = {text}")["v"]
+    except tomllib.TOMLDecodeError:
+        return text
+
+
+def apply_override(raw: dict, item: str) -> None:
+    if "=" not in item:
+        raise RecipeError(f"--set {item!r}: expected KEY=VALUE, e.g. --set algorithm.K=5")
+    key, value = item.split("=", 1)
+    parts = key.strip().split(".")
+    if len(parts) != 2 or not all(parts):
+        raise RecipeError(f"--set {key!r}: expected SECTION.KEY, e.g. algorithm.K")
+    section, name = parts
+    if section not in SECTIONS or SECTIONS[section] is None:
+        raise RecipeError(f"--set {key!r}: unknown section [{section}]{_did_you_mean(section, _TABLES)}")
+    table = raw.setdefault(section, {})
+    if not isinstance(table, dict):
+        raise RecipeError(f"--set {key!r}: [{section}] is not a table in the recipe")
+    table[name] = parse_value(value.strip())
+
+
+def _did_you_mean(word: str, choices) -> str:
+    close = difflib.get_close_matches(word, list(choices), n=1, cutoff=0.5)
+    return f" (did you mean {close[0]!r}?)" if close else ""
+
+
+# section name -> dataclass; None marks array-of-tables sections handled separately
+SECTIONS: dict[str, type | None] = {
+    "run": RunConfig, "data": DataConfig, "model": ModelConfig, "algorithm": AlgorithmConfig,
+    "eval": EvalConfig, "distributed": DistributedConfig, "stop": None, "measure": None, "sweep": None,
+}
+_TABLES = tuple(k for k, v in SECTIONS.items() if v is not None)
+
+
+def _field_key(section: str, name: str) -> str:
+    return "lambda" if (section, name) == ("algorithm", "lam") else name
+
+
+class _Validator:
+    def __init__(self, source: str, text: str) -> None:
+        self.source = source
+        self.loc = _Locator(source, text) if text else None
+
+    def fail(self, dotted: str, message: str) -> RecipeError:
+        where = self.loc.where(dotted) if self.loc else self.source
+        return RecipeError(f"{where}: {dotted}: {message}")
+
+    # --- scalar checks
+    def typed(self, dotted: str, value: Any, kind: str) -> Any:
+        ok = {
+            "int": isinstance(value, int) and not isinstance(value, bool),
+            "float": isinstance(value, (int, float)) and not isinstance(value, bool),
+            "bool": isinstance(value, bool),
+            "str": isinstance(value, str),
+        }[kind]
+        if not ok:
+            raise self.fail(dotted, f"expected {_KIND_WORDS[kind]}, got {_show(value)}")
+        if kind == "float":
+            value = float(value)
+            if math.isnan(value):
+                raise self.fail(dotted, "must be a number, got nan")
+        return value
+
+    def choice(self, dotted: str, value: Any, choices) -> str:
+        value = self.typed(dotted, value, "str")
+        if value not in choices:
+            raise self.fail(dotted, f"unknown value {value!r}{_did_you_mean(value, choices)}; "
+                                    f"choose one of {', '.join(choices)}")
+        return value
+
+    def table(self, section: str, raw: Any, cls: type) -> Any:
+        if not isinstance(raw, dict):
+            raise self.fail(section, f"expected a table [{section}], got {_show(raw)}")
+        fields = {_field_key(section, f.name): f for f in dataclasses.fields(cls)}
+        for key in raw:
+            if key not in fields:
+                raise self.fail(f"{section}.{key}", f"unknown key{_did_you_mean(key, fields)}")
+        obj = cls() if all(f.default is not dataclasses.MISSING or f.default_factory is not dataclasses.MISSING
+                           for f in dataclasses.fields(cls)) else None
+        values = {}
+        for key, f in fields.items():
+            if key in raw:
+                values[f.name] = self.field_value(section, key, raw[key], f)
+        return dataclasses.replace(obj, **values) if obj is not None else cls(**values)
+
+    def field_value(self, section: str, key: str, value: Any, f: dataclasses.Field) -> Any:
+        dotted = f"{section}.{key}"
+        hint = str(f.type)
+        if dotted in ("algorithm.gamma", "algorithm.lambda"):
+            return self.per_block(dotted, value)
+        if hint.startswith("list[int]"):
+            if not isinstance(value, list):
+                raise self.fail(dotted, f"expected a list of integers, got {_show(value)}")
+            return [self.typed(f"{dotted}[{i}]", v, "int") for i, v in enumerate(value)]
+        if hint == "bool":
+            return self.typed(dotted, value, "bool")
+        if hint == "int":
+            return self.typed(dotted, value, "int")
+        if hint == "float":
+            return self.typed(dotted, value, "float")
+        return self.typed(dotted, value, "str")
+
+    def per_block(self, dotted: str, value: Any) -> Any:
+        if isinstance(value, list):
+            if not value:
+                raise self.fail(dotted, "a per-block list must not be empty")
+            return [self.typed(f"{dotted}[{i}]", v, "float") for i, v in enumerate(value)]
+        if isinstance(value, str):
+            if dotted == "algorithm.lambda" and value == "auto":
+                return value
+            raise self.fail(dotted, f"expected a number or a per-block list of numbers, got {_show(value)}")
+        return self.typed(dotted, value, "float")
+
+    # --- the whole recipe
+    def recipe(self, raw: dict) -> Recipe:
+        for key in raw:
+            if key not in SECTIONS:
+                raise self.fail(key, f"unknown section{_did_you_mean(key, SECTIONS)}")
+        recipe = Recipe(source=self.source)
+        for name, cls in SECTIONS.items():
+            if cls is not None and name in raw:
+                setattr(recipe, name, self.table(name, raw[name], cls))
+        recipe.stop = [self.stop(i, s) for i, s in enumerate(self.array(raw, "stop"))]
+        recipe.measure = [self.measure(i, m) for i, m in enumerate(self.array(raw, "measure"))]
+        self.check_ranges(recipe)
+        if "sweep" in raw:
+            recipe.sweep = self.sweep(raw, raw["sweep"])
+        return recipe
+
+    def array(self, raw: dict, name: str) -> list:
+        value = raw.get(name, [])
+        if not isinstance(value, list) or not all(isinstance(v, dict) for v in value):
+            raise self.fail(name, f"expected an array of tables [[{name}]], got {_show(value)}")
+        return value
+
+    def stop(self, index: int, raw: dict) -> StopConfig:
+        if "kind" not in raw:
+            raise self.fail("stop.kind", f"[[stop]] #{index + 1} needs kind = one of {', '.join(STOP_KINDS)}")
+        kind = self.choice("stop.kind", raw["kind"], STOP_KINDS)
+        allowed = ("kind",) + STOP_KEYS[kind]
+        for key in raw:
+            if key not in allowed:
+                raise self.fail(f"stop.{key}", f"unknown key for kind = {kind!r}{_did_you_mean(key, allowed)}; "
+                                               f"allowed: {', '.join(allowed)}")
+        stop = StopConfig(kind=kind, metric=STOP_DEFAULT_METRIC.get(kind, ""))
+        fields = {f.name: f for f in dataclasses.fields(StopConfig)}
+        for key, value in raw.items():
+            if key != "kind":
+                setattr(stop, key, self.field_value("stop", key, value, fields[key]))
+        if "metric" in raw:
+            self.choice("stop.metric", stop.metric, METRICS)
+        if kind in ("target_loss", "target_accuracy") and "value" not in raw:
+            raise self.fail("stop.value", f"[[stop]] kind = {kind!r} needs value = <target>")
+        if kind == "target_accuracy" and not 0 < stop.value <= 1:
+            raise self.fail("stop.value", f"target accuracy must be in (0, 1], got {stop.value}")
+        if kind == "wall_time" and stop.seconds <= 0:
+            raise self.fail("stop.seconds", "[[stop]] kind = 'wall_time' needs seconds > 0")
+        if kind == "patience" and stop.patience < 1:
+            raise self.fail("stop.patience", f"must be >= 1, got {stop.patience}")
+        return stop
+
+    def measure(self, index: int, raw: dict) -> MeasureConfig:
+        for key in raw:
+            if key not in ("unit", "every"):
+                raise self.fail(f"measure.{key}", f"unknown key{_did_you_mean(key, ('unit', 'every'))}")
+        if "unit" not in raw:
+            raise self.fail("measure.unit", f"[[measure]] #{index + 1} needs unit = <name>")
+        unit = self.typed("measure.unit", raw["unit"], "str")
+        if unit not in MEASURE_UNITS and "." not in unit:
+            known = ", ".join(MEASURE_UNITS) or "none are built in yet"
+            raise self.fail("measure.unit", f"unknown measurement unit {unit!r}{_did_you_mean(unit, MEASURE_UNITS)}"
+                                            f"; known units: {known}")
+        every = self.typed("measure.every", raw.get("every", 1), "int")
+        if every < 1:
+            raise self.fail("measure.every", f"must be >= 1, got {every}")
+        return MeasureConfig(unit=unit, every=every)
+
+    def check_ranges(self, r: Recipe) -> None:
+        def need(ok: bool, dotted: str, message: str) -> None:
+            if not ok:
+                raise self.fail(dotted, message)
+
+        need(bool(re.fullmatch(r"[A-Za-z0-9][A-Za-z0-9_.-]*", r.run.name)), "run.name",
+             f"{r.run.name!r} must be letters, digits, '_', '-', '.' (it names the run directory)")
+        need(r.run.rounds >= 1, "run.rounds", f"must be >= 1, got {r.run.rounds}")
+        need(r.run.wall_time_s >= 0, "run.wall_time_s", f"must be >= 0 (0 = no limit), got {r.run.wall_time_s}")
+        need(r.run.checkpoint_every >= 0, "run.checkpoint_every", f"must be >= 0, got {r.run.checkpoint_every}")
+        need(r.run.seed >= 0, "run.seed", f"must be >= 0, got {r.run.seed}")
+        need(bool(re.fullmatch(r"auto|cpu|cuda(:\d+)?", r.run.device)), "run.device",
+             f"unknown device {r.run.device!r}; use \"auto\", \"cpu\", \"cuda\" or \"cuda:N\"")
+        self.choice("run.ops_backend", r.run.ops_backend, OPS_BACKENDS)
+
+        self.choice("data.name", r.data.name, DATASETS)
+        need(r.data.batch_size >= 1, "data.batch_size", f"must be >= 1, got {r.data.batch_size}")
+        need(0 <= r.data.val_fraction < 1, "data.val_fraction", f"must be in [0, 1), got {r.data.val_fraction}")
+        need(0 <= r.data.test_fraction < 1, "data.test_fraction", f"must be in [0, 1), got {r.data.test_fraction}")
+        need(r.data.val_fraction + r.data.test_fraction < 0.9, "data.test_fraction",
+             "val_fraction + test_fraction must leave at least 10% of the data for training")
+        spec = DATASETS[r.data.name]
+        defaults = DataConfig()
+        for key in DATASET_OPTION_KEYS:
+            if key not in spec.options and getattr(r.data, key) != getattr(defaults, key):
+                accepted = ", ".join(spec.options) or "none"
+                raise self.fail(f"data.{key}", f"does not apply to dataset {r.data.name!r} "
+                                               f"(its options: {accepted}); remove it")
+        need(r.data.image_size >= 0, "data.image_size", f"must be >= 0 (0 = native), got {r.data.image_size}")
+        need(r.data.channels in (1, 3), "data.channels", f"must be 1 or 3, got {r.data.channels}")
+        need(r.data.n_samples >= 20, "data.n_samples", f"must be >= 20, got {r.data.n_samples}")
+        need(r.data.n_features >= 1, "data.n_features", f"must be >= 1, got {r.data.n_features}")
+        need(r.data.noise >= 0, "data.noise", f"must be >= 0, got {r.data.noise}")
+        if r.data.root:
+            need(Path(r.data.root).expanduser().is_dir() or r.data.download, "data.root",
+                 f"folder {r.data.root!r} does not exist; create it or set data.download = true")
+
+        self.choice("model.name", r.model.name, MODELS)
+        need(all(w >= 1 for w in r.model.widths), "model.widths", f"widths must be >= 1, got {r.model.widths}")
+        need(r.model.group >= 0, "model.group", f"must be >= 0 (0 = no grouping), got {r.model.group}")
+        if r.model.name in ("cnn", "residual_cnn"):
+            need(bool(r.model.widths), "model.widths", f"{r.model.name} needs at least one width")
+
+        a = r.algorithm
+        self.choice("algorithm.mode", a.mode, MODES)
+        self.choice("algorithm.schedule", a.schedule, SCHEDULES)
+        self.choice("algorithm.solver", a.solver, SOLVERS)
+        self.choice("algorithm.active_rule", a.active_rule, ACTIVE_RULES)
+        self.choice("algorithm.state_policy", a.state_policy, STATE_POLICIES)
+        need(0 < a.active_share <= 1, "algorithm.active_share", f"must be in (0, 1], got {a.active_share}")
+        need(a.K >= 1, "algorithm.K", f"must be >= 1, got {a.K}")
+        need(a.lr > 0, "algorithm.lr", f"must be > 0, got {a.lr}")
+        need(0 <= a.momentum < 1, "algorithm.momentum", f"must be in [0, 1), got {a.momentum}")
+        need(0 <= a.beta1 < 1, "algorithm.beta1", f"must be in [0, 1), got {a.beta1}")
+        need(0 <= a.beta2 < 1, "algorithm.beta2", f"must be in [0, 1), got {a.beta2}")
+        need(a.eps > 0, "algorithm.eps", f"must be > 0, got {a.eps}")
+        for g in a.gamma if isinstance(a.gamma, list) else [a.gamma]:
+            need(0 < g <= 1, "algorithm.gamma", f"must be in (0, 1], got {g}")
+        if a.lam == "auto":
+            raise self.fail("algorithm.lambda", "lambda = \"auto\" needs the hessian_blocks measurement, "
+                                                "which is not available yet; give a number or a per-block list")
+        for lam in a.lam if isinstance(a.lam, list) else [a.lam]:
+            need(lam >= 0, "algorithm.lambda", f"must be >= 0, got {lam}")
+
+        need(r.eval.every >= 0, "eval.every", f"must be >= 0 (0 = only at the end), got {r.eval.every}")
+        need(r.eval.batch_size >= 1, "eval.batch_size", f"must be >= 1, got {r.eval.batch_size}")
+        need(r.distributed.nproc == 1, "distributed.nproc",
+             f"distributed runs (nproc = {r.distributed.nproc}) are not available yet; use nproc = 1")
+        self.choice("distributed.backend", r.distributed.backend, ("gloo", "nccl"))
+        for stop in r.stop:
+            if r.task == REGRESSION and "acc" in stop.metric:
+                raise self.fail("stop.metric", f"dataset {r.data.name!r} is a regression task: "
+                                               f"it has no {stop.metric}; use val_loss or train_loss")
+
+    def sweep(self, raw: dict, table: Any) -> dict[str, list]:
+        if not isinstance(table, dict):
+            raise self.fail("sweep", f"expected a table [sweep] of KEY = [values], got {_show(table)}")
+        flat = dict(_flatten(table))
+        for key, values in flat.items():
+            parts = key.split(".")
+            if len(parts) != 2 or parts[0] not in _TABLES:
+                raise self.fail(f"sweep.{key}", "sweep keys name a recipe key as SECTION.KEY, "
+                                                "e.g. \"algorithm.K\" = [1, 5]")
+            if not isinstance(values, list) or not values:
+                raise self.fail(f"sweep.{key}", f"expected a non-empty list of values, got {_show(values)}")
+        # every point of the grid must itself be a valid recipe
+        for point in expand_grid(flat):
+            trial = copy.deepcopy({k: v for k, v in raw.items() if k != "sweep"})
+            for key, value in point.items():
+                section, name = key.split(".")
+                trial.setdefault(section, {})[name] = value
+            try:
+                self.recipe(trial)
+            except RecipeError as exc:
+                raise RecipeError(f"{exc} (in sweep point {_show_point(point)})") from None
+        return flat
+
+
+def _flatten(table: dict, prefix: str = ""):
+    for key, value in table.items():
+        dotted = f"{prefix}{key}"
+        if isinstance(value, dict):
+            yield from _flatten(value, dotted + ".")
+        else:
+            yield dotted, value
+
+
+def expand_grid(sweep: dict[str, list]) -> list[dict[str, Any]]:
+    """Cartesian product of the sweep lists, in key order (last key varies fastest)."""
+    keys = list(sweep)
+    return [dict(zip(keys, combo)) for combo in itertools.product(*(sweep[k] for k in keys))]
+
+
+def _show_point(point: dict) -> str:
+    return ", ".join(f"{k}={v!r}" for k, v in point.items())
+
+
+_KIND_WORDS = {"int": "an integer", "float": "a number", "bool": "true or false", "str": "a string"}
+
+
+def _show(value: Any) -> str:
+    kind = {bool: "boolean", int: "integer", float: "number", str: "string", list: "list", dict: "table"}
+    return f"{kind.get(type(value), type(value).__name__)} {value!r}"
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Checks that need the built model (number of blocks)
+
+def check_block_lists(recipe: Recipe, n_blocks: int) -> None:
+    """Per-block lists must have one entry per block of the built (grouped) model."""
+    for key, value in (("gamma", recipe.algorithm.gamma), ("lambda", recipe.algorithm.lam)):
+        if isinstance(value, list) and len(value) != n_blocks:
+            v = _Validator(recipe.source, _read(recipe.source))
+            raise v.fail(f"algorithm.{key}", f"per-block list has {len(value)} entries but the model has "
+                                             f"{n_blocks} blocks; give {n_blocks} values or one number")
+
+
+def _read(source: str) -> str:
+    try:
+        return Path(source).read_text()
+    except OSError:
+        return ""
+
+
+def per_block(value: float | list[float], n_blocks: int) -> list[float]:
+    return list(value) if isinstance(value, list) else [float(value)] * n_blocks
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Writing the resolved recipe (tomllib only reads)
+
+def to_toml(data: dict) -> str:
+    lines: list[str] = []
+    for section, table in data.items():
+        if isinstance(table, list):
+            for item in table:
+                lines.append(f"[[{section}]]")
+                lines += [f"{_toml_key(k)} = {_toml_value(v)}" for k, v in item.items()]
+                lines.append("")
+        else:
+            lines.append(f"[{section}]")
+            lines += [f"{_toml_key(k)} = {_toml_value(v)}" for k, v in table.items()]
+            lines.append("")
+    return "\n".join(lines)
+
+
+def _toml_key(key: str) -> str:
+    return key if re.fullmatch(r"[A-Za-z0-9_-]+", key) else json.dumps(key)
+
+
+def _toml_value(value: Any) -> str:
+    if isinstance(value, bool):
+        return "true" if value else "false"
+    if isinstance(value, int):
+        return str(value)
+    if isinstance(value, float):
+        if math.isinf(value):
+            return "inf" if value > 0 else "-inf"
+        return repr(value)
+    if isinstance(value, str):
+        return json.dumps(value)
+    if isinstance(value, list):
+        return "[" + ", ".join(_toml_value(v) for v in value) + "]"
+    raise TypeError(f"cannot write {value!r} as TOML")

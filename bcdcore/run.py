@@ -1,0 +1,337 @@
+"""One run: recipe -> data, model, trainer, stoppers -> run directory.
+
+`prepare` does everything that can fail because of the recipe (it raises RecipeError before any run
+directory exists); `Run.execute` trains and records. Exit codes: 0 finished, 1 failed, 128+signal killed.
+"""
+from __future__ import annotations
+
+import logging
+import math
+import os
+import signal
+import socket
+import time
+import traceback
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from bcdcore import ops
+from bcdcore.algorithm import BlockwiseTrainer, EntireTrainer, RoundResult
+from bcdcore.batches import BatchStream, eval_batches, stream_seed
+from bcdcore.data import DataBundle, Split, load_data
+from bcdcore.models import block_sizes, build_model
+from bcdcore.params import FlatParams
+from bcdcore.recipe import (CLASSIFICATION, Recipe, RecipeError, check_block_lists, load_recipe, per_block,
+                            to_toml)
+from bcdcore.rundir import RunDir, read_status
+from bcdcore.stoppers import build_stoppers, first_verdict
+
+log = logging.getLogger("bcdcore.run")
+
+# distinct seed streams derived from the one run seed
+SEED_MODEL, SEED_ACTIVE, SEED_ENTIRE_STREAM = 1, 2, 3
+
+
+def resolve_device(name: str) -> torch.device:
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    device = torch.device(name)
+    if device.type == "cuda":
+        if not torch.cuda.is_available():
+            raise RecipeError(f"run.device = {name!r} but no CUDA device is available here; use \"auto\" or \"cpu\"")
+        if device.index is not None and device.index >= torch.cuda.device_count():
+            raise RecipeError(f"run.device = {name!r} but only {torch.cuda.device_count()} CUDA device(s) exist")
+    return device
+
+
+def loss_function(task: str):
+    if task == CLASSIFICATION:
+        return F.cross_entropy
+    return lambda out, y: F.mse_loss(out.squeeze(-1), y)
+
+
+@torch.no_grad()
+def evaluate(model: nn.Module, split: Split, task: str, batch_size: int, device: torch.device) -> dict:
+    """Mean loss (and accuracy for classification) over a split, in eval mode."""
+    if len(split) == 0:
+        return {}
+    model.eval()
+    loss_fn = loss_function(task)
+    total, correct = 0.0, 0
+    for xb, yb in eval_batches(split.x, split.y, batch_size):
+        xb, yb = xb.to(device), yb.to(device)
+        out = model(xb)
+        total += loss_fn(out, yb).item() * len(xb)
+        if task == CLASSIFICATION:
+            correct += (out.argmax(-1) == yb).sum().item()
+    result = {"loss": total / len(split)}
+    if task == CLASSIFICATION:
+        result["acc"] = correct / len(split)
+    return result
+
+
+@dataclass
+class Prepared:
+    recipe: Recipe
+    device: torch.device
+    data: DataBundle
+    model: nn.Module
+    params: FlatParams
+    trainer: BlockwiseTrainer | EntireTrainer
+    backend: str
+    lams: list[float]
+    gammas: list[float]
+
+
+def prepare(recipe: Recipe) -> Prepared:
+    """Build everything a run needs. Recipe problems raise RecipeError; nothing is written to disk."""
+    device = resolve_device(recipe.run.device)
+    try:
+        backend = ops.resolve_backend(recipe.run.ops_backend, device)
+    except ValueError as exc:
+        raise RecipeError(f"{recipe.source}: run.ops_backend: {exc}") from None
+    data = load_data(recipe.data, recipe.run.seed)
+    if len(data.train) == 0:
+        raise RecipeError(f"{recipe.source}: data: the training split is empty; lower val_fraction/test_fraction")
+    try:
+        model = build_model(recipe.model, data.input_shape, data.n_outputs,
+                            stream_seed(recipe.run.seed, SEED_MODEL))
+    except ValueError as exc:
+        raise RecipeError(f"{recipe.source}: model: {exc}") from None
+    model.to(device)
+    n_blocks = len(model.blocks)
+    check_block_lists(recipe, n_blocks)
+    params = FlatParams(model, model.blocks)
+    for split in (data.train, data.val, data.test):
+        split.x, split.y = split.x.to(device), split.y.to(device)
+    a = recipe.algorithm
+    lams, gammas = per_block(a.lam, n_blocks), per_block(a.gamma, n_blocks)
+    loss_fn = loss_function(data.task)
+    seed = recipe.run.seed
+    if a.mode == "entire":
+        stream = BatchStream(data.train.x, data.train.y, recipe.data.batch_size,
+                             stream_seed(seed, SEED_ENTIRE_STREAM))
+        trainer = EntireTrainer(model, params, loss_fn, stream, a, backend)
+    else:
+        streams = [BatchStream(data.train.x, data.train.y, recipe.data.batch_size, stream_seed(seed, 100 + i))
+                   for i in range(n_blocks)]
+        trainer = BlockwiseTrainer(model, params, loss_fn, streams, a, lams, gammas, backend,
+                                   stream_seed(seed, SEED_ACTIVE))
+    return Prepared(recipe, device, data, model, params, trainer, backend, lams, gammas)
+
+
+class _Signals:
+    """First SIGTERM/SIGINT: finish the current round, checkpoint, stop. Second: stop at once."""
+
+    def __init__(self) -> None:
+        self.received: int | None = None
+        self.previous = {}
+
+    def install(self) -> None:
+        for sig in (signal.SIGTERM, signal.SIGINT):
+            self.previous[sig] = signal.signal(sig, self._handle)
+
+    def uninstall(self) -> None:
+        for sig, handler in self.previous.items():
+            signal.signal(sig, handler)
+
+    def _handle(self, signum, frame) -> None:
+        if self.received is not None:
+            raise KeyboardInterrupt
+        self.received = signum
+
+
+class Run:
+    def __init__(self, prepared: Prepared, rundir: RunDir, resume: bool = False) -> None:
+        self.p, self.rundir = prepared, rundir
+        r = prepared.recipe
+        self.stoppers = build_stoppers(r.stop, r.run.wall_time_s)
+        self.round = 0
+        self.grad_evals = self.samples = 0
+        self.wall_before = 0.0  # wall seconds of earlier sessions of this run (resume)
+        self.signals = _Signals()
+        self.file_log = self._file_logger()
+        if resume:
+            self._load_checkpoint()
+
+    def _file_logger(self) -> logging.Logger:
+        logger = logging.getLogger(f"bcdcore.run.{self.rundir.run_id}")
+        logger.setLevel(logging.INFO)
+        logger.propagate = False
+        handler = logging.FileHandler(self.rundir.log_path)
+        handler.setFormatter(logging.Formatter("%(asctime)s %(message)s", "%Y-%m-%d %H:%M:%S"))
+        logger.addHandler(handler)
+        return logger
+
+    # --- checkpoint
+    def _save_checkpoint(self) -> None:
+        p = self.p
+        state = {"round": self.round, "grad_evals": self.grad_evals, "samples": self.samples,
+                 "wall_s": self._wall(), "flat": p.params.flat.detach().cpu(),
+                 "buffers": [[b.cpu() for b in bs] for bs in p.params.snapshot_buffers()],
+                 "trainer": p.trainer.state_dict(), "stoppers": [s.state_dict() for s in self.stoppers]}
+        tmp = self.rundir.checkpoint_path.with_suffix(".tmp")
+        torch.save(state, tmp)
+        os.replace(tmp, self.rundir.checkpoint_path)
+
+    def _load_checkpoint(self) -> None:
+        state = torch.load(self.rundir.checkpoint_path, map_location=self.p.device, weights_only=False)
+        params = self.p.params
+        params.flat.copy_(state["flat"])
+        params.restore_buffers(state["buffers"])
+        self.p.trainer.load_state_dict(state["trainer"])
+        for stopper, saved in zip(self.stoppers, state["stoppers"]):
+            stopper.load_state_dict(saved)
+        self.round, self.grad_evals, self.samples = state["round"], state["grad_evals"], state["samples"]
+        self.wall_before = state["wall_s"]
+
+    def _wall(self) -> float:
+        return self.wall_before + (time.perf_counter() - self.t0)
+
+    # --- the loop
+    def execute(self, console=None) -> int:
+        p, r, rd = self.p, self.p.recipe, self.rundir
+        self.t0 = time.perf_counter()
+        gpu = os.environ.get("CUDA_VISIBLE_DEVICES", "") if p.device.type == "cuda" else ""
+        rd.write_status(state="running", pid=os.getpid(), host=socket.gethostname(), gpu=gpu,
+                        started=time.time(), ended=None, exit_code=None, error=None,
+                        progress={"round": self.round, "rounds": r.run.rounds})
+        rd.event("start", run_id=rd.run_id, recipe=r.run.name, n_blocks=p.params.n_blocks,
+                 block_sizes=block_sizes(p.model), device=str(p.device), backend=p.backend,
+                 mode=r.algorithm.mode, resumed_from_round=self.round if self.round else None)
+        self.file_log.info("run %s: %d blocks %s on %s, ops backend %s", rd.run_id, p.params.n_blocks,
+                           block_sizes(p.model), p.device, p.backend)
+        self.signals.install()
+        progress = _Progress(console, r.run.rounds, self.round)
+        try:
+            state, reason = self._loop(progress)
+            exit_code = 0 if state == "finished" else (128 + self.signals.received if state == "killed" else 1)
+            error = reason if state == "failed" else None
+        except KeyboardInterrupt:
+            state, reason, exit_code, error = "killed", "killed by a second signal before the round ended", 130, None
+        except Exception as exc:  # a failure during the run: the run directory says what happened
+            self.file_log.error("%s", traceback.format_exc())
+            state, reason, exit_code = "failed", f"error: {type(exc).__name__}: {exc}", 1
+            error = reason
+        finally:
+            self.signals.uninstall()
+            progress.close()
+        rd.event("end", state=state, reason=reason)
+        rd.write_arrays()
+        rd.write_status(state=state, ended=time.time(), exit_code=exit_code, error=error,
+                        progress={"round": self.round, "rounds": r.run.rounds})
+        self.file_log.info("end: %s (%s)", state, reason)
+        rd.close()
+        self.state, self.reason = state, reason
+        return exit_code
+
+    def _loop(self, progress: "_Progress") -> tuple[str, str]:
+        p, r, rd = self.p, self.p.recipe, self.rundir
+        every = r.eval.every
+        while True:
+            if self.round >= r.run.rounds:
+                return "finished", "rounds done"
+            self.round += 1
+            t = self.round
+            result: RoundResult = p.trainer.run_round(t)
+            self.grad_evals += result.grad_evals
+            self.samples += result.samples
+            for b in result.blocks:
+                rd.event("block", round=t, **vars(b))
+            metrics = {"train_loss": result.train_loss}
+            last_round = t >= r.run.rounds
+            if (every and t % every == 0) or last_round:
+                metrics.update(self._eval("val"))
+            verdict = first_verdict(self.stoppers, metrics, self._wall())
+            if verdict is None and last_round:
+                verdict = ("finished", "rounds done")
+            if verdict is not None and verdict[0] == "finished":
+                if "val_loss" not in metrics:
+                    metrics.update(self._eval("val"))
+                metrics.update(self._eval("test"))
+            event = rd.event("metric", round=t, grad_evals=self.grad_evals, samples=self.samples,
+                             bytes_comm=0, wall_s=self._wall(), **metrics)
+            rd.write_status(progress={"round": t, "rounds": r.run.rounds})
+            progress.update(t, metrics)
+            self.file_log.info("round %d %s", t, " ".join(f"{k} {v:.5g}" for k, v in metrics.items()))
+            if verdict is not None:
+                if verdict[0] == "finished":
+                    self._save_checkpoint()
+                    self.final_metrics = event
+                return verdict
+            if self.signals.received is not None:
+                self._save_checkpoint()
+                name = signal.Signals(self.signals.received).name
+                return "killed", f"killed by {name}"
+            if r.run.checkpoint_every and t % r.run.checkpoint_every == 0:
+                self._save_checkpoint()
+
+    def _eval(self, split_name: str) -> dict:
+        p = self.p
+        split = getattr(p.data, split_name)
+        result = evaluate(p.model, split, p.data.task, p.recipe.eval.batch_size, p.device)
+        return {f"{split_name}_{k}": v for k, v in result.items()}
+
+
+class _Progress:
+    """Rich progress bar on the console: round, loss, val metric, ETA."""
+
+    def __init__(self, console, rounds: int, done: int) -> None:
+        self.bar = None
+        if console is None:
+            return
+        from rich.progress import BarColumn, Progress, TextColumn, TimeRemainingColumn
+
+        self.bar = Progress(TextColumn("round {task.completed}/{task.total}"), BarColumn(),
+                            TextColumn("{task.fields[info]}"), TimeRemainingColumn(), console=console,
+                            transient=False)
+        self.task = self.bar.add_task("train", total=rounds, completed=done, info="")
+        self.bar.start()
+
+    def update(self, t: int, metrics: dict) -> None:
+        if self.bar is None:
+            return
+        info = "  ".join(f"{k} {v:.4f}" for k, v in metrics.items() if not k.startswith("test_"))
+        self.bar.update(self.task, completed=t, info=info)
+
+    def close(self) -> None:
+        if self.bar is not None:
+            self.bar.stop()
+
+
+def start_run(recipe: Recipe, runs_dir: Path) -> Run:
+    prepared = prepare(recipe)
+    rundir = RunDir.create(runs_dir, recipe.run.name, recipe.digest(), to_toml(recipe.to_dict()))
+    return Run(prepared, rundir)
+
+
+def resume_run(run_path: Path) -> Run:
+    run_path = Path(run_path)
+    status = read_status(run_path)
+    if not status:
+        raise RecipeError(f"{run_path}: not a run directory (no status.json)")
+    if status.get("state") == "finished":
+        raise RecipeError(f"{run_path}: the run already finished; start a new run instead of --resume")
+    if status.get("state") == "running" and _alive(status):
+        raise RecipeError(f"{run_path}: the run is still running (pid {status.get('pid')})")
+    if not (run_path / "checkpoint.pt").is_file():
+        raise RecipeError(f"{run_path}: no checkpoint.pt to resume from")
+    recipe = load_recipe(run_path / "recipe.toml")
+    return Run(prepare(recipe), RunDir.open(run_path), resume=True)
+
+
+def _alive(status: dict) -> bool:
+    from bcdcore.rundir import pid_alive
+    return status.get("host") == socket.gethostname() and pid_alive(status.get("pid"))
+
+
+def final_summary(run: Run) -> str:
+    m = getattr(run, "final_metrics", None) or {}
+    parts = [f"{k} {m[k]:.4f}" for k in ("test_acc", "test_loss", "val_acc", "val_loss") if
+             isinstance(m.get(k), (int, float)) and math.isfinite(m[k])]
+    return f"{run.state}: {run.reason}" + (f"  |  {'  '.join(parts)}" if parts else "")
+

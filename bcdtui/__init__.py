@@ -1,0 +1,1 @@
+"""bcdtui: the terminal workstation over recipes and run directories (it never imports training code)."""
