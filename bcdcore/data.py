@@ -12,7 +12,7 @@ from sklearn.datasets import load_diabetes, load_digits
 from sklearn.model_selection import train_test_split
 from sklearn.preprocessing import StandardScaler
 
-from bcdcore.recipe import CLASSIFICATION, DATASETS, REGRESSION, DataConfig
+from bcdcore.recipe import CLASSIFICATION, DATASETS, DataConfig
 
 __all__ = ["Split", "DataBundle", "LOADERS", "load_data"]
 
@@ -185,7 +185,7 @@ def _load_toy_regression(cfg: DataConfig, seed: int) -> DataBundle:
     n, d = cfg.n_samples, cfg.n_features
     x = rng.standard_normal((n, d))
     w = rng.standard_normal(d) / np.sqrt(d)  # keeps Var(Xw) ~ 1 whatever n_features is
-    y = x @ w + 0.5 * cfg.noise * rng.standard_normal(n)
+    y = x @ w + cfg.noise * rng.standard_normal(n)
     idx = _split_indices(n, cfg, seed, labels=None)
     return _bundle("toy_regression", x, y, idx, n_outputs=1)
 
@@ -199,6 +199,6 @@ def _load_quadratic(cfg: DataConfig, seed: int) -> DataBundle:
     m = np.eye(d) + 0.3 * rng.standard_normal((d, d)) / np.sqrt(d)
     x = z @ m
     w = rng.standard_normal(d) / np.sqrt(d)
-    y = x @ w + 0.5 * cfg.noise * rng.standard_normal(n)
+    y = x @ w + cfg.noise * rng.standard_normal(n)
     idx = _split_indices(n, cfg, seed, labels=None)
     return _bundle("quadratic", x, y, idx, n_outputs=1)

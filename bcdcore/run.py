@@ -241,7 +241,9 @@ class Run:
             self.grad_evals += result.grad_evals
             self.samples += result.samples
             for b in result.blocks:
-                rd.event("block", round=t, **vars(b))
+                fields = vars(b).copy()
+                fields["lambda"] = fields.pop("lam")
+                rd.event("block", round=t, **fields)
             metrics = {"train_loss": result.train_loss}
             last_round = t >= r.run.rounds
             if (every and t % every == 0) or last_round:
