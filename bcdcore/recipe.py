@@ -255,7 +255,8 @@ def parse_recipe(raw: dict, source: str = "<recipe>", text: str = "",
     raw = copy.deepcopy(raw)
     for item in overrides:
         apply_override(raw, item)
-    return _Validator(source, text).recipe(raw)
+    overridden = {item.split("=", 1)[0].strip() for item in overrides}
+    return _Validator(source, text, overridden).recipe(raw)
 
 
 def parse_value(text: str) -> Any:
@@ -300,11 +301,14 @@ def _field_key(section: str, name: str) -> str:
 
 
 class _Validator:
-    def __init__(self, source: str, text: str) -> None:
+    def __init__(self, source: str, text: str, overridden: set[str] = frozenset()) -> None:
         self.source = source
         self.loc = _Locator(source, text) if text else None
+        self.overridden = overridden
 
     def fail(self, dotted: str, message: str) -> RecipeError:
+        if dotted in self.overridden:
+            return RecipeError(f"--set {dotted}: {message}")
         where = self.loc.where(dotted) if self.loc else self.source
         return RecipeError(f"{where}: {dotted}: {message}")
 

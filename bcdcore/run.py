@@ -90,10 +90,6 @@ class Prepared:
 def prepare(recipe: Recipe) -> Prepared:
     """Build everything a run needs. Recipe problems raise RecipeError; nothing is written to disk."""
     device = resolve_device(recipe.run.device)
-    try:
-        backend = ops.resolve_backend(recipe.run.ops_backend, device)
-    except ValueError as exc:
-        raise RecipeError(f"{recipe.source}: run.ops_backend: {exc}") from None
     data = load_data(recipe.data, recipe.run.seed)
     if len(data.train) == 0:
         raise RecipeError(f"{recipe.source}: data: the training split is empty; lower val_fraction/test_fraction")
@@ -105,6 +101,11 @@ def prepare(recipe: Recipe) -> Prepared:
     model.to(device)
     n_blocks = len(model.blocks)
     check_block_lists(recipe, n_blocks)
+    # Last of the recipe checks: a fallback notice must not come before a recipe error.
+    try:
+        backend = ops.resolve_backend(recipe.run.ops_backend, device)
+    except ValueError as exc:
+        raise RecipeError(f"{recipe.source}: run.ops_backend: {exc}") from None
     params = FlatParams(model, model.blocks)
     for split in (data.train, data.val, data.test):
         split.x, split.y = split.x.to(device), split.y.to(device)
