@@ -48,6 +48,8 @@ def cmd_check(args) -> int:
 
     if recipe.sweep:
         points = expand_grid(recipe.sweep)
+        for point in points:
+            prepare(load_recipe(args.recipe, [*args.overrides, *(f"{k}={_toml(v)}" for k, v in point.items())]))
         print(f"ok: {args.recipe} (sweep of {len(points)} runs over {', '.join(recipe.sweep)})")
         return 0
     prepared = prepare(recipe)
@@ -56,22 +58,28 @@ def cmd_check(args) -> int:
     return 0
 
 
+def _toml(value) -> str:
+    from bcdcore.recipe import _toml_value
+
+    return _toml_value(value)
+
+
 def cmd_run(args) -> int:
+    if args.resume is not None:
+        if args.recipe or args.overrides:
+            raise RecipeError("--resume continues a run with its own recipe; drop the RECIPE and --set arguments")
+        recipe = None
+    else:
+        if not args.recipe:
+            raise RecipeError("bcdcore run: give a recipe file (or --resume RUN_DIR)")
+        recipe = load_recipe(args.recipe, args.overrides)  # before importing torch: recipe errors come fast
+        if recipe.sweep:
+            raise RecipeError(f"{args.recipe}: has a [sweep] table; run its grid with `bcdcore sweep`")
     from rich.console import Console
 
     from bcdcore.run import final_summary, resume_run, start_run
 
-    if args.resume is not None:
-        if args.recipe or args.overrides:
-            raise RecipeError("--resume continues a run with its own recipe; drop the RECIPE and --set arguments")
-        run = resume_run(args.resume)
-    else:
-        if not args.recipe:
-            raise RecipeError("bcdcore run: give a recipe file (or --resume RUN_DIR)")
-        recipe = load_recipe(args.recipe, args.overrides)
-        if recipe.sweep:
-            raise RecipeError(f"{args.recipe}: has a [sweep] table; run its grid with `bcdcore sweep`")
-        run = start_run(recipe, args.runs_dir or default_runs_dir())
+    run = resume_run(args.resume) if recipe is None else start_run(recipe, args.runs_dir or default_runs_dir())
     print(f"run directory: {run.rundir.path}", flush=True)
     console = None if args.quiet else Console(stderr=True)
     code = run.execute(console)
@@ -85,10 +93,8 @@ def cmd_ls(args) -> int:
     if not runs:
         print(f"no runs in {runs_dir}")
         return 0
-    from rich.console import Console
-    from rich.table import Table
-
-    table = Table("run", "state", "round", "train_loss", "val", "test")
+    header = ("run", "state", "round", "train_loss", "val", "test")
+    rows = []
     for path in runs:
         status = read_status(path)
         metrics = read_events(path, "metric")
@@ -96,8 +102,19 @@ def cmd_ls(args) -> int:
         progress = status.get("progress") or {}
         val = last.get("val_acc", last.get("val_loss"))
         test = last.get("test_acc", last.get("test_loss"))
-        table.add_row(path.name, effective_state(status), f"{progress.get('round', 0)}/{progress.get('rounds', 0)}",
-                      _fmt(last.get("train_loss")), _fmt(val), _fmt(test))
+        rows.append((path.name, effective_state(status), f"{progress.get('round', 0)}/{progress.get('rounds', 0)}",
+                     _fmt(last.get("train_loss")), _fmt(val), _fmt(test)))
+    if not sys.stdout.isatty():  # scripts get whole run ids, tab-separated
+        for row in (header, *rows):
+            print("\t".join(row))
+        return 0
+    from rich.console import Console
+    from rich.table import Table
+
+    table = Table(*header)
+    table.columns[0].no_wrap = True
+    for row in rows:
+        table.add_row(*row)
     Console().print(table)
     return 0
 

@@ -152,7 +152,7 @@ class Recipe:
     measure: list[MeasureConfig] = field(default_factory=list)
     distributed: DistributedConfig = field(default_factory=DistributedConfig)
     sweep: dict[str, list] = field(default_factory=dict)
-    source: str = ""  # file the recipe came from (for messages); not written back
+    source: str = field(default="", compare=False)  # file the recipe came from (for messages)
 
     @property
     def task(self) -> str:
@@ -215,12 +215,16 @@ class _Locator:
         return f"{self.path}:{line}" if line else self.path
 
     def line_of(self, dotted: str) -> int | None:
+        dotted = re.sub(r"\[\d+\]$", "", dotted)  # list items: point at the list's line
         parts = dotted.split(".")
-        section, key = (parts[0], parts[-1]) if len(parts) > 1 else ("", parts[0])
-        if section and not key:
-            return None
-        current = ""
         header = re.compile(r"^\s*\[\[?\s*([^\]]+?)\s*\]\]?")
+        if len(parts) == 1:  # a section name: its header line
+            for number, line in enumerate(self.lines, 1):
+                m = header.match(line)
+                if m and m.group(1).strip().split(".")[0] == dotted:
+                    return number
+        section, key = (parts[0], parts[-1]) if len(parts) > 1 else ("", parts[0])
+        current = ""
         assign = re.compile(r'^\s*"?' + re.escape(key) + r'"?\s*=')
         sec_line = None
         for number, line in enumerate(self.lines, 1):
@@ -275,7 +279,9 @@ def apply_override(raw: dict, item: str) -> None:
     if len(parts) != 2 or not all(parts):
         raise RecipeError(f"--set {key!r}: expected SECTION.KEY, e.g. algorithm.K")
     section, name = parts
-    if section not in SECTIONS or SECTIONS[section] is None:
+    if section in SECTIONS and SECTIONS[section] is None:
+        raise RecipeError(f"--set {key!r}: [{section}] cannot be set from the command line; edit the recipe")
+    if section not in SECTIONS:
         raise RecipeError(f"--set {key!r}: unknown section [{section}]{_did_you_mean(section, _TABLES)}")
     table = raw.setdefault(section, {})
     if not isinstance(table, dict):
@@ -324,8 +330,8 @@ class _Validator:
             raise self.fail(dotted, f"expected {_KIND_WORDS[kind]}, got {_show(value)}")
         if kind == "float":
             value = float(value)
-            if math.isnan(value):
-                raise self.fail(dotted, "must be a number, got nan")
+            if not math.isfinite(value) and dotted != "stop.max_loss":  # inf means "no limit" there only
+                raise self.fail(dotted, f"must be a finite number, got {value}")
         return value
 
     def choice(self, dotted: str, value: Any, choices) -> str:
@@ -380,10 +386,12 @@ class _Validator:
 
     # --- the whole recipe
     def recipe(self, raw: dict) -> Recipe:
-        for key in raw:
+        for key, value in raw.items():
             if key not in SECTIONS:
-                raise self.fail(key, f"unknown section{_did_you_mean(key, SECTIONS)}")
+                what = "section" if isinstance(value, (dict, list)) else "top-level key (keys belong in a section)"
+                raise self.fail(key, f"unknown {what}{_did_you_mean(key, SECTIONS)}")
         recipe = Recipe(source=self.source)
+        self.data_keys = set(raw.get("data", {})) if isinstance(raw.get("data"), dict) else set()
         for name, cls in SECTIONS.items():
             if cls is not None and name in raw:
                 setattr(recipe, name, self.table(name, raw[name], cls))
@@ -418,6 +426,10 @@ class _Validator:
             self.choice("stop.metric", stop.metric, METRICS)
         if kind in ("target_loss", "target_accuracy") and "value" not in raw:
             raise self.fail("stop.value", f"[[stop]] kind = {kind!r} needs value = <target>")
+        if kind in ("divergence", "target_loss") and "acc" in stop.metric:
+            raise self.fail("stop.metric", f"kind = {kind!r} watches a loss; use train_loss or val_loss")
+        if kind == "target_accuracy" and "acc" not in stop.metric:
+            raise self.fail("stop.metric", "kind = 'target_accuracy' watches an accuracy; use val_acc")
         if kind == "target_accuracy" and not 0 < stop.value <= 1:
             raise self.fail("stop.value", f"target accuracy must be in (0, 1], got {stop.value}")
         if kind == "wall_time" and stop.seconds <= 0:
@@ -433,7 +445,7 @@ class _Validator:
         if "unit" not in raw:
             raise self.fail("measure.unit", f"[[measure]] #{index + 1} needs unit = <name>")
         unit = self.typed("measure.unit", raw["unit"], "str")
-        if unit not in MEASURE_UNITS and "." not in unit:
+        if unit not in MEASURE_UNITS:
             known = ", ".join(MEASURE_UNITS) or "none are built in yet"
             raise self.fail("measure.unit", f"unknown measurement unit {unit!r}{_did_you_mean(unit, MEASURE_UNITS)}"
                                             f"; known units: {known}")
@@ -464,9 +476,8 @@ class _Validator:
         need(r.data.val_fraction + r.data.test_fraction < 0.9, "data.test_fraction",
              "val_fraction + test_fraction must leave at least 10% of the data for training")
         spec = DATASETS[r.data.name]
-        defaults = DataConfig()
         for key in DATASET_OPTION_KEYS:
-            if key not in spec.options and getattr(r.data, key) != getattr(defaults, key):
+            if key not in spec.options and key in self.data_keys:
                 accepted = ", ".join(spec.options) or "none"
                 raise self.fail(f"data.{key}", f"does not apply to dataset {r.data.name!r} "
                                                f"(its options: {accepted}); remove it")

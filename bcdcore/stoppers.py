@@ -117,6 +117,7 @@ def build_stoppers(configs: list[StopConfig], wall_time_s: float) -> list[Stoppe
 
 
 def first_verdict(stoppers: list[Stopper], metrics: dict, wall_s: float) -> Verdict:
-    """Every stopper sees every round (patience counts must not skip), the first verdict wins."""
-    verdicts = [s.update(metrics, wall_s) for s in stoppers]
-    return next((v for v in verdicts if v is not None), None)
+    """Every stopper sees every round (patience counts must not skip); a failure wins, else the first."""
+    verdicts = [v for v in (s.update(metrics, wall_s) for s in stoppers) if v is not None]
+    failed = [v for v in verdicts if v[0] == "failed"]  # a diverged run never counts as finished
+    return (failed or verdicts or [None])[0]

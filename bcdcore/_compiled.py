@@ -1,0 +1,216 @@
+"""The compiled backends of `bcdcore.ops` (csrc/): `cpu` (C++, threaded, vectorised) and `cuda`.
+
+Loading order, once per process (bcdcore.ops imports this module lazily and falls back to `reference`, saying
+so once, when the import fails):
+
+1. the modules built by setup.py: `bcdcore._C` (CPU) and `bcdcore._C_cuda` (CUDA; imports without a GPU);
+2. when the CPU module is missing or does not load (e.g. the package was installed with BCD_NO_EXT=1, or built
+   against another torch), one JIT build of csrc/ with torch.utils.cpp_extension.load, cached in a user cache
+   directory (``$BCD_EXT_CACHE``, else ``$XDG_CACHE_HOME/bcdcore/ext``, else ``~/.cache/bcdcore/ext``) under a
+   key made of the Python and torch versions and a hash of the sources, so later processes import it at once.
+   The CUDA sources are JIT-built only when a GPU is visible and a CUDA toolkit is found. A failed JIT build
+   is remembered in that cache (a FAILED file) and not retried until the sources change or the file is removed;
+   ``BCD_NO_JIT=1`` disables the JIT build altogether;
+3. when nothing loads, ImportError with every reason.
+
+`backends()` returns {"cpu": {...}, "cuda": {...}} (whatever loaded), each mapping "sgd", "momentum", "adam",
+"damp" to a function with exactly the reference's signature. Semantics and tolerances: csrc/README.md.
+"""
+from __future__ import annotations
+
+import hashlib
+import importlib
+import logging
+import os
+import shutil
+import sys
+from pathlib import Path
+from types import ModuleType
+from typing import Callable
+
+import torch
+
+log = logging.getLogger(__name__)
+
+_CSRC = Path(__file__).resolve().parent.parent / "csrc"
+CPU_SOURCES = ("fused_cpu.cpp",)
+CUDA_SOURCES = ("fused_cuda_bind.cpp", "fused_cuda.cu")
+_HEADERS = ("fused_common.h", "fused_job.h", "fused_cpu_impl.h", "fused_cuda.h")
+# keep in step with get_extensions() in setup.py
+CXX_FLAGS = ["-O3", "-ffp-contract=off", "-fno-math-errno", "-fno-trapping-math"]
+NVCC_FLAGS = ["-O3", "-fmad=false", "-lineinfo"]
+
+cpu_module: ModuleType | None = None
+cuda_module: ModuleType | None = None
+_how: dict[str, str] = {}  # backend -> "prebuilt" | "jit"
+_reasons: list[str] = []
+
+
+def _import_prebuilt(name: str) -> ModuleType | None:
+    try:
+        return importlib.import_module(f"bcdcore.{name}")
+    except ImportError as exc:
+        _reasons.append(f"bcdcore.{name} not loaded ({exc})")
+        return None
+
+
+def _cache_root() -> Path:
+    env = os.environ.get("BCD_EXT_CACHE")
+    if env:
+        return Path(env)
+    xdg = os.environ.get("XDG_CACHE_HOME")
+    return (Path(xdg) if xdg else Path.home() / ".cache") / "bcdcore" / "ext"
+
+
+def _digest(files: tuple[str, ...], flags: list[str]) -> str:
+    h = hashlib.sha256()
+    for f in files + _HEADERS:
+        p = _CSRC / f
+        h.update(f.encode())
+        h.update(p.read_bytes() if p.exists() else b"")
+    h.update(" ".join(flags).encode())
+    h.update(f"{sys.version_info[:2]}-{torch.__version__}-{torch.version.cuda}".encode())
+    return h.hexdigest()[:12]
+
+
+def _cuda_home() -> str | None:
+    """A CUDA toolkit root with bin/nvcc, include/cuda_runtime.h and libcudart (see setup.py)."""
+    def ok(root: str | None) -> bool:
+        if not root:
+            return False
+        r = Path(root)
+        libs = [r / "lib64", r / "lib", r / "targets" / "x86_64-linux" / "lib"]
+        return ((r / "bin" / "nvcc").exists() and (r / "include" / "cuda_runtime.h").exists()
+                and any(d.is_dir() and any(f.name.startswith("libcudart") for f in d.iterdir()) for d in libs))
+
+    env = os.environ.get("CUDA_HOME") or os.environ.get("CUDA_PATH")
+    if env:
+        return env if ok(env) else None
+    cands = []
+    nvcc = shutil.which("nvcc")
+    if nvcc:
+        prefix = os.path.dirname(os.path.dirname(nvcc))
+        cands += [os.path.dirname(os.path.dirname(os.path.realpath(nvcc))), prefix, os.path.join(prefix, "cuda")]
+    cands.append("/usr/local/cuda")
+    return next((c for c in cands if ok(c)), None)
+
+
+def _jit(kind: str) -> ModuleType | None:
+    """One cached JIT build of the `kind` ("cpu" | "cuda") sources; None (with the reason recorded) on failure."""
+    if os.environ.get("BCD_NO_JIT") == "1":
+        _reasons.append(f"JIT build of the {kind} ops disabled by BCD_NO_JIT=1")
+        return None
+    sources = CPU_SOURCES if kind == "cpu" else CUDA_SOURCES
+    missing = [s for s in sources if not (_CSRC / s).exists()]
+    if missing:
+        _reasons.append(f"JIT build of the {kind} ops impossible: {', '.join(missing)} not found in {_CSRC}")
+        return None
+    flags = CXX_FLAGS + (["-fopenmp"] if kind == "cpu" and sys.platform.startswith("linux") else [])
+    digest = _digest(sources, flags + (NVCC_FLAGS if kind == "cuda" else []))
+    name = f"bcdcore_fused_{kind}_{digest}"
+    build_dir = _cache_root() / f"py{sys.version_info[0]}{sys.version_info[1]}-torch{torch.__version__}" / name
+    failed = build_dir / "FAILED"
+    if failed.exists():
+        _reasons.append(f"an earlier JIT build of the {kind} ops failed (see {failed}; delete it to retry)")
+        return None
+    try:
+        build_dir.mkdir(parents=True, exist_ok=True)
+        from torch.utils import cpp_extension
+
+        kwargs: dict = {}
+        if kind == "cuda":
+            home = _cuda_home()
+            if home is None:
+                _reasons.append("JIT build of the cuda ops impossible: no CUDA toolkit found (set CUDA_HOME)")
+                return None
+            cpp_extension.CUDA_HOME = home
+            os.environ.setdefault("CUDA_HOME", home)
+            kwargs["extra_cuda_cflags"] = list(NVCC_FLAGS)
+        log.warning("bcdcore: compiling the %s fused ops once (a minute or two); cached in %s", kind, build_dir)
+        module = cpp_extension.load(
+            name=name,
+            sources=[str(_CSRC / s) for s in sources],
+            extra_cflags=flags,
+            extra_ldflags=["-fopenmp"] if "-fopenmp" in flags else [],
+            build_directory=str(build_dir),
+            verbose=os.environ.get("BCD_JIT_VERBOSE") == "1",
+            **kwargs,
+        )
+    except Exception as exc:  # noqa: BLE001 - a compiler failure takes many forms
+        msg = f"{type(exc).__name__}: {exc}"
+        try:
+            failed.write_text(msg + "\n")
+        except OSError:
+            pass
+        _reasons.append(f"JIT build of the {kind} ops failed ({msg.splitlines()[0] if msg else 'no message'})")
+        return None
+    return module
+
+
+def _load() -> None:
+    global cpu_module, cuda_module
+    cpu_module = _import_prebuilt("_C")
+    if cpu_module is not None:
+        _how["cpu"] = "prebuilt"
+    else:
+        cpu_module = _jit("cpu")
+        if cpu_module is not None:
+            _how["cpu"] = "jit"
+    if os.environ.get("BCD_NO_CUDA") == "1":
+        _reasons.append("cuda ops disabled by BCD_NO_CUDA=1")
+        return
+    if not torch.version.cuda:
+        return
+    cuda_module = _import_prebuilt("_C_cuda")
+    if cuda_module is not None:
+        _how["cuda"] = "prebuilt"
+    elif torch.cuda.is_available():
+        cuda_module = _jit("cuda")
+        if cuda_module is not None:
+            _how["cuda"] = "jit"
+
+
+def _wrap(m: ModuleType) -> dict[str, Callable]:
+    """Functions with exactly the reference's signatures around one compiled module."""
+    c_sgd, c_mom, c_adam, c_damp = m.sgd, m.momentum, m.adam, m.damp
+
+    def sgd(x, g, a, *, lr, lam, gamma=None, out=None):
+        return c_sgd(x, g, a, float(lr), float(lam), None if gamma is None else float(gamma), out)
+
+    def momentum(x, g, a, buf, *, lr, lam, momentum, nesterov=False, gamma=None, out=None):
+        return c_mom(x, g, a, buf, float(lr), float(lam), float(momentum), bool(nesterov),
+                     None if gamma is None else float(gamma), out)
+
+    def adam(x, g, a, m, v, *, lr, lam, beta1, beta2, eps, step, gamma=None, out=None):
+        return c_adam(x, g, a, m, v, float(lr), float(lam), float(beta1), float(beta2), float(eps), int(step),
+                      None if gamma is None else float(gamma), out)
+
+    def damp(x, a, *, gamma, out=None):
+        c_damp(x, a, float(gamma), out)
+
+    return {"sgd": sgd, "momentum": momentum, "adam": adam, "damp": damp}
+
+
+def backends() -> dict[str, dict[str, Callable]]:
+    """{"cpu": {...}, "cuda": {...}} for whatever loaded."""
+    out: dict[str, dict[str, Callable]] = {}
+    if cpu_module is not None:
+        out["cpu"] = _wrap(cpu_module)
+    if cuda_module is not None:
+        out["cuda"] = _wrap(cuda_module)
+    return out
+
+
+def info() -> dict[str, str]:
+    """How each backend was loaded ("prebuilt" | "jit"), the CPU instruction set, and why anything is missing."""
+    d = {f"{k}_build": v for k, v in _how.items()}
+    if cpu_module is not None:
+        d["cpu_isa"] = cpu_module.isa()
+    if _reasons:
+        d["notes"] = "; ".join(_reasons)
+    return d
+
+
+_load()
+if cpu_module is None and cuda_module is None:
+    raise ImportError("bcdcore compiled ops unavailable: " + "; ".join(_reasons or ["no reason recorded"]))
