@@ -21,6 +21,7 @@ def _parser() -> argparse.ArgumentParser:
                      help="override one recipe key, e.g. --set algorithm.K=5 (repeatable)")
     run.add_argument("--resume", type=Path, default=None, metavar="RUN_DIR", help="continue a killed run")
     run.add_argument("--quiet", action="store_true", help="no progress bar")
+    run.add_argument("--sweep-point", action="store_true", help=argparse.SUPPRESS)  # set by `bcdcore sweep`
 
     check = sub.add_parser("check", help="validate a recipe without running it")
     check.add_argument("recipe")
@@ -28,6 +29,26 @@ def _parser() -> argparse.ArgumentParser:
 
     ls = sub.add_parser("ls", help="list runs with state and final metrics")
     ls.add_argument("--runs-dir", type=Path, default=None)
+
+    sweep = sub.add_parser("sweep", help="run a recipe's [sweep] grid over device slots")
+    sweep.add_argument("recipe")
+    sweep.add_argument("--gpus", default=None, help="comma-separated GPU ids (default: all detected; none: CPU)")
+    sweep.add_argument("--per-gpu", type=int, default=1, help="concurrent runs per GPU (or on the CPU)")
+    sweep.add_argument("--runs-dir", type=Path, default=None)
+    sweep.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE")
+
+    plot = sub.add_parser("plot", help="curves of runs (seed groups as mean +/- std bands)")
+    plot.add_argument("runs", nargs="+", type=Path, metavar="RUN_DIR")
+    plot.add_argument("--x", default="grad_evals", help="grad_evals | samples | wall_s | round")
+    plot.add_argument("--y", default="train_loss", help="a metric, e.g. train_loss, val_loss, val_acc")
+    plot.add_argument("--out", type=Path, default=None, help=".png or .pdf (default: figures/ of the first run)")
+    plot.add_argument("--logy", action="store_true", help="log-scale y axis")
+    plot.add_argument("--logx", action="store_true", help="log-scale x axis")
+    plot.add_argument("--title", default=None)
+
+    export = sub.add_parser("export", help="export a run's trained model")
+    export.add_argument("run_dir", type=Path)
+    export.add_argument("--onnx", action="store_true", required=True, help="write RUN_DIR/model.onnx")
     return parser
 
 
@@ -35,10 +56,15 @@ def main(argv: list[str] | None = None) -> int:
     args = _parser().parse_args(argv)
     logging.basicConfig(level=logging.WARNING, format="%(levelname)s: %(message)s")
     try:
-        return {"run": cmd_run, "check": cmd_check, "ls": cmd_ls}[args.command](args)
+        commands = {"run": cmd_run, "check": cmd_check, "ls": cmd_ls, "sweep": cmd_sweep, "plot": cmd_plot,
+                    "export": cmd_export}
+        return commands[args.command](args)
     except RecipeError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
+    except BrokenPipeError:  # output piped into `head` and friends
+        sys.stderr.close()
+        return 0
 
 
 def cmd_check(args) -> int:
@@ -73,8 +99,9 @@ def cmd_run(args) -> int:
         if not args.recipe:
             raise RecipeError("bcdcore run: give a recipe file (or --resume RUN_DIR)")
         recipe = load_recipe(args.recipe, args.overrides)  # before importing torch: recipe errors come fast
-        if recipe.sweep:
+        if recipe.sweep and not args.sweep_point:
             raise RecipeError(f"{args.recipe}: has a [sweep] table; run its grid with `bcdcore sweep`")
+        recipe.sweep = {}  # a sweep point runs as a plain recipe
     from rich.console import Console
 
     from bcdcore.run import final_summary, resume_run, start_run
@@ -116,6 +143,55 @@ def cmd_ls(args) -> int:
     for row in rows:
         table.add_row(*row)
     Console().print(table)
+    return 0
+
+
+def cmd_sweep(args) -> int:
+    from bcdcore.sweep import Sweep, detect_gpus
+
+    recipe = load_recipe(args.recipe, args.overrides)
+    if not recipe.sweep:
+        raise RecipeError(f"{args.recipe}: has no [sweep] table; add one (e.g. \"algorithm.K\" = [1, 5]) "
+                          "or use `bcdcore run`")
+    if args.per_gpu < 1:
+        raise RecipeError(f"--per-gpu must be >= 1, got {args.per_gpu}")
+    if args.gpus is not None:
+        devices = [g.strip() for g in args.gpus.split(",") if g.strip()]
+        if not devices or not all(g.isdigit() for g in devices):
+            raise RecipeError(f"--gpus {args.gpus!r}: give GPU ids like 0,1")
+    else:
+        devices = detect_gpus() if recipe.run.device != "cpu" else []
+    sweep = Sweep(Path(args.recipe), recipe, args.runs_dir or default_runs_dir(), devices or [None],
+                  args.per_gpu, args.overrides)
+    print(f"sweep directory: {sweep.dir} ({len(sweep.points)} runs, {len(sweep.slots)} slots)", flush=True)
+    code = sweep.run(report=lambda line: print(line, flush=True))
+    failed = sum(p.exit_code not in (0, None) for p in sweep.points)
+    print(f"sweep {'stopped' if sweep.stop_signal else 'done'}: "
+          f"{sum(p.exit_code == 0 for p in sweep.points)} finished, {failed} not finished", flush=True)
+    return code
+
+
+def cmd_plot(args) -> int:
+    from bcdcore.plot import PlotError, plot_runs
+
+    out = args.out or (args.runs[0] / "figures" / f"{args.y}_vs_{args.x}.png")
+    try:
+        plot_runs(args.runs, x=args.x, y=args.y, out=out, logy=args.logy, logx=args.logx, title=args.title)
+    except PlotError as exc:
+        raise RecipeError(str(exc)) from None
+    print(f"wrote {out}")
+    return 0
+
+
+def cmd_export(args) -> int:
+    from bcdcore.export import ExportError, export_onnx
+
+    try:
+        path = export_onnx(args.run_dir)
+    except ExportError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 1
+    print(f"wrote {path} (onnx.checker passed; outputs match torch on a test batch)")
     return 0
 
 

@@ -201,10 +201,17 @@ def metric_table(events: list[dict]) -> dict[str, list[float]]:
 
 
 def list_runs(runs_dir: Path) -> list[Path]:
+    """Run directories under runs_dir, including those grouped inside sweep directories (sweep.json)."""
     runs_dir = Path(runs_dir)
     if not runs_dir.is_dir():
         return []
-    return sorted(p for p in runs_dir.iterdir() if (p / "status.json").is_file())
+    found = []
+    for p in runs_dir.iterdir():
+        if (p / "status.json").is_file():
+            found.append(p)
+        elif (p / "sweep.json").is_file():
+            found.extend(q for q in p.iterdir() if (q / "status.json").is_file())
+    return sorted(found)
 
 
 def pid_alive(pid: int | None) -> bool:

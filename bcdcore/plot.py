@@ -1,0 +1,125 @@
+"""Curves from run directories: one line per run, or a mean +/- std band for runs that differ only by seed.
+
+Colours follow the paper convention: black, red, blue, brown, purple, green, then matplotlib's defaults.
+"""
+from __future__ import annotations
+
+import tomllib
+from pathlib import Path
+
+import numpy as np
+
+from bcdcore.rundir import metric_table, read_events
+
+PAPER_COLOURS = ["black", "red", "blue", "brown", "purple", "green"]
+X_AXES = ("grad_evals", "samples", "wall_s", "round")
+
+
+class PlotError(ValueError):
+    """A plot request that cannot be drawn, phrased as one line for the user."""
+
+
+def colours(n: int) -> list:
+    import matplotlib
+
+    defaults = matplotlib.rcParams["axes.prop_cycle"].by_key().get("color", [])
+    palette = PAPER_COLOURS + [c for c in defaults]
+    return [palette[i % len(palette)] for i in range(n)]
+
+
+def _recipe_without_seed(run: Path) -> dict:
+    try:
+        recipe = tomllib.loads((run / "recipe.toml").read_text())
+    except (OSError, tomllib.TOMLDecodeError) as exc:
+        raise PlotError(f"{run}: cannot read recipe.toml ({exc}); is it a run directory?") from None
+    recipe.get("run", {}).pop("seed", None)
+    return recipe
+
+
+def _flat(d: dict, prefix: str = "") -> dict:
+    out = {}
+    for k, v in d.items():
+        if isinstance(v, dict):
+            out.update(_flat(v, f"{prefix}{k}."))
+        else:
+            out[f"{prefix}{k}"] = repr(v)
+    return out
+
+
+def group_by_seed(runs: list[Path]) -> list[list[Path]]:
+    """Runs whose resolved recipes are equal but for run.seed form one group (kept in first-seen order)."""
+    groups: dict[str, list[Path]] = {}
+    for run in runs:
+        key = repr(sorted(_flat(_recipe_without_seed(run)).items()))
+        groups.setdefault(key, []).append(run)
+    return list(groups.values())
+
+
+def _labels(groups: list[list[Path]]) -> list[str]:
+    """Label each group by the recipe keys that differ between groups (else by run name)."""
+    flats = [_flat(_recipe_without_seed(g[0])) for g in groups]
+    keys = sorted({k for f in flats for k in f if any(f.get(k) != g.get(k) for g in flats)} - {"run.name"})
+    labels = []
+    for group, flat in zip(groups, flats):
+        text = ", ".join(f"{k.split('.')[-1]}={flat.get(k, '-')}" for k in keys) or group[0].name
+        if not keys and len(groups) > 1:
+            text = group[0].name
+        labels.append(text + (f" (n={len(group)})" if len(group) > 1 else ""))
+    return labels
+
+
+def series(run: Path, x: str, y: str) -> tuple[np.ndarray, np.ndarray]:
+    table = metric_table(read_events(run))
+    if y not in table:
+        known = ", ".join(k for k in table if k not in X_AXES) or "none"
+        raise PlotError(f"{run}: no metric {y!r} in its events (it has: {known})")
+    xs, ys = np.asarray(table[x]), np.asarray(table[y])
+    keep = np.isfinite(ys)
+    return xs[keep], ys[keep]
+
+
+def plot_runs(runs: list[Path], x: str = "grad_evals", y: str = "train_loss", out: Path | None = None,
+              logy: bool = False, logx: bool = False, title: str | None = None):
+    """Draw the runs and return the matplotlib Figure (saved to `out` as PNG or PDF by its suffix)."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    if x not in X_AXES:
+        raise PlotError(f"--x {x!r}: choose one of {', '.join(X_AXES)}")
+    if out is not None and Path(out).suffix.lower() not in (".png", ".pdf"):
+        raise PlotError(f"--out {out}: use a .png or .pdf file name")
+    runs = [Path(r) for r in runs]
+    for r in runs:
+        if not (r / "metrics.jsonl").is_file():
+            raise PlotError(f"{r}: not a run directory (no metrics.jsonl)")
+    groups = group_by_seed(runs)
+    fig, ax = plt.subplots(figsize=(6, 4))
+    for group, colour, label in zip(groups, colours(len(groups)), _labels(groups)):
+        curves = [series(r, x, y) for r in group]
+        if len(curves) == 1:
+            ax.plot(*curves[0], color=colour, label=label, linewidth=1.5)
+            continue
+        # mean +/- std over seeds on a common x grid (the shortest run bounds it)
+        end = min(c[0][-1] for c in curves if len(c[0]))
+        grid = np.unique(np.concatenate([c[0][c[0] <= end] for c in curves]))
+        stack = np.stack([np.interp(grid, cx, cy) for cx, cy in curves])
+        mean, std = stack.mean(0), stack.std(0)
+        ax.plot(grid, mean, color=colour, label=label, linewidth=1.5)
+        ax.fill_between(grid, mean - std, mean + std, color=colour, alpha=0.2, linewidth=0)
+    ax.set_xlabel(x)
+    ax.set_ylabel(y)
+    if logy:
+        ax.set_yscale("log")
+    if logx:
+        ax.set_xscale("log")
+    if title:
+        ax.set_title(title)
+    ax.grid(True, alpha=0.3)
+    ax.legend(frameon=False, fontsize=8)
+    fig.tight_layout()
+    if out is not None:
+        Path(out).parent.mkdir(parents=True, exist_ok=True)
+        fig.savefig(out, dpi=150)
+    return fig
