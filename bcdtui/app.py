@@ -1,57 +1,173 @@
-"""A first bcdtui: a live table of the runs in a runs directory. The full workstation is issue 4."""
+"""bcdtui: the terminal workstation. `bcdtui [--runs DIR] [--recipes DIR]`.
+
+The app owns one `Workstation` (bcdtui.workstation: runner, runs model, recipes) and refreshes it four times a
+second; screens (bcdtui.screens) draw it and turn keys into workstation calls. Runs are detached processes:
+quitting leaves them running, and the next start re-attaches to them through their run directories.
+"""
 from __future__ import annotations
 
 import argparse
+import sys
+from functools import partial
 from pathlib import Path
+from typing import Iterable
 
-from textual.app import App, ComposeResult
-from textual.widgets import DataTable, Footer, Header
+from textual.app import App, SystemCommand
+from textual.binding import Binding
+from textual.screen import Screen
 
-from bcdcore.rundir import default_runs_dir, effective_state, list_runs, metric_table, read_events, read_status
+from bcdcore.rundir import default_runs_dir
 
-
-def run_rows(runs_dir: Path) -> list[tuple[str, str, str, str]]:
-    """(run id, state, round/rounds, last train loss) per run: the headless twin of the table."""
-    rows = []
-    for path in list_runs(runs_dir):
-        status = read_status(path)
-        progress = status.get("progress") or {}
-        losses = metric_table(read_events(path, "metric")).get("train_loss", [])
-        rows.append((path.name, effective_state(status), f"{progress.get('round', 0)}/{progress.get('rounds', 0)}",
-                     f"{losses[-1]:.4f}" if losses else ""))
-    return rows
+from bcdtui.runner import Slot, cpu_slot, detect_slots
+from bcdtui.screens import ConfirmScreen, HelpScreen, RecipesScreen, RunsScreen, WsScreen
+from bcdtui.widgets import TopBar
+from bcdtui.workstation import Workstation
 
 
-class RunsApp(App):
+class BcdApp(App):
     TITLE = "bcdtui"
-    BINDINGS = [("r", "refresh", "Refresh"), ("q", "quit", "Quit")]
+    BINDINGS = [
+        Binding("f1", "help", "Help", tooltip="this key map"),
+        Binding("f2", "show_runs", "Runs", tooltip="the runs table (from any screen)"),
+        Binding("f3", "show_recipes", "Recipes", tooltip="the recipes screen: tree, editor with live validation"),
+        Binding("ctrl+q", "quit_app", "Quit", priority=True,
+                tooltip="quit (runs keep running; the next start re-attaches)"),
+    ]
+    CSS = """
+    Screen { background: $background; }
+    DataTable { scrollbar-size: 1 1; }
+    """
 
-    def __init__(self, runs_dir: Path) -> None:
+    def __init__(self, runs_dir: Path | str | None = None, recipes_dir: Path | str = "recipes", *,
+                 slots: list[Slot] | None = None, per_slot: int = 1, engine: list[str] | None = None,
+                 grace_s: float = 30.0, refresh_s: float = 0.25, workstation: Workstation | None = None) -> None:
         super().__init__()
-        self.runs_dir = runs_dir
+        self.ws = workstation or Workstation(runs_dir if runs_dir is not None else default_runs_dir(), recipes_dir,
+                                             slots=slots, per_slot=per_slot, engine=engine, grace_s=grace_s)
+        self.refresh_s = refresh_s
+        self.runs_screen: RunsScreen | None = None
+        self.first_paint_callbacks: list = []
 
-    def compose(self) -> ComposeResult:
-        yield Header()
-        yield DataTable(id="runs")
-        yield Footer()
+    # --- start
+    def get_default_screen(self) -> Screen:
+        self.ws.refresh()  # re-attach: every run's status and pid are read before the first paint
+        self.ws.drain_changes()
+        self.runs_screen = RunsScreen()
+        return self.runs_screen
 
     def on_mount(self) -> None:
-        table = self.query_one(DataTable)
-        table.add_columns("run", "state", "round", "train_loss")
-        self.action_refresh()
-        self.set_interval(1.0, self.action_refresh)
+        self.install_screen(RecipesScreen(), "recipes")
+        self.set_interval(self.refresh_s, self.tick)
+        self._update_topbar()
+        for callback in self.first_paint_callbacks:
+            self.call_after_refresh(callback)
 
-    def action_refresh(self) -> None:
-        table = self.query_one(DataTable)
-        table.clear()
-        for row in run_rows(self.runs_dir):
-            table.add_row(*row)
+    # --- the periodic step
+    def tick(self) -> None:
+        if not self.screen_stack:  # starting up or shutting down
+            return
+        self.ws.refresh()
+        result = self.ws.drain_changes()
+        for message in self.ws.runner.drain_messages():
+            self.notify(message, severity="warning", timeout=10)
+        if self.runs_screen is not None:
+            self.runs_screen.note(result)
+        self._update_topbar()
+        screen = self.screen
+        if isinstance(screen, WsScreen) and screen is not self.runs_screen:
+            screen.tick()
+
+    def refresh_now(self) -> None:
+        self.tick()
+
+    def status_line(self) -> str:
+        counts = self.ws.model.counts()
+        parts = [f"{counts[s]} {s}" for s in ("running", "starting", "queued", "lost", "failed") if counts.get(s)]
+        usage = self.ws.slot_usage()
+        per = self.ws.runner.per_slot
+        parts.append(" ".join(f"{s.key} {usage.get(s.key, 0)}/{per}" for s in self.ws.slots))
+        waiting = len(self.ws.runner.queued())
+        if waiting:
+            parts.append(f"queue {waiting}")
+        return " · ".join(parts)
+
+    def _update_topbar(self) -> None:
+        if not self.screen_stack:
+            return
+        line = self.status_line()
+        for bar in self.screen.query(TopBar):
+            bar.set_right(line)
+
+    # --- navigation and app-wide actions
+    def action_help(self) -> None:
+        if not isinstance(self.screen, HelpScreen):
+            self.push_screen(HelpScreen())
+
+    def action_show_runs(self) -> None:
+        while len(self.screen_stack) > 1 and self.screen is not self.runs_screen:
+            self.pop_screen()
+
+    def action_show_recipes(self) -> None:
+        recipes = self.get_screen("recipes")
+        if recipes in self.screen_stack:
+            while self.screen is not recipes:
+                self.pop_screen()
+        else:
+            self.action_show_runs()
+            self.push_screen("recipes")
+
+    def action_quit_app(self) -> None:
+        waiting = len(self.ws.runner.queued())
+        if not waiting:
+            self.exit()
+            return
+        self.push_screen(ConfirmScreen(f"{waiting} launch{'es are' if waiting > 1 else ' is'} still queued; "
+                                       "queued launches start only while bcdtui runs (they are kept for the next "
+                                       "start). Started runs keep running. Quit?"),
+                         lambda yes: yes and self.exit())
+
+    # --- command palette: every key of the current screen, plus the app's
+    def get_system_commands(self, screen: Screen) -> Iterable[SystemCommand]:
+        seen: set[str] = set()
+        for _key, (node, binding, enabled, _tooltip) in screen.active_bindings.items():
+            if not binding.description or binding.action in seen or not enabled:
+                continue
+            seen.add(binding.action)
+            key = self.get_key_display(binding)
+            yield SystemCommand(binding.description, f"key {key}", partial(self._run_binding, node, binding.action))
+        yield from super().get_system_commands(screen)
+
+    def _run_binding(self, node, action: str) -> None:
+        self.call_later(self.run_action, action, node)
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="bcdtui", description="Terminal workstation over run directories")
+    parser = argparse.ArgumentParser(prog="bcdtui", description="Terminal workstation over recipes and run "
+                                                                "directories (runs keep running when it quits)")
     parser.add_argument("--runs", type=Path, default=None, help="runs directory (default ./runs or $BCD_RUNS)")
-    parser.add_argument("--recipes", type=Path, default=Path("recipes"), help="recipes directory")
+    parser.add_argument("--recipes", type=Path, default=Path("recipes"), help="recipes directory (default ./recipes)")
+    parser.add_argument("--per-gpu", type=int, default=1, metavar="N",
+                        help="runs at once per GPU (or on the CPU when there is no GPU); default 1")
+    parser.add_argument("--gpus", default=None, metavar="LIST",
+                        help="GPU indices to use, e.g. 0,2 (default: all that nvidia-smi reports); 'none' = CPU")
+    parser.add_argument("--grace", type=float, default=30.0, metavar="S",
+                        help="seconds between SIGTERM and SIGKILL when killing a run (default 30)")
     args = parser.parse_args(argv)
-    RunsApp(args.runs or default_runs_dir()).run()
+    if args.per_gpu < 1:
+        parser.error("--per-gpu must be at least 1")
+    if args.gpus is not None and args.gpus.strip().lower() in ("none", "cpu", ""):
+        slots = [cpu_slot()]
+    else:
+        slots = detect_slots()
+        if args.gpus is not None:
+            wanted = {f"gpu{g.strip()}" for g in args.gpus.split(",") if g.strip()}
+            slots = [s for s in slots if s.key in wanted]
+            if not slots:
+                parser.error(f"--gpus {args.gpus}: no such GPU here")
+    app = BcdApp(args.runs, args.recipes, slots=slots, per_slot=args.per_gpu, grace_s=args.grace)
+    app.run()
     return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

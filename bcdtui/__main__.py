@@ -1,0 +1,5 @@
+import sys
+
+from bcdtui.app import main
+
+sys.exit(main())

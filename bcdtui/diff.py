@@ -1,0 +1,87 @@
+"""Recipe differences between runs: each run's resolved recipe.toml flattened to dotted keys
+(`algorithm.K`, `stop[0].kind`), one row per key, and a "differences only" view."""
+from __future__ import annotations
+
+import math
+import tomllib
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+MISSING = object()
+
+
+def flatten(data: Any, prefix: str = "") -> dict[str, Any]:
+    """Tables become dotted keys, arrays of tables `name[i].key`; other values (lists included) are leaves."""
+    out: dict[str, Any] = {}
+    if isinstance(data, dict):
+        for key, value in data.items():
+            out.update(flatten(value, f"{prefix}.{key}" if prefix else str(key)))
+    elif isinstance(data, list) and data and all(isinstance(v, dict) for v in data):
+        for index, value in enumerate(data):
+            out.update(flatten(value, f"{prefix}[{index}]"))
+    else:
+        out[prefix] = data
+    return out
+
+
+def load_recipe_dict(run_dir: Path) -> dict:
+    """A run's resolved recipe as a dict ({} when it is missing or unreadable)."""
+    try:
+        return tomllib.loads((Path(run_dir) / "recipe.toml").read_text())
+    except (OSError, tomllib.TOMLDecodeError):
+        return {}
+
+
+def _same(a: Any, b: Any) -> bool:
+    if isinstance(a, float) and isinstance(b, float) and math.isnan(a) and math.isnan(b):
+        return True
+    if isinstance(a, bool) or isinstance(b, bool):
+        return type(a) is type(b) and a == b
+    return a == b
+
+
+def show_value(value: Any) -> str:
+    if value is MISSING:
+        return "—"
+    if isinstance(value, bool):
+        return "true" if value else "false"
+    if isinstance(value, str):
+        return f'"{value}"'
+    if isinstance(value, list):
+        return "[" + ", ".join(show_value(v) for v in value) + "]"
+    return str(value)
+
+
+@dataclass
+class DiffRow:
+    key: str
+    values: list[Any]  # one per recipe; MISSING where a recipe lacks the key
+    differs: bool
+
+    def cells(self) -> list[str]:
+        return [self.key, *(show_value(v) for v in self.values)]
+
+
+def recipe_diff(recipes: list[dict], only_differences: bool = False) -> list[DiffRow]:
+    """Rows over the union of keys (in first-seen order, which keeps each recipe's section order)."""
+    flats = [flatten(r) for r in recipes]
+    keys: list[str] = []
+    seen: set[str] = set()
+    for flat in flats:
+        for key in flat:
+            if key not in seen:
+                seen.add(key)
+                keys.append(key)
+    rows = []
+    for key in keys:
+        values = [flat.get(key, MISSING) for flat in flats]
+        differs = any(v is MISSING for v in values) or not all(_same(values[0], v) for v in values[1:])
+        if only_differences and not differs:
+            continue
+        rows.append(DiffRow(key, values, differs))
+    return rows
+
+
+def diff_runs(run_dirs: list[Path], only_differences: bool = False) -> list[DiffRow]:
+    return recipe_diff([load_recipe_dict(p) for p in run_dirs], only_differences)

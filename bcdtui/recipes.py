@@ -1,0 +1,233 @@
+"""Recipes as the workstation sees them: files under the recipes directory, live validation of editor text
+through bcdcore's validator (with the offending line), templates, saving, overrides and sweep expansion into
+launch plans. Pure Python: bcdcore.recipe is the only engine module used here (no torch)."""
+from __future__ import annotations
+
+import hashlib
+import os
+import re
+import shlex
+import subprocess
+import sys
+import tomllib
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from bcdcore.recipe import Recipe, RecipeError, expand_grid, parse_recipe, to_toml
+
+from bcdtui.runner import format_override_value
+
+TEMPLATE = """\
+# {name}: a new recipe. Keys and defaults: README "Recipe keys"; validate with `bcdcore check`.
+[run]
+name = "{name}"
+seed = 0
+device = "auto"          # "auto" | "cpu" | "cuda" | "cuda:N"
+rounds = 30
+
+[data]
+name = "digits_flat"     # digits | digits_flat | diabetes | toy_regression | quadratic
+batch_size = 64
+
+[model]
+name = "mlp"             # mlp | linear | cnn | residual_cnn | block_linear
+widths = [64, 32]
+
+[algorithm]
+mode = "blockwise"       # "blockwise" (Algorithm 1) | "entire" (baseline)
+schedule = "jacobi"      # "jacobi" | "gauss_seidel"
+K = 10
+lambda = 0.01
+gamma = 1.0
+accuracy_factor = -1
+solver = "momentum"      # sgd | momentum | adam
+lr = 0.05
+
+[eval]
+every = 5
+
+# [[stop]]
+# kind = "patience"
+# metric = "val_loss"
+# patience = 4
+
+# [sweep]                # a grid: one run per combination
+# "algorithm.K" = [1, 5, 10]
+# "run.seed" = [0, 1]
+"""
+
+_TOML_LINE = re.compile(r"\(at line (\d+), column (\d+)\)")
+
+
+def list_recipes(root: Path) -> list[Path]:
+    root = Path(root)
+    if not root.is_dir():
+        return []
+    return sorted(p for p in root.rglob("*.toml") if not any(part.startswith(".") for part in p.relative_to(root).parts))
+
+
+def display_name(path: Path, root: Path | None) -> str:
+    """A recipe's path as messages show it: relative to the recipes directory when under it."""
+    path = Path(path)
+    if root is not None:
+        try:
+            return str(path.resolve().relative_to(Path(root).resolve()))
+        except ValueError:
+            pass
+    return str(path)
+
+
+@dataclass
+class Validation:
+    ok: bool
+    message: str  # one line: "ok: ..." or the validator's error
+    line: int | None = None  # 1-based line of the error in the text, when known
+    recipe: Recipe | None = None
+    points: list[dict] = field(default_factory=list)  # sweep grid points (empty: no sweep)
+
+
+def error_line(message: str, source: str) -> int | None:
+    """The line number in a validator message `source:LINE: ...`."""
+    m = re.match(re.escape(source) + r":(\d+):", message)
+    return int(m.group(1)) if m else None
+
+
+def summarize(recipe: Recipe) -> str:
+    a = recipe.algorithm
+    how = "entire" if a.mode == "entire" else f"blockwise/{a.schedule}"
+    text = (f"{recipe.model.name} on {recipe.data.name}, {how}, {a.solver}, K={a.K}, "
+            f"{recipe.run.rounds} rounds")
+    if recipe.sweep:
+        n = len(expand_grid(recipe.sweep))
+        text += f"; sweep of {n} runs over {', '.join(recipe.sweep)}"
+    return text
+
+
+def validate_text(text: str, source: str = "<recipe>", overrides: list[str] | tuple[str, ...] = ()) -> Validation:
+    """Validate editor text as `bcdcore check` does before it builds the model (the full check, which also
+    counts the model's blocks for per-block lists, is `full_check`)."""
+    try:
+        raw = tomllib.loads(text)
+    except tomllib.TOMLDecodeError as exc:
+        msg = str(exc)
+        m = _TOML_LINE.search(msg)
+        line = int(m.group(1)) if m else None
+        where = f"{source}:{line}" if line else source
+        return Validation(False, f"{where}: not valid TOML: {_TOML_LINE.sub('', msg).strip()}", line)
+    try:
+        recipe = parse_recipe(raw, source=source, text=text, overrides=list(overrides))
+    except RecipeError as exc:
+        msg = str(exc)
+        return Validation(False, msg, error_line(msg, source))
+    points = expand_grid(recipe.sweep) if recipe.sweep else []
+    return Validation(True, f"ok: {summarize(recipe)}", None, recipe, points)
+
+
+def parse_overrides(text: str) -> list[str]:
+    """`algorithm.K=5 algorithm.lambda=[0.1,0.2]` (space or newline separated; quote values with spaces)."""
+    try:
+        items = shlex.split(text.replace(",\n", "\n"), posix=True)
+    except ValueError as exc:
+        raise RecipeError(f"overrides: {exc}") from None
+    for item in items:
+        if "=" not in item:
+            raise RecipeError(f"override {item!r}: expected KEY=VALUE, e.g. algorithm.K=5")
+    return items
+
+
+def new_recipe(root: Path, name: str) -> Path:
+    """Write the template as `root/name.toml` (refuses to overwrite)."""
+    name = name.strip().removesuffix(".toml")
+    if not re.fullmatch(r"[A-Za-z0-9_.\-/]+", name) or ".." in name.split("/"):
+        raise RecipeError(f"recipe name {name!r}: use letters, digits and _ - . (and / for folders)")
+    path = Path(root) / f"{name}.toml"
+    if path.exists():
+        raise RecipeError(f"{path} already exists; pick another name")
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(TEMPLATE.format(name=Path(name).name))
+    return path
+
+
+def save_recipe(path: Path, text: str) -> None:
+    path = Path(path)
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    tmp.write_text(text)
+    os.replace(tmp, path)
+
+
+def editor_command(path: Path, environ: dict | None = None) -> list[str]:
+    env = os.environ if environ is None else environ
+    editor = env.get("VISUAL") or env.get("EDITOR") or "vi"
+    return [*shlex.split(editor), str(path)]
+
+
+def full_check(path: Path, overrides: list[str] | tuple[str, ...] = (), engine: list[str] | None = None,
+               timeout: float = 300) -> tuple[bool, str]:
+    """`bcdcore check` in a subprocess (it builds the model and opens the data): (ok, its one line)."""
+    args = [*(engine or [sys.executable, "-m", "bcdcore"]), "check", str(path)]
+    for item in overrides:
+        args += ["--set", item]
+    try:
+        out = subprocess.run(args, capture_output=True, text=True, timeout=timeout, stdin=subprocess.DEVNULL)
+    except subprocess.TimeoutExpired:
+        return False, f"bcdcore check did not answer within {timeout:.0f} s"
+    except OSError as exc:
+        return False, f"could not run bcdcore check: {exc}"
+    lines = [l for l in (out.stdout + out.stderr).splitlines() if l.strip()]
+    line = next((l for l in reversed(lines) if l.startswith(("ok:", "error:"))), lines[-1] if lines else "")
+    return out.returncode == 0, line.removeprefix("error: ")
+
+
+# ----------------------------------------------------------------------------------------------------------
+# launch plans
+
+@dataclass
+class LaunchPlan:
+    """What a launch will start: one recipe file and one override list per run (one run, or a grid)."""
+
+    recipe: Path  # the file the engine runs (a sweep's copy without the [sweep] table)
+    runs: list[list[str]]  # override list per run
+    label: str
+    summary: str
+    points: list[dict] = field(default_factory=list)
+
+    def describe(self, limit: int = 12) -> list[str]:
+        if not self.points:
+            return [" ".join(self.runs[0]) or "(no overrides)"]
+        lines = [", ".join(f"{k}={format_override_value(v)}" for k, v in p.items()) for p in self.points[:limit]]
+        if len(self.points) > limit:
+            lines.append(f"... and {len(self.points) - limit} more")
+        return lines
+
+
+def plan_launch(path: Path, overrides: list[str] | tuple[str, ...] = (), work_dir: Path | None = None,
+                source: str | None = None) -> LaunchPlan:
+    """Validate `path` with `overrides` and expand its sweep. A recipe with a [sweep] table is run point by
+    point (`bcdcore run` refuses sweeps): the table is dropped into a copy under `work_dir` and each point
+    becomes `--set` overrides. Raises RecipeError with the validator's line."""
+    path = Path(path)
+    try:
+        text = path.read_text()
+    except OSError as exc:
+        raise RecipeError(f"{path}: cannot read ({exc.strerror})") from None
+    check = validate_text(text, source or str(path), overrides)
+    if not check.ok:
+        raise RecipeError(check.message)
+    recipe = check.recipe
+    base = list(overrides)
+    label = recipe.run.name
+    if not check.points:
+        return LaunchPlan(path, [base], label, check.message.removeprefix("ok: "))
+    raw = tomllib.loads(text)
+    raw.pop("sweep", None)
+    body = to_toml(raw)
+    digest = hashlib.sha256(body.encode()).hexdigest()[:8]
+    folder = Path(work_dir) if work_dir else path.parent
+    folder.mkdir(parents=True, exist_ok=True)
+    copy = folder / f"{path.stem}-grid-{digest}.toml"
+    if not copy.exists():
+        copy.write_text(f"# {path} without its sweep table: bcdtui runs the grid point by point\n{body}")
+    swept = set(recipe.sweep)
+    fixed = [o for o in base if o.split("=", 1)[0].strip() not in swept]
+    runs = [fixed + [f"{k}={format_override_value(v)}" for k, v in point.items()] for point in check.points]
+    return LaunchPlan(copy, runs, label, check.message.removeprefix("ok: "), check.points)

@@ -1,0 +1,121 @@
+"""Snapshot tests (pytest-textual-snapshot) of every screen at 80x24 and 160x48, over the fixed synthetic runs
+of bcdtui.synthetic.demo_runs. Update after an intended change with `pytest tests/test_tui_snapshots.py
+--snapshot-update` and look at the SVGs (docs/tui.md shows one as the screenshot)."""
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+from textual.widgets import DataTable, Select
+
+from bcdtui.app import BcdApp
+from bcdtui.recipes import TEMPLATE
+from bcdtui.runner import Slot
+from bcdtui.synthetic import demo_runs
+
+pytest.importorskip("pytest_textual_snapshot")
+
+SIZES = [pytest.param((80, 24), id="80x24"), pytest.param((160, 48), id="160x48")]
+BROKEN = TEMPLATE.format(name="broken").replace("K = 10", "K = 10\ngama = 0.5")
+SWEEP = TEMPLATE.format(name="lr_grid") + '\n[sweep]\n"algorithm.lr" = [0.01, 0.05, 0.1]\n"run.seed" = [0, 1]\n'
+
+
+@pytest.fixture
+def app(tmp_path, monkeypatch):
+    """The app over a fixed set of runs and recipes, with relative paths and a fixed slot so that nothing in
+    the picture depends on the machine or the temporary directory."""
+    monkeypatch.chdir(tmp_path)
+    demo_runs(tmp_path / "runs")
+    recipes = tmp_path / "recipes"
+    recipes.mkdir()
+    (recipes / "broken.toml").write_text(BROKEN)
+    (recipes / "lr_grid.toml").write_text(SWEEP)
+    (recipes / "quickstart.toml").write_text(TEMPLATE.format(name="quickstart"))
+    return BcdApp(Path("runs"), Path("recipes"), slots=[Slot("cpu", "CPU", "")], refresh_s=0.25)
+
+
+async def _open(pilot, run_id: str) -> None:
+    await pilot.pause()
+    table = pilot.app.runs_screen.query_one("#runs", DataTable)
+    table.move_cursor(row=table.get_row_index(run_id))
+    await pilot.press("enter")
+    await pilot.pause()
+
+
+@pytest.mark.parametrize("size", SIZES)
+def test_runs_screen(snap_compare, app, size):
+    assert snap_compare(app, terminal_size=size)
+
+
+@pytest.mark.parametrize("size", SIZES)
+def test_run_screen(snap_compare, app, size):
+    async def run_before(pilot):
+        await _open(pilot, "quickstart-20261126-025404-92c6eb")
+
+    assert snap_compare(app, terminal_size=size, run_before=run_before)
+
+
+@pytest.mark.parametrize("size", SIZES)
+def test_run_screen_heat_map(snap_compare, app, size):
+    async def run_before(pilot):
+        await _open(pilot, "quickstart-20261126-025404-92c6eb")
+        await pilot.press("y", "m")
+
+    assert snap_compare(app, terminal_size=size, run_before=run_before)
+
+
+@pytest.mark.parametrize("size", SIZES)
+def test_compare_screen(snap_compare, app, size):
+    async def run_before(pilot):
+        await pilot.pause()
+        table = pilot.app.runs_screen.query_one("#runs", DataTable)
+        for run_id in ("quickstart-20261126-025404-92c6eb", "quickstart-20261126-031010-4be1a0"):
+            table.move_cursor(row=table.get_row_index(run_id))
+            await pilot.press("space")
+        await pilot.press("c")
+        await pilot.pause()
+
+    assert snap_compare(app, terminal_size=size, run_before=run_before)
+
+
+@pytest.mark.parametrize("size", SIZES)
+def test_recipes_screen_with_validation_error(snap_compare, app, size):
+    async def run_before(pilot):
+        await pilot.pause()
+        await pilot.press("f3")
+        await pilot.pause(0.3)  # the validation runs after a short debounce
+
+    assert snap_compare(app, terminal_size=size, run_before=run_before)
+
+
+@pytest.mark.parametrize("size", SIZES)
+def test_launch_dialog_with_sweep_preview(snap_compare, app, size):
+    async def run_before(pilot):
+        await pilot.pause()
+        await pilot.press("l")
+        await pilot.pause()
+        pilot.app.screen.query_one("#recipe", Select).value = Path("recipes/lr_grid.toml")
+        await pilot.pause()
+
+    assert snap_compare(app, terminal_size=size, run_before=run_before)
+
+
+@pytest.mark.parametrize("size", SIZES)
+def test_help_screen(snap_compare, app, size):
+    async def run_before(pilot):
+        await pilot.pause()
+        await pilot.press("f1")
+
+    assert snap_compare(app, terminal_size=size, run_before=run_before)
+
+
+@pytest.mark.parametrize("size", SIZES)
+def test_delete_confirmation(snap_compare, app, size):
+    async def run_before(pilot):
+        await pilot.pause()
+        table = pilot.app.runs_screen.query_one("#runs", DataTable)
+        table.move_cursor(row=table.get_row_index("diabetes-20261126-041500-77aa01"))
+        await pilot.press("d")
+        await pilot.pause()
+
+    assert snap_compare(app, terminal_size=size, run_before=run_before)
