@@ -1,8 +1,16 @@
-"""Embedded offline datasets: seeded train/val/test splits as CPU tensors, scalers fitted on train only."""
+"""Datasets as seeded train/val/test splits of CPU tensors, scalers fitted on train only.
+
+This module holds the embedded offline datasets (scikit-learn's bundled digits and diabetes, synthetic
+regressions) and the common types; the datasets read from files under `[data] root` (MNIST family, CIFAR,
+SVHN, ImageNet folders, IMDb, California housing) and the standard-library text corpus live in
+`bcdcore.datasets_real`, which registers its loaders here.
+"""
 from __future__ import annotations
 
 import functools
-from dataclasses import dataclass
+import os
+from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Callable
 
 import numpy as np
@@ -14,7 +22,7 @@ from sklearn.preprocessing import StandardScaler
 
 from bcdcore.recipe import CLASSIFICATION, DATASETS, DataConfig
 
-__all__ = ["Split", "DataBundle", "LOADERS", "load_data"]
+__all__ = ["Split", "DataBundle", "TokenShape", "LOADERS", "load_data", "default_data_root", "data_root"]
 
 # Splits draw from their own stream so that, for synthetic data, changing how the data is generated
 # never silently changes which rows land in which split (and vice versa).
@@ -23,22 +31,59 @@ _SPLIT_STREAM = 1
 
 @dataclass
 class Split:
-    x: torch.Tensor  # float32, (N, *input_shape)
-    y: torch.Tensor  # int64 (N,) for classification; float32 (N,) for regression
+    x: torch.Tensor  # float32 (N, *input_shape); int64 token ids (N, T) for text datasets
+    y: torch.Tensor  # int64 (N,) classification; float32 (N,) regression; int64 (N, T) next tokens (language model)
 
     def __len__(self) -> int:
         return int(self.x.shape[0])
+
+
+class TokenShape(tuple):
+    """The input shape of token inputs, (T,), carrying the vocabulary size: token ids lie in [0, vocab_size).
+
+    It compares and unpacks like the plain tuple; models that embed tokens read `vocab_size` from it, so the
+    vocabulary built from the data reaches the model through the same `input_shape` every model receives.
+    """
+
+    vocab_size: int
+
+    def __new__(cls, shape, vocab_size: int) -> "TokenShape":
+        obj = super().__new__(cls, tuple(int(s) for s in shape))
+        obj.vocab_size = int(vocab_size)
+        return obj
+
+    def __reduce__(self):
+        return (TokenShape, (tuple(self), self.vocab_size))
+
+    def __repr__(self) -> str:
+        return f"TokenShape({tuple(self)!r}, vocab_size={self.vocab_size})"
 
 
 @dataclass
 class DataBundle:
     name: str
     task: str
-    input_shape: tuple[int, ...]
-    n_outputs: int
+    input_shape: tuple[int, ...]  # one sample; a TokenShape for token inputs
+    n_outputs: int  # classes; 1 for regression; the vocabulary size for a language model
     train: Split
     val: Split
     test: Split
+    vocab: tuple[str, ...] = ()  # text datasets: token id -> word or character
+    info: dict = field(default_factory=dict)  # dataset facts (e.g. stdlib_text's unigram baseline losses)
+
+    @property
+    def vocab_size(self) -> int:
+        return len(self.vocab)
+
+
+def default_data_root() -> Path:
+    """Where dataset files live when `[data] root` is "": $BCD_DATA, else ~/.cache/bcd/data."""
+    env = os.environ.get("BCD_DATA", "")
+    return Path(env).expanduser() if env else Path.home() / ".cache" / "bcd" / "data"
+
+
+def data_root(cfg: DataConfig) -> Path:
+    return Path(cfg.root).expanduser() if cfg.root else default_data_root()
 
 
 Loader = Callable[[DataConfig, int], DataBundle]
@@ -202,3 +247,7 @@ def _load_quadratic(cfg: DataConfig, seed: int) -> DataBundle:
     y = x @ w + cfg.noise * rng.standard_normal(n)
     idx = _split_indices(n, cfg, seed, labels=None)
     return _bundle("quadratic", x, y, idx, n_outputs=1)
+
+
+# The file-backed datasets register themselves into LOADERS (imported last: that module builds on this one).
+from bcdcore import datasets_real  # noqa: E402,F401

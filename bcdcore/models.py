@@ -223,13 +223,20 @@ def _block_linear_blocks(cfg: ModelConfig, d: int, n_outputs: int) -> list[nn.Mo
 # Public API
 
 
-def build_model(cfg: ModelConfig, input_shape: tuple[int, ...], n_outputs: int, seed: int) -> BlockModel:
+def build_model(cfg: ModelConfig, input_shape: tuple[int, ...], n_outputs: int, seed: int, *,
+                vocab_size: int | None = None) -> BlockModel:
     """Build the model named by `cfg` for inputs of `input_shape` (one sample) with `n_outputs` outputs.
 
     The weights depend on `seed` only; the global random state is left as it was, so building a model does not
     shift the data order or anything else seeded from it. `cfg.group > 0` merges the blocks into that many
     groups after initialisation, so grouping never changes the weights.
+
+    Token inputs (text datasets) come with their vocabulary size: `vocab_size`, or else the `vocab_size` that
+    a `bcdcore.data.TokenShape` input shape carries. Models that embed tokens need it; the others refuse
+    token inputs. The zoo models (ResNets, nanoGPT, ensembles, text classifier) live in `bcdcore.zoo_models`.
     """
+    if vocab_size is None:
+        vocab_size = int(getattr(input_shape, "vocab_size", 0) or 0)
     input_shape = tuple(int(s) for s in input_shape)
     if n_outputs < 1:
         raise ValueError(f"a model needs at least one output, got n_outputs = {n_outputs}")
@@ -237,7 +244,20 @@ def build_model(cfg: ModelConfig, input_shape: tuple[int, ...], n_outputs: int, 
         raise ValueError(f"model.widths: widths must be >= 1, got {list(cfg.widths)}")
     if cfg.group < 0:
         raise ValueError(f"model.group must be >= 0 (0 = no grouping), got {cfg.group}")
+    from bcdcore import zoo_models
+
+    known = ("mlp", "linear", "cnn", "residual_cnn", "block_linear") + zoo_models.ZOO_MODELS
+    if cfg.name not in known:
+        raise ValueError(f"model.name: unknown model {cfg.name!r}; known models: {', '.join(known)}")
+    token_model = cfg.name in ("nanogpt", "text_classifier")
+    if token_model and vocab_size < 1:
+        raise ValueError(f"model.name = {cfg.name!r} embeds token ids; it needs a text dataset (imdb, "
+                         f"stdlib_text), whose vocabulary sets the embedding size")
+    if vocab_size and not token_model:
+        raise ValueError(f"model.name = {cfg.name!r} needs float features but the dataset gives token ids; use "
+                         f"'text_classifier' (classification) or 'nanogpt' (language model)")
     d = math.prod(input_shape)
+    model: BlockModel | None = None
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(seed)
         if cfg.name == "mlp":
@@ -251,14 +271,19 @@ def build_model(cfg: ModelConfig, input_shape: tuple[int, ...], n_outputs: int, 
         elif cfg.name == "block_linear":
             blocks = _block_linear_blocks(cfg, d, n_outputs)
         else:
-            raise ValueError(f"model.name: unknown model {cfg.name!r}; known models: "
-                             f"mlp, linear, cnn, residual_cnn, block_linear")
-    if cfg.group > 0:
-        blocks = group_blocks(blocks, cfg.group)
-    model = BlockModel(blocks, name=cfg.name, input_shape=input_shape, n_outputs=n_outputs)
+            model = zoo_models.build_zoo_model(cfg, input_shape, n_outputs, seed, vocab_size)
+    if model is None:
+        if cfg.group > 0:
+            blocks = group_blocks(blocks, cfg.group)
+        model = BlockModel(blocks, name=cfg.name, input_shape=input_shape, n_outputs=n_outputs)
     # Parameters are fp32 whatever torch's default dtype is (the update kernels assume a known dtype);
     # .float() leaves integer buffers such as BatchNorm's num_batches_tracked alone.
-    return model.float()
+    model = model.float()
+    if getattr(cfg, "weights", ""):
+        if cfg.name not in zoo_models.RESNET_LAYERS:
+            raise ValueError(f"model.weights: loading weights is available for resnet18/34, not {cfg.name!r}")
+        zoo_models.load_weights_file(model, cfg.weights)
+    return model
 
 
 def block_sizes(model: BlockModel) -> list[int]:

@@ -22,13 +22,24 @@ from typing import Any
 # Catalogues: the names a recipe may use. Loaders and builders live in bcdcore.data / bcdcore.models.
 
 CLASSIFICATION, REGRESSION = "classification", "regression"
+# Next-token prediction: inputs (N, T) token ids, targets (N, T) the following tokens; the loss is the mean
+# token cross-entropy and the accuracy (val_acc, test_acc) the share of tokens predicted exactly.
+LANGUAGE_MODEL = "language_model"
+TASKS = (CLASSIFICATION, REGRESSION, LANGUAGE_MODEL)
+
+FEATURES, TOKENS = "features", "tokens"  # what a dataset's x holds: float features/images, or int64 token ids
 
 
 @dataclass(frozen=True)
 class DatasetSpec:
     task: str
     options: tuple[str, ...] = ()  # dataset-specific [data] keys this dataset accepts
+    inputs: str = FEATURES  # FEATURES (float32 x) or TOKENS (int64 token ids; models that embed them)
+    files: str = ""  # the files it reads under [data] root ("" = bundled or generated, nothing to download)
+    official_test: bool = False  # the test split is the dataset's own (test_fraction is not used)
 
+
+_MNIST_FILES = "{MNIST}/raw/{train,t10k}-{images-idx3,labels-idx1}-ubyte[.gz]"
 
 DATASETS: dict[str, DatasetSpec] = {
     "digits": DatasetSpec(CLASSIFICATION, ("image_size", "channels")),
@@ -36,10 +47,50 @@ DATASETS: dict[str, DatasetSpec] = {
     "diabetes": DatasetSpec(REGRESSION),
     "toy_regression": DatasetSpec(REGRESSION, ("n_samples", "n_features", "noise")),
     "quadratic": DatasetSpec(REGRESSION, ("n_samples", "n_features", "noise")),
+    # real datasets read from [data] root (torchvision / scikit-learn formats)
+    "mnist": DatasetSpec(CLASSIFICATION, ("image_size", "channels"), files=_MNIST_FILES, official_test=True),
+    "mini_mnist": DatasetSpec(CLASSIFICATION, ("per_class", "image_size", "channels"), files=_MNIST_FILES,
+                              official_test=True),
+    "mnist_8ch": DatasetSpec(CLASSIFICATION, ("per_class",), files=_MNIST_FILES, official_test=True),
+    "mnist_flat": DatasetSpec(CLASSIFICATION, files=_MNIST_FILES, official_test=True),
+    "fashion_mnist": DatasetSpec(CLASSIFICATION, ("image_size", "channels"),
+                                 files=_MNIST_FILES.replace("MNIST", "FashionMNIST"), official_test=True),
+    "cifar10": DatasetSpec(CLASSIFICATION, ("augment",),
+                           files="cifar-10-batches-py/{data_batch_1..5,test_batch,batches.meta}",
+                           official_test=True),
+    "cifar100": DatasetSpec(CLASSIFICATION, ("augment",), files="cifar-100-python/{train,test,meta}",
+                            official_test=True),
+    "svhn": DatasetSpec(CLASSIFICATION, files="svhn/{train,test}_32x32.mat", official_test=True),
+    "imagenet": DatasetSpec(CLASSIFICATION, ("image_size", "per_class"),
+                            files="imagenet/{train,val}/<class>/<image>", official_test=True),
+    "mini_imagenet": DatasetSpec(CLASSIFICATION, ("image_size", "per_class"),
+                                 files="mini_imagenet/train/<class>/<image>"),
+    "imdb": DatasetSpec(CLASSIFICATION, ("seq_len", "vocab_size"), inputs=TOKENS,
+                        files="aclImdb/{train,test}/{pos,neg}/*.txt", official_test=True),
+    "california_housing": DatasetSpec(REGRESSION, files="california_housing/cal_housing_py3.pkz"),
+    # character-level text from the Python standard library's own sources: offline everywhere
+    "stdlib_text": DatasetSpec(LANGUAGE_MODEL, ("seq_len", "corpus_chars"), inputs=TOKENS),
 }
-DATASET_OPTION_KEYS = ("image_size", "channels", "n_samples", "n_features", "noise")
+DATASET_OPTION_KEYS = ("image_size", "channels", "n_samples", "n_features", "noise", "per_class", "augment",
+                       "seq_len", "vocab_size", "corpus_chars")
 
-MODELS = ("mlp", "linear", "cnn", "residual_cnn", "block_linear")
+MODELS = ("mlp", "linear", "cnn", "residual_cnn", "block_linear", "resnet18", "resnet34", "nanogpt",
+          "mlp_ensemble", "cnn_ensemble", "text_classifier")
+TOKEN_MODELS = ("nanogpt", "text_classifier")  # models that embed token ids (datasets with inputs = TOKENS)
+# model-specific [model] keys -> the models that use them (any other model must leave them at their default)
+MODEL_OPTION_KEYS: dict[str, tuple[str, ...]] = {
+    "batch_norm": ("cnn", "residual_cnn", "cnn_ensemble"),
+    "cifar_stem": ("resnet18", "resnet34"),
+    "weights": ("resnet18", "resnet34"),
+    "n_layer": ("nanogpt",),
+    "n_head": ("nanogpt",),
+    "n_embd": ("nanogpt", "text_classifier"),
+    "dropout": ("nanogpt",),
+    "tie_weights": ("nanogpt",),
+    "members": ("mlp_ensemble", "cnn_ensemble"),
+    "voting": ("mlp_ensemble", "cnn_ensemble"),
+}
+VOTING = ("average", "random")
 SOLVERS = ("sgd", "momentum", "adam")
 MODES = ("blockwise", "entire")
 SCHEDULES = ("jacobi", "gauss_seidel")
@@ -48,7 +99,7 @@ STATE_POLICIES = ("reset", "keep")
 OPS_BACKENDS = ("auto", "reference", "cpu", "cuda")
 STOP_KINDS = ("patience", "target_loss", "target_accuracy", "wall_time", "divergence")
 METRICS = ("train_loss", "val_loss", "val_acc")
-MEASURE_UNITS: tuple[str, ...] = ()  # filled by the measurement issue
+MEASURE_UNITS = ("memory", "hessian_dense", "hessian_blocks")  # third-party units: "pkg.module:Class"
 
 
 class RecipeError(ValueError):
@@ -72,16 +123,21 @@ class RunConfig:
 @dataclass
 class DataConfig:
     name: str = "digits"
-    root: str = ""
+    root: str = ""  # "" = $BCD_DATA, else ~/.cache/bcd/data
     download: bool = False
     batch_size: int = 64
     val_fraction: float = 0.1
-    test_fraction: float = 0.2
-    image_size: int = 0  # digits: 0 keeps 8x8
-    channels: int = 1  # digits: 1 or 3 (repeated)
+    test_fraction: float = 0.2  # not used by datasets with an official test split
+    image_size: int = 0  # digits, mnist family: 0 keeps the native size; imagenet 0 = 64, mini_imagenet 0 = 84
+    channels: int = 1  # digits, mnist, mini_mnist, fashion_mnist: 1 or 3 (repeated)
     n_samples: int = 1000  # synthetic datasets
     n_features: int = 20
     noise: float = 0.1
+    per_class: int = 0  # mini_mnist, mnist_8ch: training images per class (0 = 500); imagenet: cap (0 = all)
+    augment: bool = False  # cifar10, cifar100: random crop (4-pixel zero padding) + horizontal flip
+    seq_len: int = 0  # imdb: tokens per review (0 = 256); stdlib_text: characters per window (0 = 128)
+    vocab_size: int = 20000  # imdb: words kept, including <pad> and <unk>
+    corpus_chars: int = 1_000_000  # stdlib_text: characters of standard-library source read
 
 
 @dataclass
@@ -89,7 +145,16 @@ class ModelConfig:
     name: str = "mlp"
     widths: list[int] = field(default_factory=lambda: [64, 64])
     group: int = 0  # 0 = one block per layer/unit; k = merge consecutive blocks into k groups
-    batch_norm: bool = True  # cnn, residual_cnn
+    batch_norm: bool = True  # cnn, residual_cnn, cnn_ensemble
+    cifar_stem: bool = False  # resnet18/34: 3x3 stride-1 stem conv and no max-pool (for 32x32 inputs)
+    weights: str = ""  # resnet18/34: a torchvision state_dict file (.pt/.pth) to load; "" = random init
+    n_layer: int = 4  # nanogpt: transformer layers (one block each)
+    n_head: int = 4  # nanogpt: attention heads (must divide n_embd)
+    n_embd: int = 128  # nanogpt: model width; text_classifier: embedding width
+    dropout: float = 0.0  # nanogpt
+    tie_weights: bool = False  # nanogpt: share the token embedding with the output head (the embedding block owns it)
+    members: int = 3  # mlp_ensemble, cnn_ensemble
+    voting: str = "average"  # ensembles: "average" (mean of member outputs) | "random" (one member per sample)
 
 
 @dataclass
@@ -110,6 +175,7 @@ class AlgorithmConfig:
     beta2: float = 0.999
     eps: float = 1e-8
     state_policy: str = "reset"
+    lambda_every: int = 0  # lambda = "auto": re-measure every N rounds (0 = once, at the start)
 
 
 @dataclass
@@ -445,8 +511,8 @@ class _Validator:
         if "unit" not in raw:
             raise self.fail("measure.unit", f"[[measure]] #{index + 1} needs unit = <name>")
         unit = self.typed("measure.unit", raw["unit"], "str")
-        if unit not in MEASURE_UNITS:
-            known = ", ".join(MEASURE_UNITS) or "none are built in yet"
+        if unit not in MEASURE_UNITS and "." not in unit:  # dotted paths are imported when the run is prepared
+            known = ", ".join(MEASURE_UNITS)
             raise self.fail("measure.unit", f"unknown measurement unit {unit!r}{_did_you_mean(unit, MEASURE_UNITS)}"
                                             f"; known units: {known}")
         every = self.typed("measure.every", raw.get("every", 1), "int")
@@ -486,15 +552,50 @@ class _Validator:
         need(r.data.n_samples >= 20, "data.n_samples", f"must be >= 20, got {r.data.n_samples}")
         need(r.data.n_features >= 1, "data.n_features", f"must be >= 1, got {r.data.n_features}")
         need(r.data.noise >= 0, "data.noise", f"must be >= 0, got {r.data.noise}")
+        need(r.data.per_class >= 0, "data.per_class", f"must be >= 0 (0 = the dataset's default), "
+                                                       f"got {r.data.per_class}")
+        need(r.data.seq_len == 0 or r.data.seq_len >= 2, "data.seq_len",
+             f"must be >= 2 (0 = the dataset's default), got {r.data.seq_len}")
+        need(r.data.vocab_size >= 3, "data.vocab_size", f"must be >= 3 (<pad>, <unk> and a word), "
+                                                         f"got {r.data.vocab_size}")
+        need(r.data.corpus_chars >= 1000, "data.corpus_chars", f"must be >= 1000, got {r.data.corpus_chars}")
         if r.data.root:
             need(Path(r.data.root).expanduser().is_dir() or r.data.download, "data.root",
                  f"folder {r.data.root!r} does not exist; create it or set data.download = true")
 
-        self.choice("model.name", r.model.name, MODELS)
-        need(all(w >= 1 for w in r.model.widths), "model.widths", f"widths must be >= 1, got {r.model.widths}")
-        need(r.model.group >= 0, "model.group", f"must be >= 0 (0 = no grouping), got {r.model.group}")
-        if r.model.name in ("cnn", "residual_cnn"):
-            need(bool(r.model.widths), "model.widths", f"{r.model.name} needs at least one width")
+        m = r.model
+        self.choice("model.name", m.name, MODELS)
+        need(all(w >= 1 for w in m.widths), "model.widths", f"widths must be >= 1, got {m.widths}")
+        need(m.group >= 0, "model.group", f"must be >= 0 (0 = no grouping), got {m.group}")
+        if m.name in ("cnn", "residual_cnn", "cnn_ensemble"):
+            need(bool(m.widths), "model.widths", f"{m.name} needs at least one width")
+        defaults = ModelConfig()
+        for key, users in MODEL_OPTION_KEYS.items():
+            if m.name not in users and getattr(m, key) != getattr(defaults, key):
+                raise self.fail(f"model.{key}", f"does not apply to model {m.name!r} (it is a key of "
+                                                f"{', '.join(users)}); remove it")
+        need(m.n_layer >= 1, "model.n_layer", f"must be >= 1, got {m.n_layer}")
+        need(m.n_head >= 1, "model.n_head", f"must be >= 1, got {m.n_head}")
+        need(m.n_embd >= 1, "model.n_embd", f"must be >= 1, got {m.n_embd}")
+        need(m.name != "nanogpt" or m.n_embd % m.n_head == 0, "model.n_head",
+             f"n_head = {m.n_head} must divide n_embd = {m.n_embd}")
+        need(0 <= m.dropout < 1, "model.dropout", f"must be in [0, 1), got {m.dropout}")
+        need(m.members >= 1, "model.members", f"must be >= 1, got {m.members}")
+        self.choice("model.voting", m.voting, VOTING)
+        if m.weights:
+            need(Path(m.weights).expanduser().is_file(), "model.weights",
+                 f"no such file {m.weights!r}; give the path of a torchvision state_dict (.pt/.pth)")
+        # model <-> dataset: token ids need a model that embeds them, and only nanogpt predicts next tokens
+        if spec.task == LANGUAGE_MODEL:
+            need(m.name == "nanogpt", "model.name", f"dataset {r.data.name!r} is a language-model task; "
+                                                    f"use model \"nanogpt\"")
+        elif spec.inputs == TOKENS:
+            need(m.name in TOKEN_MODELS and m.name != "nanogpt", "model.name",
+                 f"dataset {r.data.name!r} gives token ids; use model \"text_classifier\"")
+        else:
+            need(m.name not in TOKEN_MODELS, "model.name",
+                 f"model {m.name!r} embeds token ids but dataset {r.data.name!r} gives features; use a "
+                 f"text dataset ({', '.join(n for n, d in DATASETS.items() if d.inputs == TOKENS)})")
 
         a = r.algorithm
         self.choice("algorithm.mode", a.mode, MODES)
@@ -511,10 +612,8 @@ class _Validator:
         need(a.eps > 0, "algorithm.eps", f"must be > 0, got {a.eps}")
         for g in a.gamma if isinstance(a.gamma, list) else [a.gamma]:
             need(0 < g <= 1, "algorithm.gamma", f"must be in (0, 1], got {g}")
-        if a.lam == "auto":
-            raise self.fail("algorithm.lambda", "lambda = \"auto\" needs the hessian_blocks measurement, "
-                                                "which is not available yet; give a number or a per-block list")
-        for lam in a.lam if isinstance(a.lam, list) else [a.lam]:
+        need(a.lambda_every >= 0, "algorithm.lambda_every", f"must be >= 0, got {a.lambda_every}")
+        for lam in a.lam if isinstance(a.lam, list) else ([] if a.lam == "auto" else [a.lam]):
             need(lam >= 0, "algorithm.lambda", f"must be >= 0, got {lam}")
 
         need(r.eval.every >= 0, "eval.every", f"must be >= 0 (0 = only at the end), got {r.eval.every}")
@@ -597,7 +696,10 @@ def _read(source: str) -> str:
         return ""
 
 
-def per_block(value: float | list[float], n_blocks: int) -> list[float]:
+def per_block(value: float | list[float] | str, n_blocks: int) -> list[float]:
+    """One value per block; "auto" (lambda) starts at 0 until the run measures it."""
+    if value == "auto":
+        return [0.0] * n_blocks
     return list(value) if isinstance(value, list) else [float(value)] * n_blocks
 
 

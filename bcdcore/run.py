@@ -23,6 +23,7 @@ from bcdcore import ops
 from bcdcore.algorithm import BlockwiseTrainer, EntireTrainer, RoundResult
 from bcdcore.batches import BatchStream, eval_batches, stream_seed
 from bcdcore.data import DataBundle, Split, load_data
+from bcdcore.measure import MeasureContext, auto_lambda, fixed_batch, load_unit
 from bcdcore.models import block_sizes, build_model
 from bcdcore.params import FlatParams
 from bcdcore.recipe import (CLASSIFICATION, Recipe, RecipeError, check_block_lists, load_recipe, per_block,
@@ -48,29 +49,44 @@ def resolve_device(name: str) -> torch.device:
     return device
 
 
+def _token_cross_entropy(out, y):
+    """Language model: logits (N, T, V) against next tokens (N, T); mean cross-entropy over all tokens."""
+    return F.cross_entropy(out.reshape(-1, out.shape[-1]), y.reshape(-1))
+
+
 def loss_function(task: str):
+    from bcdcore.recipe import LANGUAGE_MODEL
+
     if task == CLASSIFICATION:
         return F.cross_entropy
+    if task == LANGUAGE_MODEL:
+        return _token_cross_entropy
     return lambda out, y: F.mse_loss(out.squeeze(-1), y)
 
 
 @torch.no_grad()
 def evaluate(model: nn.Module, split: Split, task: str, batch_size: int, device: torch.device) -> dict:
-    """Mean loss (and accuracy for classification) over a split, in eval mode."""
+    """Mean loss, in eval mode, over a split, and the accuracy: of samples for classification, of tokens
+    (the share of next tokens predicted exactly) for a language model. A language model's loss is the mean
+    token cross-entropy (every window has the same length, so the mean over windows is the mean over tokens)."""
     if len(split) == 0:
         return {}
+    from bcdcore.recipe import LANGUAGE_MODEL
+
     model.eval()
     loss_fn = loss_function(task)
-    total, correct = 0.0, 0
+    scored = task in (CLASSIFICATION, LANGUAGE_MODEL)
+    total, correct, counted = 0.0, 0, 0
     for xb, yb in eval_batches(split.x, split.y, batch_size):
         xb, yb = xb.to(device), yb.to(device)
         out = model(xb)
         total += loss_fn(out, yb).item() * len(xb)
-        if task == CLASSIFICATION:
+        if scored:
             correct += (out.argmax(-1) == yb).sum().item()
+            counted += yb.numel()
     result = {"loss": total / len(split)}
-    if task == CLASSIFICATION:
-        result["acc"] = correct / len(split)
+    if scored:
+        result["acc"] = correct / counted
     return result
 
 
@@ -85,6 +101,7 @@ class Prepared:
     backend: str
     lams: list[float]
     gammas: list[float]
+    measurements: list  # (MeasureConfig, Measurement) pairs
 
 
 def prepare(recipe: Recipe) -> Prepared:
@@ -106,6 +123,12 @@ def prepare(recipe: Recipe) -> Prepared:
         backend = ops.resolve_backend(recipe.run.ops_backend, device)
     except ValueError as exc:
         raise RecipeError(f"{recipe.source}: run.ops_backend: {exc}") from None
+    measurements = []
+    for m in recipe.measure:
+        try:
+            measurements.append((m, load_unit(m.unit)))
+        except ValueError as exc:
+            raise RecipeError(f"{recipe.source}: measure.unit: {exc}") from None
     params = FlatParams(model, model.blocks)
     for split in (data.train, data.val, data.test):
         split.x, split.y = split.x.to(device), split.y.to(device)
@@ -122,7 +145,7 @@ def prepare(recipe: Recipe) -> Prepared:
                    for i in range(n_blocks)]
         trainer = BlockwiseTrainer(model, params, loss_fn, streams, a, lams, gammas, backend,
                                    stream_seed(seed, SEED_ACTIVE))
-    return Prepared(recipe, device, data, model, params, trainer, backend, lams, gammas)
+    return Prepared(recipe, device, data, model, params, trainer, backend, lams, gammas, measurements)
 
 
 class _Signals:
@@ -156,6 +179,8 @@ class Run:
         self.wall_before = 0.0  # wall seconds of earlier sessions of this run (resume)
         self.signals = _Signals()
         self.file_log = self._file_logger()
+        self.auto_lambda = r.algorithm.lam == "auto" and r.algorithm.mode == "blockwise"
+        self.measure_batch = fixed_batch(prepared.data.train.x, prepared.data.train.y, 256, r.run.seed)
         if resume:
             self._load_checkpoint()
 
@@ -174,7 +199,8 @@ class Run:
         state = {"round": self.round, "grad_evals": self.grad_evals, "samples": self.samples,
                  "wall_s": self._wall(), "flat": p.params.flat.detach().cpu(),
                  "buffers": [[b.cpu() for b in bs] for bs in p.params.snapshot_buffers()],
-                 "trainer": p.trainer.state_dict(), "stoppers": [s.state_dict() for s in self.stoppers]}
+                 "trainer": p.trainer.state_dict(), "stoppers": [s.state_dict() for s in self.stoppers],
+                 "lams": list(getattr(p.trainer, "lams", []))}
         tmp = self.rundir.checkpoint_path.with_suffix(".tmp")
         torch.save(state, tmp)
         os.replace(tmp, self.rundir.checkpoint_path)
@@ -189,6 +215,8 @@ class Run:
             stopper.load_state_dict(saved)
         self.round, self.grad_evals, self.samples = state["round"], state["grad_evals"], state["samples"]
         self.wall_before = state["wall_s"]
+        if self.auto_lambda:
+            self.p.trainer.lams = list(state["lams"])
 
     def _wall(self) -> float:
         return self.wall_before + (time.perf_counter() - self.t0)
@@ -238,6 +266,9 @@ class Run:
                 return "finished", "rounds done"
             self.round += 1
             t = self.round
+            every_lam = r.algorithm.lambda_every
+            if self.auto_lambda and (t == 1 or (every_lam and (t - 1) % every_lam == 0)):
+                self._measure_lambda(t - 1)
             result: RoundResult = p.trainer.run_round(t)
             self.grad_evals += result.grad_evals
             self.samples += result.samples
@@ -258,6 +289,9 @@ class Run:
                 metrics.update(self._eval("test"))
             event = rd.event("metric", round=t, grad_evals=self.grad_evals, samples=self.samples,
                              bytes_comm=0, wall_s=self._wall(), **metrics)
+            for config, unit in p.measurements:
+                if t % config.every == 0:
+                    self._measure(config.unit, unit.measure, t)
             rd.write_status(progress={"round": t, "rounds": r.run.rounds})
             progress.update(t, metrics)
             self.file_log.info("round %d %s", t, " ".join(f"{k} {v:.5g}" for k, v in metrics.items()))
@@ -272,6 +306,27 @@ class Run:
                 return "killed", f"killed by {name}"
             if r.run.checkpoint_every and t % r.run.checkpoint_every == 0:
                 self._save_checkpoint()
+
+    def _context(self, t: int) -> MeasureContext:
+        p = self.p
+        return MeasureContext(model=p.model, params=p.params, trainer=p.trainer,
+                              loss_fn=loss_function(p.data.task), batch=self.measure_batch, device=p.device,
+                              round=t, out_dir=self.rundir.path / "measurements")
+
+    def _measure(self, name: str, fn, t: int) -> dict:
+        result = fn(self._context(t))
+        self.rundir.event("measure", unit=name, round=t, **result)
+        self.file_log.info("measure %s at round %d: %s", name, t,
+                           result.get("figure") or str(result.get("value"))[:200])
+        return result
+
+    def _measure_lambda(self, t: int) -> None:
+        """lambda = "auto": lambda_i = sqrt(n) * max_i Lbar_i from the Hessian block couplings at x_t."""
+        lams, result = auto_lambda(self._context(t))
+        self.p.trainer.lams = lams
+        self.rundir.event("measure", unit="hessian_blocks", round=t, purpose="lambda auto", **{"lambda": lams},
+                          **result)
+        self.file_log.info("lambda auto at round %d: %s", t, ", ".join(f"{x:.4g}" for x in lams))
 
     def _eval(self, split_name: str) -> dict:
         p = self.p
