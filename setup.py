@@ -3,12 +3,136 @@ from setuptools import find_packages, setup
 
 
 def get_extensions():
-    """C++ (always) and CUDA (when torch has CUDA and a toolkit is found) builds of csrc/; see csrc/README."""
-    return []
+    """C++ (always) and CUDA (when torch has CUDA and a toolkit is found) builds of csrc/; see csrc/README.md.
+
+    Switches: BCD_NO_EXT=1 builds nothing (the engine then JIT-builds once or uses `reference`), BCD_NO_CUDA=1
+    skips the CUDA extension, BCD_STRICT_BUILD=1 makes a failed compile fail the build (CI) instead of leaving
+    the extension out, TORCH_CUDA_ARCH_LIST picks the GPU architectures (default: the visible GPUs, else the
+    architectures this torch was built for), CUDA_HOME the toolkit.
+    """
+    import os
+    import shutil
+    import sys
+
+    def say(msg):
+        print(f"bcdcore build: {msg}", file=sys.stderr)
+
+    if os.environ.get("BCD_NO_EXT") == "1":
+        say("BCD_NO_EXT=1: not building the compiled ops")
+        return []
+    try:
+        import torch
+        from torch.utils import cpp_extension
+    except ImportError as exc:
+        say(f"torch is not importable here ({exc}); not building the compiled ops")
+        return []
+    if not (os.environ.get("CXX") or shutil.which("c++") or shutil.which("g++") or shutil.which("clang++")):
+        say("no C++ compiler found; not building the compiled ops (the engine uses the reference backend)")
+        return []
+
+    cxx = ["-O3", "-ffp-contract=off", "-fno-math-errno", "-fno-trapping-math"]
+    cpu_cxx, cpu_link = list(cxx), []
+    if sys.platform.startswith("linux"):
+        cpu_cxx.append("-fopenmp")
+        cpu_link.append("-fopenmp")
+    exts = [cpp_extension.CppExtension("bcdcore._C", ["csrc/fused_cpu.cpp"],
+                                       extra_compile_args={"cxx": cpu_cxx}, extra_link_args=cpu_link)]
+
+    def cuda_home():
+        """A toolkit root that has bin/nvcc, include/cuda_runtime.h and libcudart (torch's guess from the nvcc
+        on PATH can be a prefix such as /usr/local whose `cuda` folder is the real root)."""
+        def ok(root):
+            if not root:
+                return False
+            libs = [os.path.join(root, d) for d in ("lib64", "lib", os.path.join("targets", "x86_64-linux", "lib"))]
+            return (os.path.exists(os.path.join(root, "bin", "nvcc"))
+                    and os.path.exists(os.path.join(root, "include", "cuda_runtime.h"))
+                    and any(os.path.isdir(d) and any(f.startswith("libcudart") for f in os.listdir(d))
+                            for d in libs))
+        env = os.environ.get("CUDA_HOME") or os.environ.get("CUDA_PATH")
+        if env:
+            return env if ok(env) else None
+        cands = []
+        if cpp_extension.CUDA_HOME:
+            cands += [cpp_extension.CUDA_HOME, os.path.join(cpp_extension.CUDA_HOME, "cuda")]
+        nvcc = shutil.which("nvcc")
+        if nvcc:
+            real = os.path.dirname(os.path.dirname(os.path.realpath(nvcc)))
+            prefix = os.path.dirname(os.path.dirname(nvcc))
+            cands += [real, prefix, os.path.join(prefix, "cuda")]
+        cands.append("/usr/local/cuda")
+        return next((c for c in cands if ok(c)), None)
+
+    if os.environ.get("BCD_NO_CUDA") == "1":
+        say("BCD_NO_CUDA=1: not building the CUDA extension")
+    elif not torch.version.cuda:
+        say(f"torch {torch.__version__} has no CUDA; building the CPU extension only")
+    else:
+        home = cuda_home()
+        if home is None:
+            say("no CUDA toolkit found (set CUDA_HOME to a root with bin/nvcc, include/ and lib64/libcudart); "
+                "building the CPU extension only")
+        else:
+            os.environ["CUDA_HOME"] = home
+            cpp_extension.CUDA_HOME = home
+            if not os.environ.get("TORCH_CUDA_ARCH_LIST") and torch.cuda.device_count() == 0:
+                import re
+
+                archs = sorted({f"{m[1][:-1]}.{m[1][-1]}" for m in map(re.compile(r"sm_(\d{2,})$").match,
+                                                                        torch.cuda.get_arch_list()) if m},
+                               key=lambda v: tuple(int(p) for p in v.split(".")))
+                os.environ["TORCH_CUDA_ARCH_LIST"] = ";".join(archs[:-1] + [archs[-1] + "+PTX"]) if archs \
+                    else "9.0+PTX"
+                say(f"no GPU visible: building for TORCH_CUDA_ARCH_LIST={os.environ['TORCH_CUDA_ARCH_LIST']}")
+            exts.append(cpp_extension.CUDAExtension(
+                "bcdcore._C_cuda", ["csrc/fused_cuda_bind.cpp", "csrc/fused_cuda.cu"],
+                extra_compile_args={"cxx": list(cxx), "nvcc": ["-O3", "-fmad=false", "-lineinfo"]}))
+    return exts
 
 
 def get_cmdclass():
-    return {}
+    """torch's BuildExtension (ninja when available); a failed compile leaves that extension out with a warning
+    (the engine then falls back), unless BCD_STRICT_BUILD=1."""
+    import os
+    import sys
+
+    try:
+        from torch.utils.cpp_extension import BuildExtension
+    except ImportError:
+        return {}
+
+    class BuildOptionalExtension(BuildExtension):
+        failed: set = set()
+
+        def build_extension(self, ext):
+            try:
+                super().build_extension(ext)
+            except Exception as exc:  # noqa: BLE001 - any compiler failure
+                if os.environ.get("BCD_STRICT_BUILD") == "1":
+                    raise
+                self.failed.add(ext.name)
+                print(f"bcdcore build: WARNING: building {ext.name} failed ({exc}); installing without it "
+                      "(set BCD_STRICT_BUILD=1 to make this an error)", file=sys.stderr)
+
+        def _without_failed(self, method, *args):
+            """Run a base method that lists or copies the built files over the extensions that did build."""
+            keep = self.extensions
+            self.extensions = [e for e in keep if e.name not in self.failed]
+            try:
+                return method(*args)
+            finally:
+                self.extensions = keep
+
+        def copy_extensions_to_source(self):
+            return self._without_failed(super().copy_extensions_to_source)
+
+        def get_outputs(self):
+            return self._without_failed(super().get_outputs)
+
+        def get_output_mapping(self):
+            return self._without_failed(super().get_output_mapping)
+
+    return {"build_ext": BuildOptionalExtension.with_options(use_ninja=True)}
 
 
 setup(

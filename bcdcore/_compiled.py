@@ -106,7 +106,11 @@ def _jit(kind: str) -> ModuleType | None:
         _reasons.append(f"JIT build of the {kind} ops impossible: {', '.join(missing)} not found in {_CSRC}")
         return None
     flags = CXX_FLAGS + (["-fopenmp"] if kind == "cpu" and sys.platform.startswith("linux") else [])
-    digest = _digest(sources, flags + (NVCC_FLAGS if kind == "cuda" else []))
+    key = list(flags)
+    if kind == "cuda":  # the GPU architectures built for: the visible devices (or TORCH_CUDA_ARCH_LIST)
+        key += NVCC_FLAGS + [os.environ.get("TORCH_CUDA_ARCH_LIST", "")]
+        key += [str(torch.cuda.get_device_capability(i)) for i in range(torch.cuda.device_count())]
+    digest = _digest(sources, key)
     name = f"bcdcore_fused_{kind}_{digest}"
     build_dir = _cache_root() / f"py{sys.version_info[0]}{sys.version_info[1]}-torch{torch.__version__}" / name
     failed = build_dir / "FAILED"
@@ -115,7 +119,13 @@ def _jit(kind: str) -> ModuleType | None:
         return None
     try:
         build_dir.mkdir(parents=True, exist_ok=True)
-        from torch.utils import cpp_extension
+        quiet = logging.getLogger("torch.utils.cpp_extension")  # "No CUDA runtime is found" on CPU machines
+        level = quiet.level
+        quiet.setLevel(logging.ERROR)
+        try:
+            from torch.utils import cpp_extension
+        finally:
+            quiet.setLevel(level)
 
         kwargs: dict = {}
         if kind == "cuda":
@@ -126,7 +136,8 @@ def _jit(kind: str) -> ModuleType | None:
             cpp_extension.CUDA_HOME = home
             os.environ.setdefault("CUDA_HOME", home)
             kwargs["extra_cuda_cflags"] = list(NVCC_FLAGS)
-        log.warning("bcdcore: compiling the %s fused ops once (a minute or two); cached in %s", kind, build_dir)
+        if not any(build_dir.glob(f"{name}*.so")):
+            log.warning("bcdcore: compiling the %s fused ops once (a minute or two); cached in %s", kind, build_dir)
         module = cpp_extension.load(
             name=name,
             sources=[str(_CSRC / s) for s in sources],

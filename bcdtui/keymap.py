@@ -1,4 +1,4 @@
-"""The key map, built from the screens' own bindings: the F1 help screen and docs/tui.md both come from here,
+"""The key map, built from the screens' own bindings: the F1 help screen and the README key map both come from here,
 so they cannot drift from what the keys do."""
 from __future__ import annotations
 

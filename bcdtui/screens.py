@@ -1109,7 +1109,7 @@ class PromptScreen(ModalScreen):
 
 
 class HelpScreen(ModalScreen):
-    """F1: the key map of every screen (built from the screens' bindings, as docs/tui.md is)."""
+    """F1: the key map of every screen (built from the screens' bindings, as the README key map is)."""
 
     BINDINGS = [Binding("escape,f1,q", "close", "Close")]
     DEFAULT_CSS = """

@@ -18,38 +18,29 @@
 #include <utility>
 #include <vector>
 
+#include "fused_job.h"
+
 namespace bcd {
 
-enum DType : int { kF32 = 0, kF64 = 1, kBF16 = 2, kF16 = 3 };
-enum Form : int { kSgd = 0, kMomentum = 1, kAdam = 2, kDamp = 3 };
-// kPlain: x <- x_new.  kDamped: x <- a + gamma (x_new - a).  kDampedOut: out <- a + gamma (x_new - a), x <- a.
-enum Mode : int { kPlain = 0, kDamped = 1, kDampedOut = 2 };
+// Python's spelling of a dtype, for error messages.
+inline std::string dname(at::ScalarType t) {
+  switch (t) {
+    case at::kFloat: return "torch.float32";
+    case at::kDouble: return "torch.float64";
+    case at::kBFloat16: return "torch.bfloat16";
+    case at::kHalf: return "torch.float16";
+    default: return std::string("torch.") + c10::toString(t);
+  }
+}
 
-// Everything a kernel needs for one call; pointers are raw, constants are prepared in double on the host and
-// rounded to the math type inside the kernel exactly where the reference rounds Python floats.
-struct Job {
-  int dtype = kF32;
-  int form = kSgd;
-  int mode = kPlain;
-  bool nesterov = false;
-  void* x = nullptr;
-  const void* g = nullptr;
-  const void* a = nullptr;
-  void* out = nullptr;
-  void* s0 = nullptr;  // momentum buffer, or adam m
-  void* s1 = nullptr;  // adam v
-  double lr = 0, lam = 0, mu = 0, b1 = 0, omb1 = 0, b2 = 0, omb2 = 0, c1 = 1, c2 = 1, eps = 0, gamma = 1;
-  int64_t n = 0;
-};
-
-inline int dtype_code(const at::Tensor& x) {
+inline int dtype_code(const char* op, const at::Tensor& x) {
   switch (x.scalar_type()) {
     case at::kFloat: return kF32;
     case at::kDouble: return kF64;
     case at::kBFloat16: return kBF16;
     case at::kHalf: return kF16;
     default:
-      TORCH_CHECK_TYPE(false, "bcdcore fused ops: x has dtype ", x.scalar_type(),
+      TORCH_CHECK_TYPE(false, "bcdcore.", op, ": x has dtype ", dname(x.scalar_type()),
                        "; supported: float32, float64, bfloat16, float16");
   }
   return -1;
@@ -72,7 +63,7 @@ inline void check_args(const char* op, c10::DeviceType want, const std::vector<N
   const char* backend = want == c10::DeviceType::CUDA ? "cuda" : "cpu";
   TORCH_CHECK_VALUE(x.device().type() == want, "bcdcore.", op, ": the ", backend, " backend needs ",
                     want == c10::DeviceType::CUDA ? "CUDA" : "CPU", " tensors, but x is on ", x.device());
-  job.dtype = dtype_code(x);
+  job.dtype = dtype_code(op, x);
   const at::ScalarType mt = math_type(x);
   for (const Named& nt : ts) {
     const at::Tensor& t = *nt.t;
@@ -80,11 +71,12 @@ inline void check_args(const char* op, c10::DeviceType want, const std::vector<N
     TORCH_CHECK_VALUE(t.device() == x.device(), "bcdcore.", op, ": device mismatch: ", nt.name, " is on ",
                       t.device(), " but x is on ", x.device());
     if (nt.state) {
-      TORCH_CHECK_TYPE(t.scalar_type() == mt, "bcdcore.", op, ": state buffer ", nt.name, " must be ", mt,
-                       " for ", x.scalar_type(), " parameters, got ", t.scalar_type());
+      TORCH_CHECK_TYPE(t.scalar_type() == mt, "bcdcore.", op, ": state buffer ", nt.name, " must be ", dname(mt), " for ",
+                       dname(x.scalar_type()), " parameters, got ", dname(t.scalar_type()));
     } else {
       TORCH_CHECK_TYPE(t.scalar_type() == x.scalar_type(), "bcdcore.", op, ": dtype mismatch: ", nt.name,
-                       " is ", t.scalar_type(), " but x is ", x.scalar_type());
+                       " is ", dname(t.scalar_type()), " but x is ",
+                       dname(x.scalar_type()));
     }
     TORCH_CHECK_VALUE(t.numel() == x.numel(), "bcdcore.", op, ": size mismatch: ", nt.name, " has ",
                       t.numel(), " elements ", t.sizes(), " but x has ", x.numel(), " ", x.sizes());
@@ -156,7 +148,7 @@ inline void prep_momentum(Job& j, double lr, double lam, double mu, bool nestero
 
 inline void prep_adam(const char* op, Job& j, double lr, double lam, double b1, double b2, double eps,
                       int64_t step) {
-  TORCH_CHECK_VALUE(step >= 1, "adam step counts from 1, got ", step);
+  TORCH_CHECK_VALUE(step >= 1, "bcdcore.", op, ": adam step counts from 1, got ", step);
   j.form = kAdam;
   j.lr = lr;
   j.lam = lam;
@@ -167,7 +159,6 @@ inline void prep_adam(const char* op, Job& j, double lr, double lam, double b1, 
   j.c1 = 1.0 - std::pow(b1, static_cast<double>(step));  // Python's `1 - beta1 ** step`
   j.c2 = 1.0 - std::pow(b2, static_cast<double>(step));
   j.eps = eps;
-  (void)op;
 }
 
 }  // namespace bcd

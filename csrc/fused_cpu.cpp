@@ -9,7 +9,6 @@
 #include <torch/extension.h>
 
 #include <ATen/Parallel.h>
-#include <c10/util/SmallVector.h>
 
 #include <cmath>
 #include <cstdint>
@@ -52,7 +51,7 @@ namespace {
 using RunFn = void (*)(const bcd::Job&, double*, int64_t, int64_t);
 
 constexpr int64_t kTask = bcd_isa_default::kTask;
-constexpr int64_t kGrainTasks = 2;  // threads only from 3 tasks (48K elements) up
+constexpr int64_t kGrainTasks = 2;  // threads only from 3 tasks (more than 32K elements) up
 
 struct Isa {
   const char* name;
@@ -109,15 +108,24 @@ Isa& current_isa() {
 std::tuple<at::Tensor, at::Tensor> run(const bcd::Job& job, const at::Tensor& x) {
   const int64_t n_tasks = (job.n + kTask - 1) / kTask;
   const bool norms = job.form != bcd::kDamp;
-  c10::SmallVector<double, 64> partials(norms ? 2 * n_tasks : 0);
-  double* p = norms ? partials.data() : nullptr;
+  double stack_partials[64];
+  std::vector<double> heap_partials;
+  double* p = nullptr;
+  if (norms) {
+    if (2 * n_tasks <= 64) {
+      p = stack_partials;
+    } else {
+      heap_partials.resize(static_cast<size_t>(2 * n_tasks));
+      p = heap_partials.data();
+    }
+  }
   const RunFn fn = current_isa().fn;
   at::parallel_for(0, n_tasks, kGrainTasks, [&](int64_t t0, int64_t t1) { fn(job, p, t0, t1); });
   if (!norms) return {};
   double r2 = 0.0, d2 = 0.0;
   for (int64_t t = 0; t < n_tasks; ++t) {  // fixed order: bitwise reproducible for any thread count
-    r2 += partials[2 * t];
-    d2 += partials[2 * t + 1];
+    r2 += p[2 * t];
+    d2 += p[2 * t + 1];
   }
   const auto opts = x.options().dtype(bcd::math_type(x));
   return {at::scalar_tensor(r2, opts), at::scalar_tensor(d2, opts)};

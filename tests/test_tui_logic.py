@@ -585,10 +585,10 @@ def test_bcdtui_imports_no_training_code():
 def test_docs_key_map_matches_the_bindings():
     from bcdtui.keymap import key_map
 
-    docs = (REPO / "docs" / "tui.md").read_text()
+    docs = (REPO / "README.md").read_text()
     for _title, rows in key_map():
         for keys, what in rows:
-            assert f"| `{keys}` | {what} |" in docs, f"docs/tui.md lacks the key {keys!r} ({what})"
+            assert f"| `{keys}` | {what} |" in docs, f"README.md lacks the key {keys!r} ({what})"
 
 
 def test_command_line(tmp_path, monkeypatch):

@@ -1,6 +1,6 @@
 """Snapshot tests (pytest-textual-snapshot) of every screen at 80x24 and 160x48, over the fixed synthetic runs
 of bcdtui.synthetic.demo_runs. Update after an intended change with `pytest tests/test_tui_snapshots.py
---snapshot-update` and look at the SVGs (docs/tui.md shows one as the screenshot)."""
+--snapshot-update` and look at the SVGs (the README shows one as the screenshot)."""
 from __future__ import annotations
 
 from pathlib import Path
