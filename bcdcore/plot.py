@@ -58,12 +58,15 @@ def group_by_seed(runs: list[Path]) -> list[list[Path]]:
 def _labels(groups: list[list[Path]]) -> list[str]:
     """Label each group by the recipe keys that differ between groups (else by run name)."""
     flats = [_flat(_recipe_without_seed(g[0])) for g in groups]
-    keys = sorted({k for f in flats for k in f if any(f.get(k) != g.get(k) for g in flats)} - {"run.name"})
+    differing = {k for f in flats for k in f if any(f.get(k) != g.get(k) for g in flats)} - {"run.name"}
+    # stoppers and measurements are lists of tables: they make unreadable labels and rarely name the curve
+    keys = sorted(k for k in differing if k.split(".")[0] not in ("stop", "measure")) or sorted(differing)
     labels = []
     for group, flat in zip(groups, flats):
         text = ", ".join(f"{k.split('.')[-1]}={flat.get(k, '-')}" for k in keys) or group[0].name
         if not keys and len(groups) > 1:
             text = group[0].name
+        text = text if len(text) <= 60 else text[:57] + "..."
         labels.append(text + (f" (n={len(group)})" if len(group) > 1 else ""))
     return labels
 

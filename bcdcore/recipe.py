@@ -205,6 +205,10 @@ class MeasureConfig:
 class DistributedConfig:
     nproc: int = 1
     backend: str = "gloo"
+    communication_delay: float = 0.0  # simulated latency per collective, seconds
+    bandwidth: float = 0.0  # simulated link bandwidth, bytes/s (0 = unlimited)
+    sleep: bool = False  # really sleep the simulated communication time (wall_s then includes it)
+    timeout_s: float = 300.0  # process-group timeout: a rank stuck this long in a collective fails the run
 
 
 @dataclass
@@ -618,9 +622,19 @@ class _Validator:
 
         need(r.eval.every >= 0, "eval.every", f"must be >= 0 (0 = only at the end), got {r.eval.every}")
         need(r.eval.batch_size >= 1, "eval.batch_size", f"must be >= 1, got {r.eval.batch_size}")
-        need(r.distributed.nproc == 1, "distributed.nproc",
-             f"distributed runs (nproc = {r.distributed.nproc}) are not available yet; use nproc = 1")
-        self.choice("distributed.backend", r.distributed.backend, ("gloo", "nccl"))
+        d = r.distributed
+        need(d.nproc >= 1, "distributed.nproc", f"must be >= 1, got {d.nproc}")
+        self.choice("distributed.backend", d.backend, ("gloo", "nccl"))
+        need(d.communication_delay >= 0, "distributed.communication_delay",
+             f"must be >= 0 seconds, got {d.communication_delay}")
+        need(d.bandwidth >= 0, "distributed.bandwidth", f"must be >= 0 bytes/s (0 = unlimited), got {d.bandwidth}")
+        need(d.timeout_s > 0, "distributed.timeout_s", f"must be > 0, got {d.timeout_s}")
+        if d.nproc > 1:
+            need(not (a.mode == "blockwise" and a.schedule == "gauss_seidel"), "distributed.nproc",
+                 "block-parallel runs (nproc > 1) use schedule = \"jacobi\"; gauss_seidel solves the blocks "
+                 "one after another and cannot be spread over processes")
+            need(d.backend != "nccl" or r.run.device != "cpu", "distributed.backend",
+                 "nccl needs CUDA devices; use backend = \"gloo\" with device = \"cpu\"")
         for stop in r.stop:
             if r.task == REGRESSION and "acc" in stop.metric:
                 raise self.fail("stop.metric", f"dataset {r.data.name!r} is a regression task: "
