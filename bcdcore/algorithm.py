@@ -95,7 +95,7 @@ class BlockwiseTrainer:
 
     def __init__(self, model: nn.Module, params: FlatParams, loss_fn: LossFn, streams: list[BatchStream],
                  cfg: AlgorithmConfig, lams: list[float], gammas: list[float], backend: str,
-                 seed: int) -> None:
+                 seed: int, comm=None) -> None:
         n = params.n_blocks
         if not (len(streams) == len(lams) == len(gammas) == n):
             raise ValueError("one stream, lambda and gamma per block are required")
@@ -105,6 +105,9 @@ class BlockwiseTrainer:
         self.next = torch.empty_like(params.flat) if cfg.schedule == "jacobi" else None
         self.solver = Solver(cfg, params.flat, n, backend)
         self.active_generator = torch.Generator().manual_seed(seed)
+        self.comm = comm  # bcdcore.distributed.Comm when the blocks are spread over ranks
+        if comm is not None:
+            comm.assign([n * params.flat.element_size() for n in params.sizes])
 
     def active_blocks(self, t: int) -> list[int]:
         n = self.params.n_blocks
@@ -116,6 +119,8 @@ class BlockwiseTrainer:
         return sorted(torch.randperm(n, generator=self.active_generator)[:m].tolist())
 
     def run_round(self, t: int) -> RoundResult:
+        if self.comm is not None:
+            return self._run_round_distributed(t)
         p, cfg = self.params, self.cfg
         self.model.train()
         self.anchor.copy_(p.flat)
@@ -142,6 +147,54 @@ class BlockwiseTrainer:
         loss = torch.stack(losses).mean().item() if losses else math.nan
         batch = self.streams[0].batch_size
         return RoundResult(train_loss=loss, grad_evals=steps, samples=steps * batch, blocks=reports)
+
+    def _run_round_distributed(self, t: int) -> RoundResult:
+        """Jacobi over ranks: solve the owned active blocks from x_t, then exchange the damped results so
+        every rank holds the x_{t+1} (and buffers) of the 1-process run. Reports and per-step losses are
+        gathered, so the train_loss is the same mean in the same order as in one process."""
+        p, comm = self.params, self.comm
+        self.model.train()
+        self.anchor.copy_(p.flat)
+        anchor_buffers = p.snapshot_buffers()
+        active = self.active_blocks(t)
+        mine, new_buffers = [], {}
+        for i in active:
+            if not comm.owns(i):
+                continue
+            losses: list[Tensor] = []
+            report = self.solve_block(i, losses)
+            mine.append((report, [x.item() for x in losses]))
+            new_buffers[i] = [b.detach().clone() for b in p.block_buffers[i]]
+            p.restore_buffers(anchor_buffers)
+        for report, _ in mine:
+            p.block(report.block).copy_(p.block(report.block, self.next))
+            for live, new in zip(p.block_buffers[report.block], new_buffers[report.block]):
+                live.copy_(new)
+        p.set_trainable(None)
+        comm.exchange_blocks(p, active)
+        gathered = comm.all_gather_object(mine)
+        everything = sorted((item for part in gathered for item in part), key=lambda item: item[0].block)
+        reports = [r for r, _ in everything]
+        values = [v for _, vs in everything for v in vs]
+        loss = torch.tensor(values, dtype=p.flat.dtype).mean().item() if values else math.nan
+        steps = sum(r.inner_steps for r in reports)
+        batch = self.streams[0].batch_size
+        return RoundResult(train_loss=loss, grad_evals=steps, samples=steps * batch, blocks=reports)
+
+    def merge_states(self, states: list[dict]) -> dict:
+        """One checkpointable state from every rank's: each block's solver state, step counter and stream
+        come from its owner."""
+        merged = states[0]
+        owner = self.comm.owner
+        for i, r in enumerate(owner):
+            if r == 0:
+                continue
+            src = states[r]
+            for mine, theirs in zip(merged["solver"]["state"], src["solver"]["state"]):
+                self.params.block(i, mine).copy_(self.params.block(i, theirs.to(mine.device)))
+            merged["solver"]["steps"][i] = src["solver"]["steps"][i]
+            merged["streams"][i] = src["streams"][i]
+        return merged
 
     def solve_block(self, i: int, losses: list[Tensor]) -> BlockReport:
         p, cfg = self.params, self.cfg
@@ -192,9 +245,18 @@ class EntireTrainer:
     """The baseline: the whole model trained by the same solver, K steps per round, state kept throughout."""
 
     def __init__(self, model: nn.Module, params: FlatParams, loss_fn: LossFn, stream: BatchStream,
-                 cfg: AlgorithmConfig, backend: str) -> None:
+                 cfg: AlgorithmConfig, backend: str, comm=None) -> None:
         self.model, self.params, self.loss_fn, self.stream, self.cfg = model, params, loss_fn, stream, cfg
         self.backend = backend
+        self.comm = comm
+        self.net = model
+        if comm is not None:
+            # Data parallel: each rank its own minibatch stream, gradients averaged by DDP's reducer into the
+            # flat grad buffer (parameters keep their flat views), so every rank takes the same step.
+            from torch.nn.parallel import DistributedDataParallel
+
+            dev = params.flat.device
+            self.net = DistributedDataParallel(model, device_ids=[dev.index] if dev.type == "cuda" else None)
         self.solver = Solver(cfg, params.flat, 1, backend)
         # lam = 0, so the anchor plays no part in the step; the fused ops still need a distinct buffer to
         # read, and holding x at the round's start makes the returned distance mean something.
@@ -211,17 +273,35 @@ class EntireTrainer:
         for _ in range(self.cfg.K):
             xb, yb = self.stream.next()
             g.zero_()
-            loss = self.loss_fn(self.model(xb), yb)
+            loss = self.loss_fn(self.net(xb), yb)
             loss.backward()
             losses.append(loss.detach())
+            if self.comm is not None:
+                if not p.grads_in_place():
+                    raise RuntimeError("DistributedDataParallel replaced the flat gradient views")
+                self.comm.account_all_reduce(g.numel() * g.element_size())
             self.solver.step(0, x, g, self.anchor, whole, 0.0)
         steps = self.cfg.K
+        if self.comm is not None:  # the mean over every rank's steps
+            total, count = self.comm.sum_floats([torch.stack(losses).sum().item(), steps])
+            w = self.comm.world
+            return RoundResult(train_loss=total / count, grad_evals=steps * w,
+                               samples=steps * w * self.stream.batch_size)
         return RoundResult(train_loss=torch.stack(losses).mean().item(), grad_evals=steps,
                            samples=steps * self.stream.batch_size)
 
     def state_dict(self) -> dict:
         return {"solver": self.solver.state_dict(), "stream": self.stream.state_dict()}
 
+    def merge_states(self, states: list[dict]) -> dict:
+        """Checkpoint of a data-parallel run: rank 0's (the solver state is the same on every rank) plus
+        every rank's stream."""
+        return {**states[0], "rank_streams": [s["stream"] for s in states]}
+
     def load_state_dict(self, state: dict) -> None:
         self.solver.load_state_dict(state["solver"])
-        self.stream.load_state_dict(state["stream"])
+        streams = state.get("rank_streams")
+        if self.comm is not None and streams and len(streams) == self.comm.world:
+            self.stream.load_state_dict(streams[self.comm.rank])
+        else:
+            self.stream.load_state_dict(state["stream"])

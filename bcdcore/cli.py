@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import argparse
 import logging
+import os
 import sys
 from pathlib import Path
 
@@ -22,6 +23,9 @@ def _parser() -> argparse.ArgumentParser:
     run.add_argument("--resume", type=Path, default=None, metavar="RUN_DIR", help="continue a killed run")
     run.add_argument("--quiet", action="store_true", help="no progress bar")
     run.add_argument("--sweep-point", action="store_true", help=argparse.SUPPRESS)  # set by `bcdcore sweep`
+    # set by the distributed launcher: this process is one rank of the run in RUN_DIR
+    run.add_argument("--attach", type=Path, default=None, help=argparse.SUPPRESS)
+    run.add_argument("--attach-resume", action="store_true", help=argparse.SUPPRESS)
 
     check = sub.add_parser("check", help="validate a recipe without running it")
     check.add_argument("recipe")
@@ -90,7 +94,22 @@ def _toml(value) -> str:
     return _toml_value(value)
 
 
+def _announce(line: str) -> None:
+    print(line, flush=True)
+
+
+def _resume_nproc(path: Path) -> int:
+    try:
+        return load_recipe(Path(path) / "recipe.toml").distributed.nproc
+    except (RecipeError, OSError):
+        return 1  # resume_run says what is wrong
+
+
 def cmd_run(args) -> int:
+    if args.attach is not None:
+        from bcdcore.run import run_rank
+
+        return run_rank(args.attach, args.attach_resume, None, None, None, args.quiet, _announce)
     if args.resume is not None:
         if args.recipe or args.overrides:
             raise RecipeError("--resume continues a run with its own recipe; drop the RECIPE and --set arguments")
@@ -102,6 +121,16 @@ def cmd_run(args) -> int:
         if recipe.sweep and not args.sweep_point:
             raise RecipeError(f"{args.recipe}: has a [sweep] table; run its grid with `bcdcore sweep`")
         recipe.sweep = {}  # a sweep point runs as a plain recipe
+    if os.environ.get("WORLD_SIZE", "1") not in ("", "1"):  # started by an external torchrun: this process is one rank
+        from bcdcore.run import run_rank
+
+        return run_rank(None, False, recipe, args.runs_dir or default_runs_dir(), args.resume, args.quiet,
+                        _announce)
+    nproc = recipe.distributed.nproc if recipe is not None else _resume_nproc(args.resume)
+    if nproc > 1:
+        from bcdcore.run import launch_distributed
+
+        return launch_distributed(recipe, args.runs_dir or default_runs_dir(), args.resume, args.quiet, _announce)
     from rich.console import Console
 
     from bcdcore.run import final_summary, resume_run, start_run

@@ -5,6 +5,7 @@ directory exists); `Run.execute` trains and records. Exit codes: 0 finished, 1 f
 """
 from __future__ import annotations
 
+import json
 import logging
 import math
 import os
@@ -104,8 +105,9 @@ class Prepared:
     measurements: list  # (MeasureConfig, Measurement) pairs
 
 
-def prepare(recipe: Recipe) -> Prepared:
-    """Build everything a run needs. Recipe problems raise RecipeError; nothing is written to disk."""
+def prepare(recipe: Recipe, comm=None) -> Prepared:
+    """Build everything a run needs. Recipe problems raise RecipeError; nothing is written to disk.
+    `comm` (bcdcore.distributed.Comm) makes the trainer one rank of a distributed run."""
     device = resolve_device(recipe.run.device)
     data = load_data(recipe.data, recipe.run.seed)
     if len(data.train) == 0:
@@ -137,23 +139,27 @@ def prepare(recipe: Recipe) -> Prepared:
     loss_fn = loss_function(data.task)
     seed = recipe.run.seed
     if a.mode == "entire":
-        stream = BatchStream(data.train.x, data.train.y, recipe.data.batch_size,
-                             stream_seed(seed, SEED_ENTIRE_STREAM))
-        trainer = EntireTrainer(model, params, loss_fn, stream, a, backend)
+        # rank 0 draws the 1-process stream; every other rank its own seeded shard of minibatches
+        which = SEED_ENTIRE_STREAM if comm is None or comm.rank == 0 else 1000 + comm.rank
+        stream = BatchStream(data.train.x, data.train.y, recipe.data.batch_size, stream_seed(seed, which))
+        trainer = EntireTrainer(model, params, loss_fn, stream, a, backend, comm=comm)
     else:
         streams = [BatchStream(data.train.x, data.train.y, recipe.data.batch_size, stream_seed(seed, 100 + i))
                    for i in range(n_blocks)]
         trainer = BlockwiseTrainer(model, params, loss_fn, streams, a, lams, gammas, backend,
-                                   stream_seed(seed, SEED_ACTIVE))
+                                   stream_seed(seed, SEED_ACTIVE), comm=comm)
     return Prepared(recipe, device, data, model, params, trainer, backend, lams, gammas, measurements)
 
 
 class _Signals:
     """First SIGTERM/SIGINT: finish the current round, checkpoint, stop. Second: stop at once."""
 
-    def __init__(self) -> None:
+    def __init__(self, repeat_stops: bool = True) -> None:
         self.received: int | None = None
         self.previous = {}
+        # A rank of a distributed run gets the same signal twice (from the terminal's process group and
+        # forwarded by the launcher): there a second signal does not cut the round short.
+        self.repeat_stops = repeat_stops
 
     def install(self) -> None:
         for sig in (signal.SIGTERM, signal.SIGINT):
@@ -165,19 +171,53 @@ class _Signals:
 
     def _handle(self, signum, frame) -> None:
         if self.received is not None:
-            raise KeyboardInterrupt
+            if self.repeat_stops:
+                raise KeyboardInterrupt
+            return
         self.received = signum
 
 
+class _RankDir:
+    """What a non-zero rank sees of the run directory: its own log file; every write is rank 0's job."""
+
+    def __init__(self, path: Path, rank: int) -> None:
+        self.path, self.run_id, self.rank = Path(path), Path(path).name, rank
+
+    @property
+    def log_path(self) -> Path:
+        return self.path / f"rank{self.rank}.log"
+
+    @property
+    def checkpoint_path(self) -> Path:
+        return self.path / "checkpoint.pt"
+
+    def write_status(self, **fields) -> dict:
+        return fields
+
+    def event(self, kind: str, **fields) -> dict:
+        return {"kind": kind, **fields}
+
+    def write_arrays(self) -> None:
+        pass
+
+    def close(self) -> None:
+        pass
+
+
 class Run:
-    def __init__(self, prepared: Prepared, rundir: RunDir, resume: bool = False) -> None:
+    def __init__(self, prepared: Prepared, rundir: RunDir, resume: bool = False, comm=None) -> None:
         self.p, self.rundir = prepared, rundir
+        self.comm = comm
+        self.leader = comm is None or comm.leader
+        self.raised = False
         r = prepared.recipe
         self.stoppers = build_stoppers(r.stop, r.run.wall_time_s)
         self.round = 0
         self.grad_evals = self.samples = 0
         self.wall_before = 0.0  # wall seconds of earlier sessions of this run (resume)
-        self.signals = _Signals()
+        self.signals = _Signals(repeat_stops=comm is None)
+        if comm is not None:
+            comm.local_signal = lambda: self.signals.received or 0
         self.file_log = self._file_logger()
         self.auto_lambda = r.algorithm.lam == "auto" and r.algorithm.mode == "blockwise"
         self.measure_batch = fixed_batch(prepared.data.train.x, prepared.data.train.y, 256, r.run.seed)
@@ -196,10 +236,16 @@ class Run:
     # --- checkpoint
     def _save_checkpoint(self) -> None:
         p = self.p
+        trainer_state = p.trainer.state_dict()
+        if self.comm is not None:  # a collective: every rank calls it, rank 0 writes
+            states = self.comm.gather_object(_to_cpu(trainer_state))
+            if not self.leader:
+                return
+            trainer_state = p.trainer.merge_states(states)
         state = {"round": self.round, "grad_evals": self.grad_evals, "samples": self.samples,
                  "wall_s": self._wall(), "flat": p.params.flat.detach().cpu(),
                  "buffers": [[b.cpu() for b in bs] for bs in p.params.snapshot_buffers()],
-                 "trainer": p.trainer.state_dict(), "stoppers": [s.state_dict() for s in self.stoppers],
+                 "trainer": trainer_state, "stoppers": [s.state_dict() for s in self.stoppers],
                  "lams": list(getattr(p.trainer, "lams", []))}
         tmp = self.rundir.checkpoint_path.with_suffix(".tmp")
         torch.save(state, tmp)
@@ -226,12 +272,22 @@ class Run:
         p, r, rd = self.p, self.p.recipe, self.rundir
         self.t0 = time.perf_counter()
         gpu = os.environ.get("CUDA_VISIBLE_DEVICES", "") if p.device.type == "cuda" else ""
+        extra, start_extra = {}, {}
+        if self.comm is not None:
+            from bcdcore.distributed import launched_by_bcdcore, write_rank_file
+
+            write_rank_file(rd.path, self.comm.rank, "pid", f"{os.getpid()}\n")
+            extra = {"world_size": self.comm.world,
+                     "launcher_pid": os.getppid() if launched_by_bcdcore() else None}
+            start_extra = {"world_size": self.comm.world, "dist_backend": r.distributed.backend}
+            if r.algorithm.mode == "blockwise":
+                start_extra["block_owner"] = list(self.comm.owner)
         rd.write_status(state="running", pid=os.getpid(), host=socket.gethostname(), gpu=gpu,
                         started=time.time(), ended=None, exit_code=None, error=None,
-                        progress={"round": self.round, "rounds": r.run.rounds})
+                        progress={"round": self.round, "rounds": r.run.rounds}, **extra)
         rd.event("start", run_id=rd.run_id, recipe=r.run.name, n_blocks=p.params.n_blocks,
                  block_sizes=block_sizes(p.model), device=str(p.device), backend=p.backend,
-                 mode=r.algorithm.mode, resumed_from_round=self.round if self.round else None)
+                 mode=r.algorithm.mode, resumed_from_round=self.round if self.round else None, **start_extra)
         self.file_log.info("run %s: %d blocks %s on %s, ops backend %s", rd.run_id, p.params.n_blocks,
                            block_sizes(p.model), p.device, p.backend)
         self.signals.install()
@@ -246,11 +302,20 @@ class Run:
             self.file_log.error("%s", traceback.format_exc())
             state, reason, exit_code = "failed", f"error: {type(exc).__name__}: {exc}", 1
             error = reason
+            self.raised = True
         finally:
-            self.signals.uninstall()
+            if self.comm is None:  # a rank keeps its handlers: the launcher's teardown SIGTERM must not cut
+                self.signals.uninstall()  # the final record short
             progress.close()
-        rd.event("end", state=state, reason=reason)
-        rd.write_arrays()
+        deferred = False
+        if self.comm is not None and self.raised:
+            from bcdcore.distributed import launched_by_bcdcore, write_rank_file
+
+            write_rank_file(rd.path, self.comm.rank, "error", json.dumps({"t": time.time(), "error": reason}))
+            deferred = launched_by_bcdcore()  # the launcher names the rank that failed first and ends the record
+        if not deferred:
+            rd.event("end", state=state, reason=reason)
+            rd.write_arrays()
         rd.write_status(state=state, ended=time.time(), exit_code=exit_code, error=error,
                         progress={"round": self.round, "rounds": r.run.rounds})
         self.file_log.info("end: %s (%s)", state, reason)
@@ -269,9 +334,19 @@ class Run:
             every_lam = r.algorithm.lambda_every
             if self.auto_lambda and (t == 1 or (every_lam and (t - 1) % every_lam == 0)):
                 self._measure_lambda(t - 1)
+            if self.comm is not None:
+                self.comm.begin_round()
             result: RoundResult = p.trainer.run_round(t)
             self.grad_evals += result.grad_evals
             self.samples += result.samples
+            if self.comm is not None:
+                self.comm.end_round()
+                if not self.leader:
+                    self.file_log.info("round %d train_loss %.5g", t, result.train_loss)
+                    outcome = self._decide(None, None)
+                    if outcome is not None:
+                        return outcome
+                    continue
             for b in result.blocks:
                 fields = vars(b).copy()
                 fields["lambda"] = fields.pop("lam")
@@ -287,14 +362,25 @@ class Run:
                 if "val_loss" not in metrics:
                     metrics.update(self._eval("val"))
                 metrics.update(self._eval("test"))
-            event = rd.event("metric", round=t, grad_evals=self.grad_evals, samples=self.samples,
-                             bytes_comm=0, wall_s=self._wall(), **metrics)
+            if self.comm is None:
+                event = rd.event("metric", round=t, grad_evals=self.grad_evals, samples=self.samples,
+                                 bytes_comm=0, wall_s=self._wall(), **metrics)
+            else:
+                wall = self._wall()
+                event = rd.event("metric", round=t, grad_evals=self.grad_evals, samples=self.samples,
+                                 bytes_comm=self.comm.bytes_total, wall_s=wall, **metrics,
+                                 **self.comm.metrics(wall))
             for config, unit in p.measurements:
                 if t % config.every == 0:
                     self._measure(config.unit, unit.measure, t)
             rd.write_status(progress={"round": t, "rounds": r.run.rounds})
             progress.update(t, metrics)
             self.file_log.info("round %d %s", t, " ".join(f"{k} {v:.5g}" for k, v in metrics.items()))
+            if self.comm is not None:
+                outcome = self._decide(verdict, event)
+                if outcome is not None:
+                    return outcome
+                continue
             if verdict is not None:
                 if verdict[0] == "finished":
                     self._save_checkpoint()
@@ -306,6 +392,32 @@ class Run:
                 return "killed", f"killed by {name}"
             if r.run.checkpoint_every and t % r.run.checkpoint_every == 0:
                 self._save_checkpoint()
+
+    def _decide(self, verdict, event) -> tuple[str, str] | None:
+        """Distributed: every rank learns the leader's verdict and any rank's signal at once, then all take
+        the same branch (the checkpoint is a collective). Codes: 1 finished, 2 other verdict, 4 checkpoint."""
+        r = self.p.recipe
+        code = 0
+        if self.leader:
+            if verdict is not None:
+                code = 1 if verdict[0] == "finished" else 2
+            elif r.run.checkpoint_every and self.round % r.run.checkpoint_every == 0:
+                code = 4
+        code, signum = self.comm.decide(code, self.signals.received or 0)
+        if code & 3 == 1:
+            self._save_checkpoint()
+            if self.leader:
+                self.final_metrics = event
+            return verdict or ("finished", "rounds done")
+        if code & 3 == 2:
+            return verdict or ("failed", "stopped by rank 0")
+        if signum:
+            self.signals.received = signum
+            self._save_checkpoint()
+            return "killed", f"killed by {signal.Signals(signum).name}"
+        if code & 4:
+            self._save_checkpoint()
+        return None
 
     def _context(self, t: int) -> MeasureContext:
         p = self.p
@@ -322,6 +434,14 @@ class Run:
 
     def _measure_lambda(self, t: int) -> None:
         """lambda = "auto": lambda_i = sqrt(n) * max_i Lbar_i from the Hessian block couplings at x_t."""
+        if self.comm is not None:  # rank 0 measures, every rank gets its lambdas
+            lams = None
+            if self.leader:
+                lams, result = auto_lambda(self._context(t))
+                self.rundir.event("measure", unit="hessian_blocks", round=t, purpose="lambda auto",
+                                  **{"lambda": lams}, **result)
+            self.p.trainer.lams = self.comm.broadcast_object(lams)
+            return
         lams, result = auto_lambda(self._context(t))
         self.p.trainer.lams = lams
         self.rundir.event("measure", unit="hessian_blocks", round=t, purpose="lambda auto", **{"lambda": lams},
@@ -368,16 +488,7 @@ def start_run(recipe: Recipe, runs_dir: Path) -> Run:
 
 
 def resume_run(run_path: Path) -> Run:
-    run_path = Path(run_path)
-    status = read_status(run_path)
-    if not status:
-        raise RecipeError(f"{run_path}: not a run directory (no status.json)")
-    if status.get("state") == "finished":
-        raise RecipeError(f"{run_path}: the run already finished; start a new run instead of --resume")
-    if status.get("state") == "running" and _alive(status):
-        raise RecipeError(f"{run_path}: the run is still running (pid {status.get('pid')})")
-    if not (run_path / "checkpoint.pt").is_file():
-        raise RecipeError(f"{run_path}: no checkpoint.pt to resume from")
+    run_path = check_resumable(run_path)
     recipe = load_recipe(run_path / "recipe.toml")
     return Run(prepare(recipe), RunDir.open(run_path), resume=True)
 
@@ -393,3 +504,108 @@ def final_summary(run: Run) -> str:
              isinstance(m.get(k), (int, float)) and math.isfinite(m[k])]
     return f"{run.state}: {run.reason}" + (f"  |  {'  '.join(parts)}" if parts else "")
 
+
+
+def _to_cpu(obj):
+    if isinstance(obj, torch.Tensor):
+        return obj.detach().cpu()
+    if isinstance(obj, dict):
+        return {k: _to_cpu(v) for k, v in obj.items()}
+    if isinstance(obj, (list, tuple)):
+        return type(obj)(_to_cpu(v) for v in obj)
+    return obj
+
+
+# ----------------------------------------------------------------------------------------------------------
+# distributed runs
+
+def check_resumable(run_path: Path) -> Path:
+    """The run directory, if --resume may continue it; else a RecipeError saying why not."""
+    run_path = Path(run_path)
+    status = read_status(run_path)
+    if not status:
+        raise RecipeError(f"{run_path}: not a run directory (no status.json)")
+    if status.get("state") == "finished":
+        raise RecipeError(f"{run_path}: the run already finished; start a new run instead of --resume")
+    if status.get("state") == "running" and _alive(status):
+        raise RecipeError(f"{run_path}: the run is still running (pid {status.get('pid')})")
+    if not (run_path / "checkpoint.pt").is_file():
+        raise RecipeError(f"{run_path}: no checkpoint.pt to resume from")
+    return run_path
+
+
+def validate(recipe: Recipe) -> None:
+    """The launcher's check before it creates a run directory: everything `prepare` checks, on the CPU (the
+    launcher holds no GPU memory while the ranks run)."""
+    import copy
+    import gc
+
+    resolve_device(recipe.run.device)
+    check = copy.deepcopy(recipe)
+    check.run.device = "cpu"
+    if check.run.ops_backend == "cuda":
+        check.run.ops_backend = "auto"
+    prepared = prepare(check)
+    del prepared
+    gc.collect()
+
+
+def launch_distributed(recipe: Recipe | None, runs_dir: Path | None, resume: Path | None, quiet: bool,
+                       announce) -> int:
+    """`bcdcore run` with nproc > 1: validate, create (or reopen) the run directory, start the ranks under
+    torchrun's agent, wait, and make sure the run directory ends with a final state."""
+    from bcdcore.distributed import launch
+
+    if resume is not None:
+        path = check_resumable(resume)
+        recipe = load_recipe(path / "recipe.toml")
+        validate(recipe)
+    else:
+        validate(recipe)
+        rundir = RunDir.create(runs_dir, recipe.run.name, recipe.digest(), to_toml(recipe.to_dict()))
+        rundir.close()
+        path = rundir.path
+    announce(f"run directory: {path}")
+    code, summary = launch(path, recipe.distributed.nproc, recipe.distributed, resume is not None, quiet)
+    announce(summary)
+    return code
+
+
+def run_rank(attach: Path | None, attach_resume: bool, recipe: Recipe | None, runs_dir: Path | None,
+             resume: Path | None, quiet: bool, announce) -> int:
+    """One rank of a distributed run: attached to the run directory the bcdcore launcher made (`attach`),
+    or under an external torchrun (multi-node), where rank 0 creates the run directory itself."""
+    import torch.distributed as dist
+
+    from bcdcore.distributed import Comm, init_rank, launched_by_bcdcore, rank_device
+
+    resuming = resume is not None or attach_resume
+    path = attach or resume
+    if path is not None:
+        recipe = load_recipe(Path(path) / "recipe.toml")
+    rank, world, local_rank = init_rank(recipe.distributed)
+    recipe.run.device = rank_device(recipe.run.device, local_rank)
+    comm = Comm(recipe.distributed, resolve_device(recipe.run.device))
+    prepared = prepare(recipe, comm)
+    if path is None:  # external torchrun, new run: rank 0 makes the directory, everyone learns where
+        if rank == 0:
+            made = RunDir.create(runs_dir, recipe.run.name, recipe.digest(), to_toml(recipe.to_dict()))
+            made.close()
+            path = made.path
+            announce(f"run directory: {path}")
+        path = comm.broadcast_object(str(path) if path else None)
+    path = Path(path)
+    rundir = RunDir.open(path) if rank == 0 else _RankDir(path, rank)
+    run = Run(prepared, rundir, resume=bool(resuming), comm=comm)
+    console = None
+    if rank == 0 and not quiet:
+        from rich.console import Console
+        console = Console(stderr=True)
+    code = run.execute(console)
+    if run.raised:
+        return 1
+    dist.destroy_process_group()
+    if rank == 0 and not launched_by_bcdcore():
+        announce(final_summary(run))
+        return code
+    return 0  # an orderly end: the launcher reads the state from status.json
