@@ -12,7 +12,7 @@ import numpy as np
 from bcdcore.rundir import metric_table, read_events
 
 PAPER_COLOURS = ["black", "red", "blue", "brown", "purple", "green"]
-X_AXES = ("grad_evals", "samples", "wall_s", "round")
+X_AXES = ("grad_evals", "samples", "wall_s", "round", "bytes_comm", "sim_time_s")
 
 
 class PlotError(ValueError):
@@ -76,6 +76,8 @@ def series(run: Path, x: str, y: str) -> tuple[np.ndarray, np.ndarray]:
     if y not in table:
         known = ", ".join(k for k in table if k not in X_AXES) or "none"
         raise PlotError(f"{run}: no metric {y!r} in its events (it has: {known})")
+    if x not in table:
+        raise PlotError(f"{run}: no {x!r} in its events (sim_time_s and bytes_comm come from distributed runs)")
     xs, ys = np.asarray(table[x]), np.asarray(table[y])
     keep = np.isfinite(ys)
     return xs[keep], ys[keep]
