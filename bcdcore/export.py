@@ -44,6 +44,8 @@ def export_onnx(run_dir: Path, batch_size: int = 4, rtol: float = 1e-3, atol: fl
     out_path = Path(run_dir) / "model.onnx"
     tmp = out_path.with_suffix(".onnx.tmp")
     try:
+        with torch.no_grad():  # before tracing: lazily built constants (ensemble hash weights) exist by then
+            expected = model(example).numpy()
         with torch.no_grad(), warnings.catch_warnings():
             warnings.simplefilter("ignore")
             buffer = io.BytesIO()
@@ -51,8 +53,6 @@ def export_onnx(run_dir: Path, batch_size: int = 4, rtol: float = 1e-3, atol: fl
                               dynamic_axes={"input": {0: "batch"}, "output": {0: "batch"}}, dynamo=False)
         proto = onnx.load_from_string(buffer.getvalue())
         onnx.checker.check_model(proto, full_check=True)
-        with torch.no_grad():
-            expected = model(example).numpy()
         feed = example.numpy()
         if feed.dtype == np.float64:
             feed = feed.astype(np.float32)

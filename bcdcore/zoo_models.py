@@ -295,6 +295,7 @@ class EnsembleModel(BlockModel):
         self._members = tuple(tuple(chain) for chain in members)
         self.voting = voting
         self.seed = seed
+        self._hash_w: Tensor | None = None  # eval-mode vote hash weights, drawn on first use (not a buffer)
         self._generator = torch.Generator().manual_seed(seed)
 
     @property
@@ -316,11 +317,13 @@ class EnsembleModel(BlockModel):
         n, m = x.shape[0], self.n_members
         if self.training:
             return torch.randint(0, m, (n,), generator=self._generator).to(x.device)
-        # eval: a hash of the sample's bits, exact integer arithmetic, so batching cannot change it
+        # eval: a hash of the sample (rounded to 2^-16, then exact integer arithmetic), so batching cannot change
+        # it; rounding rather than reinterpreting the float bits keeps it expressible in ONNX (export)
         flat = x.reshape(n, -1)
-        bits = (flat.float().contiguous().view(torch.int32) if flat.is_floating_point() else flat).to(torch.int64)
-        weights = torch.randint(1, 65521, (flat.shape[1],), generator=torch.Generator().manual_seed(self.seed))
-        return ((bits % 65521) * weights.to(x.device)).sum(1) % m
+        bits = torch.round(flat.float() * 65536.0).to(torch.int64) if flat.is_floating_point() else flat.long()
+        if self._hash_w is None or self._hash_w.numel() != flat.shape[1]:
+            self._hash_w = torch.randint(1, 65521, (flat.shape[1],), generator=torch.Generator().manual_seed(self.seed))
+        return ((bits % 65521) * self._hash_w.to(x.device)).sum(1) % m
 
     def forward(self, x: Tensor) -> Tensor:
         outs = self.member_outputs(x)
