@@ -27,7 +27,12 @@ class BatchStream:
             self.position = 0
         idx = self.order[self.position:self.position + self.batch_size].to(self.x.device)
         self.position += self.batch_size
-        return self.x.index_select(0, idx), self.y.index_select(0, idx)
+        xb = self.x.index_select(0, idx)
+        if xb.dim() == 4:
+            # Image batches go out channels-last: convolution, pooling and batch norm run much faster in it
+            # (max-pool about 5x on CPU), and the values computed are the same operations.
+            xb = xb.contiguous(memory_format=torch.channels_last)
+        return xb, self.y.index_select(0, idx)
 
     def state_dict(self) -> dict:
         return {"generator": self.generator.get_state(), "order": self.order, "position": self.position}
