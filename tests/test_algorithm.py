@@ -246,41 +246,32 @@ def test_solver_state_policy_reset_vs_keep():
     assert not torch.equal(results["reset"], results["keep"])
 
 
-def test_entire_mode_matches_torch_sgd_with_momentum():
+def entire_against_torch(cfg: AlgorithmConfig, rounds: int, make_optimizer) -> None:
+    """EntireTrainer for `rounds` rounds vs a torch optimizer on the same minibatches and weights."""
     data = load_data(DataConfig(name="digits_flat"), 0)
     model = build_model(ModelConfig(name="mlp", widths=[16]), data.input_shape, 10, 0)
     twin = copy.deepcopy(model)
     params = FlatParams(model, model.blocks)
-    cfg = AlgorithmConfig(mode="entire", K=5, lr=0.05, solver="momentum", momentum=0.9)
     trainer = EntireTrainer(model, params, F.cross_entropy, BatchStream(data.train.x, data.train.y, 32, 7), cfg,
                             "reference")
-    trainer.run_round(1)
-    trainer.run_round(2)
-    opt = torch.optim.SGD(twin.parameters(), lr=0.05, momentum=0.9)
+    for t in range(1, rounds + 1):
+        trainer.run_round(t)
+    opt = make_optimizer(twin.parameters())
     stream = BatchStream(data.train.x, data.train.y, 32, 7)
-    for _ in range(10):
+    for _ in range(rounds * cfg.K):
         xb, yb = stream.next()
         opt.zero_grad()
         F.cross_entropy(twin(xb), yb).backward()
         opt.step()
     for p, q in zip(model.parameters(), twin.parameters()):
         torch.testing.assert_close(p, q, rtol=1e-5, atol=1e-6)
+
+
+def test_entire_mode_matches_torch_sgd_with_momentum():
+    cfg = AlgorithmConfig(mode="entire", K=5, lr=0.05, solver="momentum", momentum=0.9)
+    entire_against_torch(cfg, 2, lambda ps: torch.optim.SGD(ps, lr=0.05, momentum=0.9))
 
 
 def test_entire_mode_adam_matches_torch_adam():
-    data = load_data(DataConfig(name="digits_flat"), 0)
-    model = build_model(ModelConfig(name="mlp", widths=[16]), data.input_shape, 10, 0)
-    twin = copy.deepcopy(model)
-    params = FlatParams(model, model.blocks)
     cfg = AlgorithmConfig(mode="entire", K=6, lr=0.01, solver="adam")
-    EntireTrainer(model, params, F.cross_entropy, BatchStream(data.train.x, data.train.y, 32, 7), cfg,
-                  "reference").run_round(1)
-    opt = torch.optim.Adam(twin.parameters(), lr=0.01)
-    stream = BatchStream(data.train.x, data.train.y, 32, 7)
-    for _ in range(6):
-        xb, yb = stream.next()
-        opt.zero_grad()
-        F.cross_entropy(twin(xb), yb).backward()
-        opt.step()
-    for p, q in zip(model.parameters(), twin.parameters()):
-        torch.testing.assert_close(p, q, rtol=1e-5, atol=1e-6)
+    entire_against_torch(cfg, 1, lambda ps: torch.optim.Adam(ps, lr=0.01))
