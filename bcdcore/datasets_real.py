@@ -594,3 +594,9 @@ def _load_stdlib_text(cfg: DataConfig, seed: int) -> DataBundle:
     return DataBundle(name=cfg.name, task=LANGUAGE_MODEL, input_shape=TokenShape((seq_len,), len(vocab)),
                       n_outputs=len(vocab), train=train, val=val, test=test, vocab=vocab, info=info)
 
+
+
+def augmentation_generator(x: torch.Tensor) -> torch.Generator | None:
+    """The generator behind a training split's random crops and flips (None for plain tensors): its state
+    goes into checkpoints so a resumed run augments exactly as an uninterrupted one."""
+    return x._generator if isinstance(x, AugmentedImages) else None

@@ -24,6 +24,7 @@ from bcdcore import ops
 from bcdcore.algorithm import BlockwiseTrainer, EntireTrainer, RoundResult
 from bcdcore.batches import BatchStream, eval_batches, stream_seed
 from bcdcore.data import DataBundle, Split, load_data
+from bcdcore.datasets_real import augmentation_generator
 from bcdcore.measure import MeasureContext, auto_lambda, fixed_batch, load_unit
 from bcdcore.models import block_sizes, build_model
 from bcdcore.params import FlatParams
@@ -247,12 +248,15 @@ class Run:
                  "buffers": [[b.cpu() for b in bs] for bs in p.params.snapshot_buffers()],
                  "trainer": trainer_state, "stoppers": [s.state_dict() for s in self.stoppers],
                  "lams": list(getattr(p.trainer, "lams", []))}
+        augment = augmentation_generator(p.data.train.x)
+        state["augment"] = augment.get_state() if augment is not None else None
         tmp = self.rundir.checkpoint_path.with_suffix(".tmp")
         torch.save(state, tmp)
         os.replace(tmp, self.rundir.checkpoint_path)
 
     def _load_checkpoint(self) -> None:
-        state = torch.load(self.rundir.checkpoint_path, map_location=self.p.device, weights_only=False)
+        # on the CPU: generator states must stay CPU tensors; copy_ below moves the rest to the device
+        state = torch.load(self.rundir.checkpoint_path, map_location="cpu", weights_only=False)
         params = self.p.params
         params.flat.copy_(state["flat"])
         params.restore_buffers(state["buffers"])
@@ -261,6 +265,9 @@ class Run:
             stopper.load_state_dict(saved)
         self.round, self.grad_evals, self.samples = state["round"], state["grad_evals"], state["samples"]
         self.wall_before = state["wall_s"]
+        augment = augmentation_generator(self.p.data.train.x)
+        if augment is not None and state.get("augment") is not None:
+            augment.set_state(state["augment"])
         if self.auto_lambda:
             self.p.trainer.lams = list(state["lams"])
 
