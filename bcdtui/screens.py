@@ -65,6 +65,25 @@ class WsScreen(Screen):
     def fail(self, exc: Exception) -> None:
         self.app.notify(str(exc), severity="error", timeout=8)
 
+    def run_action(self, run_id: str | None, action: str) -> None:
+        """kill / rerun / resume `run_id` through the workstation; the outcome becomes a notification."""
+        if run_id is None:
+            return
+        try:
+            if action == "kill":
+                message = self.ws.kill(run_id)
+            elif action == "rerun":
+                self.ws.rerun(run_id)
+                message = f"queued a rerun of {run_id}"
+            else:
+                self.ws.resume(run_id)
+                message = f"queued: resume {run_id}"
+        except ActionError as exc:
+            self.fail(exc)
+            return
+        self.app.notify(message)
+        self.app.refresh_now()  # type: ignore[attr-defined]
+
     def tick(self) -> None:
         """Called by the app after every workstation refresh while this screen is on top."""
 
@@ -254,32 +273,13 @@ class RunsScreen(WsScreen):
             self.app.refresh_now()
 
     def action_kill(self) -> None:
-        run_id = self._current()
-        if run_id is not None:
-            try:
-                self.app.notify(self.ws.kill(run_id))
-            except ActionError as exc:
-                self.fail(exc)
+        self.run_action(self._current(), "kill")
 
     def action_rerun(self) -> None:
-        run_id = self._current()
-        if run_id is not None:
-            try:
-                self.ws.rerun(run_id)
-                self.app.notify(f"queued a rerun of {run_id}")
-                self.app.refresh_now()
-            except ActionError as exc:
-                self.fail(exc)
+        self.run_action(self._current(), "rerun")
 
     def action_resume(self) -> None:
-        run_id = self._current()
-        if run_id is not None:
-            try:
-                self.ws.resume(run_id)
-                self.app.notify(f"queued: resume {run_id}")
-                self.app.refresh_now()
-            except ActionError as exc:
-                self.fail(exc)
+        self.run_action(self._current(), "resume")
 
     def action_delete(self) -> None:
         run_id = self._current()
@@ -559,24 +559,13 @@ class RunScreen(WsScreen):
         self._draw_measures()
 
     def action_kill(self) -> None:
-        try:
-            self.app.notify(self.ws.kill(self.run_id))
-        except ActionError as exc:
-            self.fail(exc)
+        self.run_action(self.run_id, "kill")
 
     def action_rerun(self) -> None:
-        try:
-            self.ws.rerun(self.run_id)
-            self.app.notify(f"queued a rerun of {self.run_id}")
-        except ActionError as exc:
-            self.fail(exc)
+        self.run_action(self.run_id, "rerun")
 
     def action_resume(self) -> None:
-        try:
-            self.ws.resume(self.run_id)
-            self.app.notify(f"queued: resume {self.run_id}")
-        except ActionError as exc:
-            self.fail(exc)
+        self.run_action(self.run_id, "resume")
 
 
 # ----------------------------------------------------------------------------------------------------------
