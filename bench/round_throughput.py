@@ -381,6 +381,9 @@ def main() -> int:
         print(f"{name:<17} {med:>16.3f} {lo:>7.3f} {max(times[name]):>7.3f} {naive_med / med:>15.2f}x "
               f"{naive_min / lo:>7.2f}x {statistics.median(cpu_times[name]):>11.2f} {expected:>17d} "
               f"{mib(mem[name]):>11}")
+    param_bytes = sum(sizes) * 4
+    print(f"(peak memory: one float32 copy of the parameters is {mib(param_bytes)}; the activations that the "
+          f"block-0 solve keeps for its backward dominate every candidate's peak)")
     closest = min(c.closest for c in cands.values())
     print(f"({args.rounds} timed rounds after {args.warmup} warmup + 1 memory round; stopping rule checked at every "
           f"step, never fired: smallest residual/threshold seen = {closest:.1f}, fires at <= 1)")
