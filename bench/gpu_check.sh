@@ -7,8 +7,11 @@
 # 1. builds the extensions from source in place (BCD_STRICT_BUILD=1: a compile error fails the check),
 # 2. runs the CUDA tests (python -m pytest -m cuda -q tests/test_kernels.py; without pytest, a small built-in
 #    runner executes the same test functions),
-# 3. runs bench/kernel.py --device cuda,
-# and prints the bench table last. Exit status: non-zero when the build or the tests failed.
+# 3. runs the quickstart recipe on the GPU with ops backend cuda and reference and compares the metrics
+#    (bench/gpu_engine_check.py),
+# 4. runs bench/kernel.py --device cuda,
+# and prints the bench table last. Exit status: non-zero when the build, the tests or the runs failed.
+# With SAVE_DIR set, the logs, the bench table and the built extensions are copied there.
 set -u -o pipefail
 cd "$(dirname "$0")/.."
 PY=${PYTHON:-python3}
@@ -40,9 +43,12 @@ print("compiled ops:", _compiled.info())
 assert _compiled.cuda_module is not None, "the CUDA extension did not load"
 EOF
 
-echo "== tests: $PY -m pytest -m cuda -q tests/test_kernels.py"
+echo "== tests: $PY -m pytest -m cuda -q tests/test_kernels.py tests/test_measure.py"
 if $PY -c "import pytest" 2>/dev/null; then
-  $PY -m pytest -m cuda -q -p no:cacheprovider tests/test_kernels.py 2>&1 | tail -n 25 || status=1
+  $PY -m pytest -m cuda -q -p no:cacheprovider tests/test_kernels.py tests/test_measure.py >"$out/tests.log" 2>&1 \
+    || status=1
+  grep -E "^(FAILED|ERROR)" "$out/tests.log" | head -n 20
+  tail -n 2 "$out/tests.log"
 else
   echo "(pytest is not installed here: running the cuda tests with the built-in runner)"
   $PY - <<'EOF' || status=1
@@ -121,8 +127,15 @@ sys.exit(1 if failed else 0)
 EOF
 fi
 
+echo "== engine: recipes/quickstart.toml on the GPU, ops backend cuda vs reference"
+$PY bench/gpu_engine_check.py "$out/runs" || status=1
+
 echo "== bench: $PY bench/kernel.py --device cuda"
 $PY bench/kernel.py --device cuda --out "$out/table.md" >"$out/bench.log" 2>&1 || { status=1; tail -n 30 "$out/bench.log"; }
+if [ -n "${SAVE_DIR:-}" ]; then
+  mkdir -p "$SAVE_DIR"
+  cp "$out"/*.log "$out"/table.md bcdcore/_C*.so "$SAVE_DIR"/ 2>/dev/null
+fi
 if [ -s "$out/table.md" ]; then
   echo
   cat "$out/table.md"
