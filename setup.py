@@ -14,6 +14,9 @@ def get_extensions():
     import shutil
     import sys
 
+    sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+    from bcdcore import _toolchain
+
     def say(msg):
         print(f"bcdcore build: {msg}", file=sys.stderr)
 
@@ -31,44 +34,22 @@ def get_extensions():
         return []
 
     cxx = ["-O3", "-ffp-contract=off", "-fno-math-errno", "-fno-trapping-math"]
-    cpu_cxx, cpu_link = list(cxx), []
+    link = _toolchain.libstdcxx_link_args()
+    if link:
+        say(f"the C++ compiler has no shared libstdc++; linking torch's {link[0]}")
+    cpu_cxx, cpu_link = list(cxx), list(link)
     if sys.platform.startswith("linux"):
         cpu_cxx.append("-fopenmp")
         cpu_link.append("-fopenmp")
     exts = [cpp_extension.CppExtension("bcdcore._C", ["csrc/fused_cpu.cpp"],
                                        extra_compile_args={"cxx": cpu_cxx}, extra_link_args=cpu_link)]
 
-    def cuda_home():
-        """A toolkit root that has bin/nvcc, include/cuda_runtime.h and libcudart (torch's guess from the nvcc
-        on PATH can be a prefix such as /usr/local whose `cuda` folder is the real root)."""
-        def ok(root):
-            if not root:
-                return False
-            libs = [os.path.join(root, d) for d in ("lib64", "lib", os.path.join("targets", "x86_64-linux", "lib"))]
-            return (os.path.exists(os.path.join(root, "bin", "nvcc"))
-                    and os.path.exists(os.path.join(root, "include", "cuda_runtime.h"))
-                    and any(os.path.isdir(d) and any(f.startswith("libcudart") for f in os.listdir(d))
-                            for d in libs))
-        env = os.environ.get("CUDA_HOME") or os.environ.get("CUDA_PATH")
-        if env:
-            return env if ok(env) else None
-        cands = []
-        if cpp_extension.CUDA_HOME:
-            cands += [cpp_extension.CUDA_HOME, os.path.join(cpp_extension.CUDA_HOME, "cuda")]
-        nvcc = shutil.which("nvcc")
-        if nvcc:
-            real = os.path.dirname(os.path.dirname(os.path.realpath(nvcc)))
-            prefix = os.path.dirname(os.path.dirname(nvcc))
-            cands += [real, prefix, os.path.join(prefix, "cuda")]
-        cands.append("/usr/local/cuda")
-        return next((c for c in cands if ok(c)), None)
-
     if os.environ.get("BCD_NO_CUDA") == "1":
         say("BCD_NO_CUDA=1: not building the CUDA extension")
     elif not torch.version.cuda:
         say(f"torch {torch.__version__} has no CUDA; building the CPU extension only")
     else:
-        home = cuda_home()
+        home = _toolchain.cuda_home(cpp_extension.CUDA_HOME)
         if home is None:
             say("no CUDA toolkit found (set CUDA_HOME to a root with bin/nvcc, include/ and lib64/libcudart); "
                 "building the CPU extension only")
@@ -86,7 +67,8 @@ def get_extensions():
                 say(f"no GPU visible: building for TORCH_CUDA_ARCH_LIST={os.environ['TORCH_CUDA_ARCH_LIST']}")
             exts.append(cpp_extension.CUDAExtension(
                 "bcdcore._C_cuda", ["csrc/fused_cuda_bind.cpp", "csrc/fused_cuda.cu"],
-                extra_compile_args={"cxx": list(cxx), "nvcc": ["-O3", "-fmad=false", "-lineinfo"]}))
+                extra_compile_args={"cxx": list(cxx), "nvcc": ["-O3", "-fmad=false", "-lineinfo"]},
+                extra_link_args=list(link)))
     return exts
 
 

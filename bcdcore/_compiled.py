@@ -22,13 +22,14 @@ import hashlib
 import importlib
 import logging
 import os
-import shutil
 import sys
 from pathlib import Path
 from types import ModuleType
 from typing import Callable
 
 import torch
+
+from bcdcore import _toolchain
 
 log = logging.getLogger(__name__)
 
@@ -73,28 +74,6 @@ def _digest(files: tuple[str, ...], flags: list[str]) -> str:
     return h.hexdigest()[:12]
 
 
-def _cuda_home() -> str | None:
-    """A CUDA toolkit root with bin/nvcc, include/cuda_runtime.h and libcudart (see setup.py)."""
-    def ok(root: str | None) -> bool:
-        if not root:
-            return False
-        r = Path(root)
-        libs = [r / "lib64", r / "lib", r / "targets" / "x86_64-linux" / "lib"]
-        return ((r / "bin" / "nvcc").exists() and (r / "include" / "cuda_runtime.h").exists()
-                and any(d.is_dir() and any(f.name.startswith("libcudart") for f in d.iterdir()) for d in libs))
-
-    env = os.environ.get("CUDA_HOME") or os.environ.get("CUDA_PATH")
-    if env:
-        return env if ok(env) else None
-    cands = []
-    nvcc = shutil.which("nvcc")
-    if nvcc:
-        prefix = os.path.dirname(os.path.dirname(nvcc))
-        cands += [os.path.dirname(os.path.dirname(os.path.realpath(nvcc))), prefix, os.path.join(prefix, "cuda")]
-    cands.append("/usr/local/cuda")
-    return next((c for c in cands if ok(c)), None)
-
-
 def _jit(kind: str) -> ModuleType | None:
     """One cached JIT build of the `kind` ("cpu" | "cuda") sources; None (with the reason recorded) on failure."""
     if os.environ.get("BCD_NO_JIT") == "1":
@@ -129,7 +108,7 @@ def _jit(kind: str) -> ModuleType | None:
 
         kwargs: dict = {}
         if kind == "cuda":
-            home = _cuda_home()
+            home = _toolchain.cuda_home()
             if home is None:
                 _reasons.append("JIT build of the cuda ops impossible: no CUDA toolkit found (set CUDA_HOME)")
                 return None
@@ -142,7 +121,7 @@ def _jit(kind: str) -> ModuleType | None:
             name=name,
             sources=[str(_CSRC / s) for s in sources],
             extra_cflags=flags,
-            extra_ldflags=["-fopenmp"] if "-fopenmp" in flags else [],
+            extra_ldflags=(["-fopenmp"] if "-fopenmp" in flags else []) + _toolchain.libstdcxx_link_args(),
             build_directory=str(build_dir),
             verbose=os.environ.get("BCD_JIT_VERBOSE") == "1",
             **kwargs,

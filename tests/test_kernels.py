@@ -111,6 +111,8 @@ class Inputs:
         self.x = rnd()
         self.g = rnd()
         self.a = (self.x.to(sd) + rnd(0.5, dt=sd)).to(dtype)
+        # a small perturbation can round back to x in bf16/fp16 (then ||x - a|| is rightly 0): move those away
+        self.a = torch.where(self.a == self.x, (self.x.to(sd) + 1.0).to(dtype), self.a)
         self.buf = rnd(dt=sd)
         self.m = rnd(0.1, dt=sd)
         self.v = rnd(0.1, positive=True, dt=sd)

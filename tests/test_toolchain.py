@@ -1,0 +1,93 @@
+"""bcdcore/_toolchain.py: the CUDA toolkit search and the libstdc++ link fix used by setup.py and the JIT build."""
+from __future__ import annotations
+
+import importlib.machinery
+import os
+import shutil
+import stat
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch  # noqa: F401 - loads the libstdc++ that torch runs on, which loaded_libstdcxx() reports
+
+from bcdcore import _toolchain
+
+REPO = Path(__file__).resolve().parents[1]
+linux_only = pytest.mark.skipif(not sys.platform.startswith("linux"), reason="libstdc++ handling is Linux-only")
+
+
+def _fake_compiler(tmp_path: Path, prints: str) -> str:
+    """A stand-in for `c++ -print-file-name=libstdc++.so` that prints `prints`."""
+    exe = tmp_path / "fake-c++"
+    exe.write_text(f"#!/bin/sh\necho '{prints}'\n")
+    exe.chmod(exe.stat().st_mode | stat.S_IXUSR)
+    return str(exe)
+
+
+@linux_only
+def test_loaded_libstdcxx_is_the_one_in_this_process():
+    lib = _toolchain.loaded_libstdcxx()
+    assert lib is not None and Path(lib).is_file() and "libstdc++.so" in Path(lib).name
+
+
+@linux_only
+def test_static_only_compiler_gets_the_loaded_libstdcxx(tmp_path):
+    # gcc echoes the bare name back when it has no such file: only a static archive would be linked
+    args = _toolchain.libstdcxx_link_args(_fake_compiler(tmp_path, "libstdc++.so"))
+    assert args == [_toolchain.loaded_libstdcxx()]
+
+
+@linux_only
+def test_compiler_with_a_shared_libstdcxx_needs_nothing(tmp_path):
+    found = tmp_path / "lib" / "libstdc++.so"
+    assert _toolchain.libstdcxx_link_args(_fake_compiler(tmp_path, str(found))) == []
+
+
+def test_missing_compiler_adds_nothing(tmp_path):
+    assert _toolchain.libstdcxx_link_args(str(tmp_path / "no-such-compiler")) == []
+
+
+@linux_only
+@pytest.mark.skipif(shutil.which("readelf") is None, reason="readelf not installed")
+def test_built_extensions_link_libstdcxx_dynamically():
+    """A static libstdc++ copy inside an extension segfaults on the first error message with a number in it."""
+    suffix = importlib.machinery.EXTENSION_SUFFIXES[0]  # this interpreter's builds only
+    built = sorted((REPO / "bcdcore").glob(f"_C*{suffix}"))
+    if not built:
+        pytest.skip("the extensions are not built in place")
+    for so in built:
+        dyn = subprocess.run(["readelf", "-d", str(so)], capture_output=True, text=True, check=True).stdout
+        assert "libstdc++.so" in dyn, f"{so.name} carries its own libstdc++"
+
+
+def _toolkit(root: Path, with_cudart: bool = True) -> Path:
+    (root / "bin").mkdir(parents=True)
+    (root / "bin" / "nvcc").write_text("")
+    (root / "include").mkdir()
+    (root / "include" / "cuda_runtime.h").write_text("")
+    (root / "lib64").mkdir()
+    if with_cudart:
+        (root / "lib64" / "libcudart.so").write_text("")
+    return root
+
+
+def test_cuda_home_takes_a_complete_toolkit_from_the_environment(tmp_path, monkeypatch):
+    root = _toolkit(tmp_path / "cuda")
+    monkeypatch.setenv("CUDA_HOME", str(root))
+    assert _toolchain.cuda_home() == str(root)
+
+
+def test_cuda_home_rejects_a_toolkit_without_cudart(tmp_path, monkeypatch):
+    monkeypatch.setenv("CUDA_HOME", str(_toolkit(tmp_path / "cuda", with_cudart=False)))
+    assert _toolchain.cuda_home() is None
+
+
+def test_cuda_home_finds_the_cuda_folder_under_a_prefix(tmp_path, monkeypatch):
+    # torch's guess is the nvcc prefix (/usr/local); the real root is its `cuda` folder
+    monkeypatch.delenv("CUDA_HOME", raising=False)
+    monkeypatch.delenv("CUDA_PATH", raising=False)
+    monkeypatch.setenv("PATH", os.defpath)
+    root = _toolkit(tmp_path / "prefix" / "cuda")
+    assert _toolchain.cuda_home(str(tmp_path / "prefix")) == str(root)
