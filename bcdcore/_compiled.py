@@ -36,7 +36,7 @@ log = logging.getLogger(__name__)
 _CSRC = Path(__file__).resolve().parent.parent / "csrc"
 CPU_SOURCES = ("fused_cpu.cpp",)
 CUDA_SOURCES = ("fused_cuda_bind.cpp", "fused_cuda.cu")
-_HEADERS = ("fused_common.h", "fused_job.h", "fused_cpu_impl.h", "fused_cuda.h")
+_HEADERS = ("fused_bind.h", "fused_common.h", "fused_job.h", "fused_cpu_impl.h", "fused_cuda.h")
 # keep in step with get_extensions() in setup.py
 CXX_FLAGS = ["-O3", "-ffp-contract=off", "-fno-math-errno", "-fno-trapping-math"]
 NVCC_FLAGS = ["-O3", "-fmad=false", "-lineinfo"]

@@ -8,6 +8,7 @@
 
 #include <tuple>
 
+#include "fused_bind.h"
 #include "fused_common.h"
 #include "fused_cuda.h"
 
@@ -33,68 +34,9 @@ std::tuple<at::Tensor, at::Tensor> run(const bcd::Job& job, const at::Tensor& x)
   return {buf.select(0, 0), buf.select(0, 1)};
 }
 
-std::tuple<at::Tensor, at::Tensor> sgd(const at::Tensor& x, const at::Tensor& g, const at::Tensor& a, double lr,
-                                       double lam, c10::optional<double> gamma, c10::optional<at::Tensor> out) {
-  bcd::Job job;
-  bcd::check_args("prox_sgd_step_", c10::DeviceType::CUDA, bcd::named(x, &g, a, out, nullptr, "", nullptr, ""),
-                  job);
-  bcd::set_mode("prox_sgd_step_", gamma, out.has_value(), job);
-  bcd::prep_sgd(job, lr, lam);
-  bcd::fill_ptrs(job, x, &g, a, out, nullptr, nullptr);
-  return run(job, x);
-}
-
-std::tuple<at::Tensor, at::Tensor> momentum(const at::Tensor& x, const at::Tensor& g, const at::Tensor& a,
-                                            const at::Tensor& buf, double lr, double lam, double mu,
-                                            bool nesterov, c10::optional<double> gamma,
-                                            c10::optional<at::Tensor> out) {
-  bcd::Job job;
-  bcd::check_args("prox_momentum_step_", c10::DeviceType::CUDA,
-                  bcd::named(x, &g, a, out, &buf, "buf", nullptr, ""), job);
-  bcd::set_mode("prox_momentum_step_", gamma, out.has_value(), job);
-  bcd::prep_momentum(job, lr, lam, mu, nesterov);
-  bcd::fill_ptrs(job, x, &g, a, out, &buf, nullptr);
-  return run(job, x);
-}
-
-std::tuple<at::Tensor, at::Tensor> adam(const at::Tensor& x, const at::Tensor& g, const at::Tensor& a,
-                                        const at::Tensor& m, const at::Tensor& v, double lr, double lam,
-                                        double beta1, double beta2, double eps, int64_t step,
-                                        c10::optional<double> gamma, c10::optional<at::Tensor> out) {
-  bcd::Job job;
-  bcd::check_args("prox_adam_step_", c10::DeviceType::CUDA, bcd::named(x, &g, a, out, &m, "m", &v, "v"), job);
-  bcd::set_mode("prox_adam_step_", gamma, out.has_value(), job);
-  bcd::prep_adam("prox_adam_step_", job, lr, lam, beta1, beta2, eps, step);
-  bcd::fill_ptrs(job, x, &g, a, out, &m, &v);
-  return run(job, x);
-}
-
-void damp(const at::Tensor& x, const at::Tensor& a, double gamma, c10::optional<at::Tensor> out) {
-  bcd::Job job;
-  bcd::check_args("damp_", c10::DeviceType::CUDA, bcd::named(x, nullptr, a, out, nullptr, "", nullptr, ""), job);
-  bcd::set_mode("damp_", gamma, out.has_value(), job);
-  job.form = bcd::kDamp;
-  bcd::fill_ptrs(job, x, nullptr, a, out, nullptr, nullptr);
-  run(job, x);
-}
-
 }  // namespace
 
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
-  namespace py = pybind11;
-  m.doc() = "bcdcore fused proximal update ops, CUDA backend (see csrc/README.md)";
-  const auto nogil = py::call_guard<py::gil_scoped_release>();
-  m.def("sgd", &sgd, "fused proximal SGD step; returns (||r||^2, ||x-a||^2) at the pre-step point", py::arg("x"),
-        py::arg("g"), py::arg("a"), py::arg("lr"), py::arg("lam"), py::arg("gamma") = py::none(),
-        py::arg("out") = py::none(), nogil);
-  m.def("momentum", &momentum, "fused proximal heavy-ball step (torch.optim.SGD semantics, dampening 0)",
-        py::arg("x"), py::arg("g"), py::arg("a"), py::arg("buf"), py::arg("lr"), py::arg("lam"),
-        py::arg("momentum"), py::arg("nesterov") = false, py::arg("gamma") = py::none(),
-        py::arg("out") = py::none(), nogil);
-  m.def("adam", &adam, "fused proximal Adam step (bias-corrected, step counts from 1)", py::arg("x"),
-        py::arg("g"), py::arg("a"), py::arg("m"), py::arg("v"), py::arg("lr"), py::arg("lam"), py::arg("beta1"),
-        py::arg("beta2"), py::arg("eps"), py::arg("step"), py::arg("gamma") = py::none(),
-        py::arg("out") = py::none(), nogil);
-  m.def("damp", &damp, "x <- a + gamma (x - a); with out: out <- that and x <- a", py::arg("x"), py::arg("a"),
-        py::arg("gamma"), py::arg("out") = py::none(), nogil);
+  bcd::Ops<c10::DeviceType::CUDA, run>::define(
+      m, "bcdcore fused proximal update ops, CUDA backend (see csrc/README.md)");
 }
