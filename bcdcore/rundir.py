@@ -164,6 +164,22 @@ def read_events(path: Path, kind: str | None = None) -> list[dict]:
     return [e for e in _parse_lines(text) if kind is None or e.get("kind") == kind]
 
 
+def read_complete_lines(path: Path, offset: int) -> tuple[str, int]:
+    """The text of the complete lines of `path` from byte `offset` on, and the offset just past them.
+
+    A last line without its newline is still being written: it is left for the next read rather than torn.
+    An unreadable (e.g. not yet created) file reads as no text, with the offset unchanged. Shared by the
+    incremental readers here and in bcdtui.tailer, so that they agree on what a complete line is."""
+    try:
+        with open(path, "rb") as f:
+            f.seek(offset)
+            data = f.read()
+    except OSError:
+        return "", offset
+    end = data.rfind(b"\n") + 1
+    return data[:end].decode("utf-8", errors="replace"), offset + end
+
+
 class EventTail:
     """Incremental reader: each `poll()` returns only events appended since the last call, and never
     consumes a line that is not yet complete."""
@@ -173,15 +189,8 @@ class EventTail:
         self.offset = 0
 
     def poll(self) -> list[dict]:
-        try:
-            with open(self.file, "rb") as f:
-                f.seek(self.offset)
-                data = f.read()
-        except OSError:
-            return []
-        end = data.rfind(b"\n") + 1
-        self.offset += end
-        return list(_parse_lines(data[:end].decode("utf-8", errors="replace")))
+        text, self.offset = read_complete_lines(self.file, self.offset)
+        return list(_parse_lines(text))
 
 
 def _number(value: Any) -> float:

@@ -372,14 +372,60 @@ class RunsScreen(WsScreen):
 
 
 # ----------------------------------------------------------------------------------------------------------
+# a metric chart's keys (the run screen and the compare screen)
+
+CHART_BINDINGS = [
+    Binding("escape", "back", "Back", tooltip="back to the previous screen"),
+    Binding("y", "metric", "Metric", tooltip="chart the next metric (train_loss, val_loss, val_acc, ...)"),
+    Binding("x", "x_axis", "X axis", tooltip="x axis: round, grad_evals, wall_s, samples"),
+    Binding("g", "log_y", "Log y", tooltip="toggle a logarithmic y axis"),
+]
+
+
+class ChartAxes:
+    """Mixin of a screen with one metric chart: the back key, and the metric / x axis / log y keys, which change
+    what is charted and redraw. The screen lists CHART_BINDINGS in its BINDINGS (kept there, not here, so that
+    each screen's key bar order stays explicit) and provides `chart_metrics()` and `_draw_chart()`."""
+
+    # the chart at first: train_loss against rounds, linear y (class defaults; the keys set them per screen)
+    metric = "train_loss"
+    x_axis = "round"
+    log_y = False
+
+    def chart_metrics(self) -> list[str]:
+        """The metric names the y key cycles through."""
+        raise NotImplementedError
+
+    def _draw_chart(self) -> None:
+        raise NotImplementedError
+
+    def chart_title(self, value: str = "") -> str:
+        """The chart's border title: the metric (then `value`, e.g. its latest one), the x axis, log y or not."""
+        return f"{self.metric}{value} vs {self.x_axis}{' (log y)' if self.log_y else ''}"
+
+    def action_back(self) -> None:
+        self.app.pop_screen()  # type: ignore[attr-defined]
+
+    def action_metric(self) -> None:
+        names = self.chart_metrics()
+        self.metric = names[(names.index(self.metric) + 1) % len(names)] if self.metric in names else names[0]
+        self._draw_chart()
+
+    def action_x_axis(self) -> None:
+        self.x_axis = X_AXES[(X_AXES.index(self.x_axis) + 1) % len(X_AXES)]
+        self._draw_chart()
+
+    def action_log_y(self) -> None:
+        self.log_y = not self.log_y
+        self._draw_chart()
+
+
+# ----------------------------------------------------------------------------------------------------------
 # one run
 
-class RunScreen(WsScreen):
+class RunScreen(ChartAxes, WsScreen):
     BINDINGS = [
-        Binding("escape", "back", "Back", tooltip="back to the previous screen"),
-        Binding("y", "metric", "Metric", tooltip="chart the next metric (train_loss, val_loss, val_acc, ...)"),
-        Binding("x", "x_axis", "X axis", tooltip="x axis: round, grad_evals, wall_s, samples"),
-        Binding("g", "log_y", "Log y", tooltip="toggle a logarithmic y axis"),
+        *CHART_BINDINGS,
         Binding("m", "panel", "Log/measures",
                 tooltip="switch the side panel: log tail, then each measurement's heat map"),
         Binding("k", "kill", "Kill",
@@ -401,9 +447,6 @@ class RunScreen(WsScreen):
     def __init__(self, run_id: str) -> None:
         super().__init__()
         self.run_id = run_id
-        self.metric = "train_loss"
-        self.x_axis = "round"
-        self.log_y = False
         self.panel = "log"  # "log" or a measurement unit
         self.follower = None
         self._summary = None
@@ -456,8 +499,7 @@ class RunScreen(WsScreen):
 
         chart = self.query_one("#chart", LineChart)
         chart.set_data([Series(self.metric, xs, ys)], log_y=self.log_y, x_label=self.x_axis)
-        last = f" = {fmt_number(ys[-1])}" if ys else ""
-        chart.border_title = f"{self.metric}{last} vs {self.x_axis}{' (log y)' if self.log_y else ''}"
+        chart.border_title = self.chart_title(f" = {fmt_number(ys[-1])}" if ys else "")
 
     def _draw_blocks(self) -> None:
         table = self.query_one("#blocks", DataTable)
@@ -532,21 +574,8 @@ class RunScreen(WsScreen):
         self.query_one("#summary", StatusLines).set_lines(lines)
 
     # --- actions
-    def action_back(self) -> None:
-        self.app.pop_screen()
-
-    def action_metric(self) -> None:
-        names = self.follower.metric_names() or ["train_loss"]
-        self.metric = names[(names.index(self.metric) + 1) % len(names)] if self.metric in names else names[0]
-        self._draw_chart()
-
-    def action_x_axis(self) -> None:
-        self.x_axis = X_AXES[(X_AXES.index(self.x_axis) + 1) % len(X_AXES)]
-        self._draw_chart()
-
-    def action_log_y(self) -> None:
-        self.log_y = not self.log_y
-        self._draw_chart()
+    def chart_metrics(self) -> list[str]:
+        return self.follower.metric_names() or ["train_loss"]
 
     def action_panel(self) -> None:
         choices = ["log", *self.follower.measures]
@@ -571,12 +600,9 @@ class RunScreen(WsScreen):
 # ----------------------------------------------------------------------------------------------------------
 # compare
 
-class CompareScreen(WsScreen):
+class CompareScreen(ChartAxes, WsScreen):
     BINDINGS = [
-        Binding("escape", "back", "Back", tooltip="back to the previous screen"),
-        Binding("y", "metric", "Metric", tooltip="chart the next metric (train_loss, val_loss, val_acc, ...)"),
-        Binding("x", "x_axis", "X axis", tooltip="x axis: round, grad_evals, wall_s, samples"),
-        Binding("g", "log_y", "Log y", tooltip="toggle a logarithmic y axis"),
+        *CHART_BINDINGS,
         Binding("d", "toggle_diff", "All keys/diff", tooltip="recipe table: differences only, or every key"),
     ]
     DEFAULT_CSS = """
@@ -587,9 +613,6 @@ class CompareScreen(WsScreen):
     def __init__(self, comparison: Comparison) -> None:
         super().__init__()
         self.comparison = comparison
-        self.metric = "train_loss"
-        self.x_axis = "round"
-        self.log_y = False
         self.only_differences = True
 
     def compose(self) -> ComposeResult:
@@ -614,7 +637,7 @@ class CompareScreen(WsScreen):
     def _draw_chart(self) -> None:
         chart = self.query_one("#cmp-chart", LineChart)
         chart.set_data(self.comparison.series(self.metric, self.x_axis), log_y=self.log_y, x_label=self.x_axis)
-        chart.border_title = f"{self.metric} vs {self.x_axis}{' (log y)' if self.log_y else ''}"
+        chart.border_title = self.chart_title()
 
     def _draw_diff(self) -> None:
         from bcdtui.diff import diff_runs
@@ -636,21 +659,8 @@ class CompareScreen(WsScreen):
         if not self.comparison.diff:
             table.add_row(Text("(the recipes are identical)", style="dim"), *([""] * len(self.comparison.run_ids)))
 
-    def action_back(self) -> None:
-        self.app.pop_screen()
-
-    def action_metric(self) -> None:
-        names = self.comparison.metric_names()
-        self.metric = names[(names.index(self.metric) + 1) % len(names)] if self.metric in names else names[0]
-        self._draw_chart()
-
-    def action_x_axis(self) -> None:
-        self.x_axis = X_AXES[(X_AXES.index(self.x_axis) + 1) % len(X_AXES)]
-        self._draw_chart()
-
-    def action_log_y(self) -> None:
-        self.log_y = not self.log_y
-        self._draw_chart()
+    def chart_metrics(self) -> list[str]:
+        return self.comparison.metric_names()
 
     def action_toggle_diff(self) -> None:
         self.only_differences = not self.only_differences

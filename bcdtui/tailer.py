@@ -14,7 +14,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from bcdcore.rundir import EventTail, read_status
+from bcdcore.rundir import EventTail, read_complete_lines, read_status
 
 X_AXES = ("round", "grad_evals", "wall_s", "samples")
 METRIC_COLUMNS = ("round", "grad_evals", "samples", "bytes_comm", "wall_s", "train_loss", "val_loss", "val_acc",
@@ -41,22 +41,24 @@ class TextTail:
         self._first = True
 
     def poll(self) -> list[str]:
-        try:
-            with open(self.path, "rb") as f:
-                if self._first:
-                    size = os.fstat(f.fileno()).st_size
-                    if size > self.max_initial_bytes:  # a huge log: start near its end, on a line boundary
-                        f.seek(size - self.max_initial_bytes)
-                        f.readline()
-                        self.offset = f.tell()
-                    self._first = False
-                f.seek(self.offset)
-                data = f.read()
-        except OSError:
-            return []
-        end = data.rfind(b"\n") + 1
-        self.offset += end
-        return data[:end].decode("utf-8", errors="replace").splitlines()
+        if self._first:
+            try:
+                self.offset = self._first_offset()
+            except OSError:
+                return []  # no log yet: decide where to start once there is one
+            self._first = False
+        text, self.offset = read_complete_lines(self.path, self.offset)
+        return text.splitlines()
+
+    def _first_offset(self) -> int:
+        """0, or for a huge log the start of the first whole line of its last max_initial_bytes."""
+        with open(self.path, "rb") as f:
+            size = os.fstat(f.fileno()).st_size
+            if size <= self.max_initial_bytes:
+                return 0
+            f.seek(size - self.max_initial_bytes)
+            f.readline()
+            return f.tell()
 
 
 @dataclass

@@ -27,44 +27,28 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
 
-RECIPE = """\
-[run]
-name = "bench-dist"
-seed = 0
-device = "cpu"
-rounds = {rounds}
+sys.path.insert(0, str(ROOT))  # bcdcore from this checkout, as in the other bench scripts
 
-[data]
-name = "digits_flat"
-batch_size = 128
+from bcdcore.recipe import to_toml  # noqa: E402
 
-[model]
-name = "mlp"
-widths = {widths}
 
-[algorithm]
-mode = "blockwise"
-schedule = "jacobi"
-K = {K}
-lambda = 0.01
-gamma = 1.0
-solver = "sgd"
-lr = 0.05
-
-[eval]
-every = 0
-
-[distributed]
-nproc = {nproc}
-communication_delay = {delay}
-bandwidth = {bandwidth}
-"""
+def recipe_text(nproc: int, args, widths: list[int]) -> str:
+    """The benchmarked recipe (see the module docstring) for `nproc` processes and these MLP widths, as TOML
+    written by bcdcore's own writer from the values below."""
+    return to_toml({
+        "run": {"name": "bench-dist", "seed": 0, "device": "cpu", "rounds": args.rounds},
+        "data": {"name": "digits_flat", "batch_size": 128},
+        "model": {"name": "mlp", "widths": list(widths)},
+        "algorithm": {"mode": "blockwise", "schedule": "jacobi", "K": args.K, "lambda": 0.01, "gamma": 1.0,
+                      "solver": "sgd", "lr": 0.05},
+        "eval": {"every": 0},
+        "distributed": {"nproc": nproc, "communication_delay": args.delay, "bandwidth": args.bandwidth},
+    })
 
 
 def run(tmp: Path, nproc: int, args, widths) -> dict:
     recipe = tmp / f"w{widths[0]}-n{nproc}.toml"
-    recipe.write_text(RECIPE.format(rounds=args.rounds, widths=list(widths), K=args.K, nproc=nproc,
-                                    delay=args.delay, bandwidth=args.bandwidth))
+    recipe.write_text(recipe_text(nproc, args, widths))
     env = dict(os.environ, OMP_NUM_THREADS=str(args.threads), PYTHONPATH=str(ROOT))
     env.pop("BCD_OPS", None)
     proc = subprocess.run([sys.executable, "-m", "bcdcore", "run", str(recipe), "--runs-dir", str(tmp / "runs"),

@@ -62,6 +62,19 @@ def line_of(text: str, fragment: str) -> int:
     raise AssertionError(f"{fragment!r} not in the recipe text")
 
 
+@pytest.fixture(scope="module")
+def single_torch_thread():
+    """One torch intra-op thread for a module of tiny models (`pytestmark = pytest.mark.usefixtures(...)`): with
+    more, synchronisation costs more than the maths (far more on a shared 2-core box). The module's end gives
+    the previous setting back for the other test modules."""
+    import torch  # here, not at the top: most test modules (the TUI's) never need torch
+
+    old = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(old)
+
+
 @pytest.fixture
 def write_recipe(tmp_path):
     """write_recipe(text, name="recipe.toml") -> Path of the file written under tmp_path."""

@@ -27,24 +27,11 @@ LONG = tiny_recipe(replace={'name = "tiny"': 'name = "long"', "seed = 0": "seed 
                             "rounds = 3": f"rounds = {ROUNDS}", "every = 1": f"every = {EVERY}",
                             'solver = "sgd"': 'solver = "momentum"', "gamma = 1.0": "gamma = 0.9"})
 
-DIVERGENT = """\
-[run]
-name = "boom"
-device = "cpu"
-rounds = 5
-
-[data]
-name = "toy_regression"
-batch_size = 32
-
-[model]
-name = "mlp"
-widths = [16]
-
-[algorithm]
-K = 2
-lr = 1e6
-"""
+# A step size of 1e6 on a regression set: the loss is no longer finite within the 5 rounds. (lambda = 0.0 is the
+# default; it stands here because the tiny recipe sets one.)
+DIVERGENT = tiny_recipe(replace={'name = "tiny"': 'name = "boom"', "rounds = 3": "rounds = 5",
+                                 'name = "digits_flat"': 'name = "toy_regression"', "lambda = 0.01": "lambda = 0.0",
+                                 "lr = 0.05": "lr = 1e6"})
 
 # error class -> (recipe text or None for a missing file, extra arguments, fragments of the one stderr line)
 ERROR_CASES = {

@@ -33,14 +33,7 @@ CASES = [
 IDS = [f"{name}-{widths}-{'x'.join(map(str, shape))}" for name, widths, shape, _ in CASES]
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    # These models are tiny: with intra-op threads, synchronisation costs more than the maths (and far more on
-    # a shared 2-core box), so run single-threaded and give the setting back for other test modules.
-    old = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(old)
+pytestmark = pytest.mark.usefixtures("single_torch_thread")  # these models are tiny: see conftest
 
 
 def make(name: str, widths: list[int], shape: tuple[int, ...], n_outputs: int = 3, seed: int = 0,

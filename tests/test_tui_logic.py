@@ -19,7 +19,7 @@ from bcdtui import charts
 from bcdtui.diff import MISSING, diff_runs, flatten, recipe_diff
 from bcdtui.recipes import (TEMPLATE, editor_command, error_line, list_recipes, new_recipe, parse_overrides,
                             plan_launch, validate_text)
-from bcdtui.runner import (CPU_SLOT, LaunchSpec, Runner, RunnerError, Slot, cpu_slot, detect_slots,
+from bcdtui.runner import (CPU_SLOT, Job, LaunchSpec, Runner, RunnerError, Slot, cpu_slot, detect_slots,
                            format_override_value, parse_nvidia_smi, read_launch_run_dir, slot_key_for_gpu)
 from bcdtui.runs import RunsModel, fmt_duration, progress_bar
 from bcdtui.synthetic import demo_runs, resolved_recipe, write_run
@@ -135,6 +135,17 @@ def status_of(run_dir) -> dict:
         return {}
 
 
+def start_endless(tmp_path: Path, fake: tuple[list[str], Path], **env: str) -> tuple[Runner, Job]:
+    """A Runner over tmp_path/runs and its job: the fake engine with 100000 rounds (running until killed) and
+    `env` on top, returned once the run's status says running."""
+    engine, recipe = fake
+    runner = Runner(tmp_path / "runs", slots=[cpu_slot()], engine=engine, cwd=tmp_path,
+                    env=fake_env(FAKE_ROUNDS="100000", **env))
+    job = runner.submit(LaunchSpec(recipe=str(recipe)))
+    wait(lambda: job.run_dir and status_of(job.run_dir).get("state") == "running", tick=runner.tick)
+    return runner, job
+
+
 # ----------------------------------------------------------------------------------------------------------
 # runner
 
@@ -225,11 +236,7 @@ def test_recipe_error_becomes_a_job_error_with_the_engine_line(tmp_path, fake):
 
 
 def test_kill_sends_sigterm_to_the_group_and_the_run_ends_killed(tmp_path, fake):
-    engine, recipe = fake
-    runner = Runner(tmp_path / "runs", slots=[cpu_slot()], engine=engine, cwd=tmp_path,
-                    env=fake_env(FAKE_ROUNDS="100000", FAKE_DELAY="0.02"))
-    job = runner.submit(LaunchSpec(recipe=str(recipe)))
-    wait(lambda: job.run_dir and status_of(job.run_dir).get("state") == "running", tick=runner.tick)
+    runner, job = start_endless(tmp_path, fake, FAKE_DELAY="0.02")
     request = runner.kill(job.run_dir)
     assert request.group and request.pid == job.pid
     wait(lambda: job.state == "exited", tick=runner.tick)
@@ -239,11 +246,7 @@ def test_kill_sends_sigterm_to_the_group_and_the_run_ends_killed(tmp_path, fake)
 
 
 def test_kill_escalates_to_sigkill_after_the_grace_period(tmp_path, fake):
-    engine, recipe = fake
-    runner = Runner(tmp_path / "runs", slots=[cpu_slot()], engine=engine, cwd=tmp_path,
-                    env=fake_env(FAKE_ROUNDS="100000", FAKE_IGNORE_TERM="1"))
-    job = runner.submit(LaunchSpec(recipe=str(recipe)))
-    wait(lambda: job.run_dir and status_of(job.run_dir).get("state") == "running", tick=runner.tick)
+    runner, job = start_endless(tmp_path, fake, FAKE_IGNORE_TERM="1")
     request = runner.kill(job.run_dir, grace_s=0.3)
     time.sleep(0.1)
     runner.tick()
@@ -301,11 +304,7 @@ def test_rerun_resume_and_delete(tmp_path, fake):
 
 
 def test_delete_refuses_a_live_run(tmp_path, fake):
-    engine, recipe = fake
-    runner = Runner(tmp_path / "runs", slots=[cpu_slot()], engine=engine, cwd=tmp_path,
-                    env=fake_env(FAKE_ROUNDS="100000"))
-    job = runner.submit(LaunchSpec(recipe=str(recipe)))
-    wait(lambda: job.run_dir and status_of(job.run_dir).get("state") == "running", tick=runner.tick)
+    runner, job = start_endless(tmp_path, fake)
     with pytest.raises(RunnerError, match="kill it"):
         runner.delete(job.run_dir)
     runner.kill(job.run_dir)
@@ -327,6 +326,16 @@ def test_text_tail_waits_for_complete_lines(tmp_path):
         f.write("o\nthree\n")
     assert tail.poll() == ["two", "three"]
     assert tail.poll() == []
+
+
+def test_text_tail_starts_a_huge_log_near_its_end_on_a_line_boundary(tmp_path):
+    log = tmp_path / "log.txt"
+    log.write_text("".join(f"line {i}\n" for i in range(20)))  # 150 bytes; its last 20 start inside "line 17"
+    tail = TextTail(log, max_initial_bytes=20)
+    assert tail.poll() == ["line 18", "line 19"]
+    with open(log, "a") as f:
+        f.write("line 20\n")
+    assert tail.poll() == ["line 20"]
 
 
 def test_follower_reads_by_offsets_and_folds_events(tmp_path):

@@ -16,35 +16,11 @@ from bcdtui.screens import (CompareScreen, ConfirmScreen, HelpScreen, LaunchScre
                             RunsScreen)
 from bcdtui.synthetic import demo_runs, write_run
 from bcdtui.widgets import HeatMap, KeyBar, LineChart, RecipeEditor, StatusLines
+from conftest import REPO, TINY, line_of, tiny_recipe
 
-REPO = Path(__file__).resolve().parents[1]
-
-TINY = """\
-[run]
-name = "tiny"
-seed = 0
-device = "cpu"
-rounds = 3
-
-[data]
-name = "digits_flat"
-batch_size = 32
-
-[model]
-name = "mlp"
-widths = [16]
-
-[algorithm]
-K = 2
-lambda = 0.01
-lr = 0.05
-
-[eval]
-every = 1
-"""
-
-BROKEN = TINY.replace("lambda = 0.01", "lambda = 0.01\ngama = 0.5")
-BROKEN_LINE = BROKEN.splitlines().index("gama = 0.5") + 1
+# gamma's key misspelt: the validation names its line and suggests "gamma"; typing the missing "m" fixes it
+BROKEN = tiny_recipe(replace={"gamma = 1.0": "gama = 0.5"})
+BROKEN_LINE = line_of(BROKEN, "gama = 0.5")
 
 
 @pytest.fixture
@@ -104,6 +80,17 @@ async def move_to(pilot, app: BcdApp, run_id: str) -> None:
     await pilot.pause()
 
 
+async def launch_endless_run(pilot, app: BcdApp) -> str:
+    """Launch the tiny recipe with 100000 rounds (it runs until killed) from the launch dialog; its run id once
+    its run directory shows up in the table."""
+    await pilot.press("l")
+    await pilot.click("#overrides")
+    await pilot.press(*"run.rounds=100000")
+    await pilot.press("ctrl+l")
+    await until(pilot, lambda: len(real_runs(app)) == 1, 120, "the run directory")
+    return real_runs(app)[0]
+
+
 # ----------------------------------------------------------------------------------------------------------
 # with the real engine
 
@@ -132,12 +119,7 @@ async def test_launch_a_real_recipe_and_see_it_finish(place):
 async def test_kill_a_running_run_and_see_killed(place):
     app = make_app(place)
     async with app.run_test(size=(120, 36)) as pilot:
-        await pilot.press("l")
-        await pilot.click("#overrides")
-        await pilot.press(*"run.rounds=100000")
-        await pilot.press("ctrl+l")
-        await until(pilot, lambda: len(real_runs(app)) == 1, 120, "the run directory")
-        run_id = real_runs(app)[0]
+        run_id = await launch_endless_run(pilot, app)
         await until(pilot, lambda: table_text(app, run_id, "state") == "running"
                     and app.ws.model.rows[run_id].round >= 1, 120, "a running round")
         await move_to(pilot, app, run_id)
@@ -155,12 +137,7 @@ async def test_kill_a_running_run_and_see_killed(place):
 async def test_restart_finds_a_running_run_reattached(place):
     first = make_app(place)
     async with first.run_test(size=(120, 36)) as pilot:
-        await pilot.press("l")
-        await pilot.click("#overrides")
-        await pilot.press(*"run.rounds=100000")
-        await pilot.press("ctrl+l")
-        await until(pilot, lambda: len(real_runs(first)) == 1, 120, "the run directory")
-        run_id = real_runs(first)[0]
+        run_id = await launch_endless_run(pilot, first)
         await until(pilot, lambda: first.ws.model.rows[run_id].state == "running", 120, "state running")
         await pilot.press("q")  # quit: the run keeps going
     lost = write_run(place / "runs", "old-20260101-000000-abcdef", state="running", rounds=10, done=3)

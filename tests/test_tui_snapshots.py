@@ -34,62 +34,80 @@ def app(tmp_path, monkeypatch):
     return BcdApp(Path("runs"), Path("recipes"), slots=[Slot("cpu", "CPU", "")], refresh_s=0.25)
 
 
-async def _open(pilot, run_id: str) -> None:
-    await pilot.pause()
+@pytest.fixture(params=SIZES)
+def snap(snap_compare, app, request):
+    """snap(run_before=None): whether `app` at this test's terminal size, after `await run_before(pilot)`,
+    matches the snapshot named after the test and its size."""
+
+    def compare(run_before=None) -> bool:
+        return snap_compare(app, terminal_size=request.param, run_before=run_before)
+
+    return compare
+
+
+QUICKSTART = "quickstart-20261126-025404-92c6eb"
+
+
+def _cursor_to(pilot, run_id: str) -> None:
     table = pilot.app.runs_screen.query_one("#runs", DataTable)
     table.move_cursor(row=table.get_row_index(run_id))
+
+
+async def _open(pilot, run_id: str) -> None:
+    await pilot.pause()
+    _cursor_to(pilot, run_id)
     await pilot.press("enter")
     await pilot.pause()
 
 
-@pytest.mark.parametrize("size", SIZES)
-def test_runs_screen(snap_compare, app, size):
-    assert snap_compare(app, terminal_size=size)
+def _after_keys(*keys: str, settle: float | None = None):
+    """A run_before for the screens one key opens: the first paint, `keys`, then `settle` seconds if given."""
+
+    async def run_before(pilot) -> None:
+        await pilot.pause()
+        await pilot.press(*keys)
+        if settle is not None:
+            await pilot.pause(settle)
+
+    return run_before
 
 
-@pytest.mark.parametrize("size", SIZES)
-def test_run_screen(snap_compare, app, size):
+def test_runs_screen(snap):
+    assert snap()
+
+
+def test_run_screen(snap):
     async def run_before(pilot):
-        await _open(pilot, "quickstart-20261126-025404-92c6eb")
+        await _open(pilot, QUICKSTART)
 
-    assert snap_compare(app, terminal_size=size, run_before=run_before)
+    assert snap(run_before)
 
 
-@pytest.mark.parametrize("size", SIZES)
-def test_run_screen_heat_map(snap_compare, app, size):
+def test_run_screen_heat_map(snap):
     async def run_before(pilot):
-        await _open(pilot, "quickstart-20261126-025404-92c6eb")
+        await _open(pilot, QUICKSTART)
         await pilot.press("y", "m")
 
-    assert snap_compare(app, terminal_size=size, run_before=run_before)
+    assert snap(run_before)
 
 
-@pytest.mark.parametrize("size", SIZES)
-def test_compare_screen(snap_compare, app, size):
+def test_compare_screen(snap):
     async def run_before(pilot):
         await pilot.pause()
-        table = pilot.app.runs_screen.query_one("#runs", DataTable)
-        for run_id in ("quickstart-20261126-025404-92c6eb", "quickstart-20261126-031010-4be1a0"):
-            table.move_cursor(row=table.get_row_index(run_id))
+        for run_id in (QUICKSTART, "quickstart-20261126-031010-4be1a0"):
+            _cursor_to(pilot, run_id)
             await pilot.press("space")
         await pilot.press("c")
         await pilot.pause()
 
-    assert snap_compare(app, terminal_size=size, run_before=run_before)
+    assert snap(run_before)
 
 
-@pytest.mark.parametrize("size", SIZES)
-def test_recipes_screen_with_validation_error(snap_compare, app, size):
-    async def run_before(pilot):
-        await pilot.pause()
-        await pilot.press("f3")
-        await pilot.pause(0.3)  # the validation runs after a short debounce
-
-    assert snap_compare(app, terminal_size=size, run_before=run_before)
+def test_recipes_screen_with_validation_error(snap):
+    assert snap(_after_keys("f3", settle=0.3))  # the validation runs after a short debounce
 
 
-@pytest.mark.parametrize("size", SIZES)
-def test_launch_dialog_with_sweep_preview(snap_compare, app, size):
+def test_launch_dialog_with_sweep_preview(snap):
     async def run_before(pilot):
         await pilot.pause()
         await pilot.press("l")
@@ -97,25 +115,18 @@ def test_launch_dialog_with_sweep_preview(snap_compare, app, size):
         pilot.app.screen.query_one("#recipe", Select).value = Path("recipes/lr_grid.toml")
         await pilot.pause()
 
-    assert snap_compare(app, terminal_size=size, run_before=run_before)
+    assert snap(run_before)
 
 
-@pytest.mark.parametrize("size", SIZES)
-def test_help_screen(snap_compare, app, size):
+def test_help_screen(snap):
+    assert snap(_after_keys("f1"))
+
+
+def test_delete_confirmation(snap):
     async def run_before(pilot):
         await pilot.pause()
-        await pilot.press("f1")
-
-    assert snap_compare(app, terminal_size=size, run_before=run_before)
-
-
-@pytest.mark.parametrize("size", SIZES)
-def test_delete_confirmation(snap_compare, app, size):
-    async def run_before(pilot):
-        await pilot.pause()
-        table = pilot.app.runs_screen.query_one("#runs", DataTable)
-        table.move_cursor(row=table.get_row_index("diabetes-20261126-041500-77aa01"))
+        _cursor_to(pilot, "diabetes-20261126-041500-77aa01")
         await pilot.press("d")
         await pilot.pause()
 
-    assert snap_compare(app, terminal_size=size, run_before=run_before)
+    assert snap(run_before)

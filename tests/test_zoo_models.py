@@ -21,12 +21,7 @@ from bcdcore.zoo_models import (BasicBlock, EnsembleModel, LMHead, ResNetHead, R
                                 to_torchvision_state_dict)
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    old = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(old)
+pytestmark = pytest.mark.usefixtures("single_torch_thread")  # these models are tiny: see conftest
 
 
 def gen(seed: int = 0) -> torch.Generator:
