@@ -116,6 +116,13 @@ class Comm:
         return {"bytes_round": self.bytes_round, "comm_sim_s": self.sim_total,
                 "sim_time_s": wall_s if self.cfg.sleep else wall_s + self.sim_total}
 
+    def state_dict(self) -> dict:
+        # bytes_comm and comm_sim_s are running totals like grad_evals: a resumed run continues them
+        return {"bytes_total": self.bytes_total, "sim_total": self.sim_total}
+
+    def load_state_dict(self, state: dict) -> None:
+        self.bytes_total, self.sim_total = int(state["bytes_total"]), float(state["sim_total"])
+
     # --- collectives
     def exchange_blocks(self, params, active: list[int]) -> None:
         """All ranks end with the owners' values of every active block (parameters and buffers)."""
@@ -211,6 +218,19 @@ def write_rank_file(run_dir: Path, rank: int, suffix: str, text: str) -> None:
         (Path(run_dir) / f"rank{rank}.{suffix}").write_text(text)
     except OSError:  # another node without the shared run directory
         pass
+
+
+def write_rank_error(run_dir: Path, rank: int, error: str, details: str = "") -> None:
+    """rankN.error: when this rank raised and the one-line error; the launcher names the rank whose error is
+    oldest (the others usually fail because of it: "Connection closed by peer"). `details` (a traceback) goes
+    to the rank's log, rank 0's being log.txt."""
+    write_rank_file(run_dir, rank, "error", json.dumps({"t": time.time(), "error": error}))
+    if details:
+        try:
+            with open(Path(run_dir) / ("log.txt" if rank == 0 else f"rank{rank}.log"), "a") as f:
+                f.write(details if details.endswith("\n") else details + "\n")
+        except OSError:
+            pass
 
 
 # ----------------------------------------------------------------------------------------------------------

@@ -5,7 +5,6 @@ directory exists); `Run.execute` trains and records. Exit codes: 0 finished, 1 f
 """
 from __future__ import annotations
 
-import json
 import logging
 import math
 import os
@@ -248,6 +247,8 @@ class Run:
                  "buffers": [[b.cpu() for b in bs] for bs in p.params.snapshot_buffers()],
                  "trainer": trainer_state, "stoppers": [s.state_dict() for s in self.stoppers],
                  "lams": list(getattr(p.trainer, "lams", []))}
+        if self.comm is not None:
+            state["comm"] = self.comm.state_dict()
         augment = augmentation_generator(p.data.train.x)
         state["augment"] = augment.get_state() if augment is not None else None
         tmp = self.rundir.checkpoint_path.with_suffix(".tmp")
@@ -270,6 +271,8 @@ class Run:
             augment.set_state(state["augment"])
         if self.auto_lambda:
             self.p.trainer.lams = list(state["lams"])
+        if self.comm is not None and state.get("comm") is not None:  # older checkpoints lack it
+            self.comm.load_state_dict(state["comm"])
 
     def _wall(self) -> float:
         return self.wall_before + (time.perf_counter() - self.t0)
@@ -307,7 +310,7 @@ class Run:
             state, reason, exit_code, error = "killed", "killed by a second signal before the round ended", 130, None
         except Exception as exc:  # a failure during the run: the run directory says what happened
             self.file_log.error("%s", traceback.format_exc())
-            state, reason, exit_code = "failed", f"error: {type(exc).__name__}: {exc}", 1
+            state, reason, exit_code = "failed", error_line(exc), 1
             error = reason
             self.raised = True
         finally:
@@ -316,9 +319,9 @@ class Run:
             progress.close()
         deferred = False
         if self.comm is not None and self.raised:
-            from bcdcore.distributed import launched_by_bcdcore, write_rank_file
+            from bcdcore.distributed import launched_by_bcdcore, write_rank_error
 
-            write_rank_file(rd.path, self.comm.rank, "error", json.dumps({"t": time.time(), "error": reason}))
+            write_rank_error(rd.path, self.comm.rank, reason)  # the traceback is in the log already
             deferred = launched_by_bcdcore()  # the launcher names the rank that failed first and ends the record
         if not deferred:
             rd.event("end", state=state, reason=reason)
@@ -512,6 +515,12 @@ def final_summary(run: Run) -> str:
     return f"{run.state}: {run.reason}" + (f"  |  {'  '.join(parts)}" if parts else "")
 
 
+def error_line(exc: BaseException) -> str:
+    """One line for status.json and the end event: the exception's type and the first line of its message
+    (the whole traceback goes to the log)."""
+    lines = [line.strip() for line in str(exc).splitlines() if line.strip()]
+    return f"error: {type(exc).__name__}: {lines[0]}" if lines else f"error: {type(exc).__name__}"
+
 
 def _to_cpu(obj):
     if isinstance(obj, torch.Tensor):
@@ -582,6 +591,23 @@ def run_rank(attach: Path | None, attach_resume: bool, recipe: Recipe | None, ru
              resume: Path | None, quiet: bool, announce) -> int:
     """One rank of a distributed run: attached to the run directory the bcdcore launcher made (`attach`),
     or under an external torchrun (multi-node), where rank 0 creates the run directory itself."""
+    from bcdcore.distributed import write_rank_error
+
+    known = [attach or resume]  # the run directory once this rank knows it
+    try:
+        return _run_rank(attach, attach_resume, recipe, runs_dir, resume, quiet, announce, known)
+    except Exception as exc:
+        # Raised outside Run.execute (joining the group, building the model or data, loading the
+        # checkpoint): without rankN.error the launcher would blame the rank that failed next, whose
+        # collective broke because this one left.
+        if known[0] is not None:
+            write_rank_error(Path(known[0]), int(os.environ.get("RANK", "0")), error_line(exc),
+                             traceback.format_exc())
+        raise
+
+
+def _run_rank(attach: Path | None, attach_resume: bool, recipe: Recipe | None, runs_dir: Path | None,
+              resume: Path | None, quiet: bool, announce, known: list) -> int:
     import torch.distributed as dist
 
     from bcdcore.distributed import Comm, init_rank, launched_by_bcdcore, rank_device
@@ -602,6 +628,7 @@ def run_rank(attach: Path | None, attach_resume: bool, recipe: Recipe | None, ru
             announce(f"run directory: {path}")
         path = comm.broadcast_object(str(path) if path else None)
     path = Path(path)
+    known[0] = path
     rundir = RunDir.open(path) if rank == 0 else _RankDir(path, rank)
     run = Run(prepared, rundir, resume=bool(resuming), comm=comm)
     console = None
