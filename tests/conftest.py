@@ -9,6 +9,7 @@ from __future__ import annotations
 import os
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import pytest
@@ -52,6 +53,31 @@ def tiny_recipe(*, replace: dict[str, str] | None = None, append: str = "") -> s
         assert old in text, f"{old!r} is not a line of the tiny recipe"
         text = text.replace(old, new, 1)
     return text + append
+
+
+def dist_recipe(name: str, timeout_s: int) -> str:
+    """A 2-process gloo recipe: 4-block MLP, random active subsets (the same generator on every rank), momentum,
+    damping and a simulated network; every piece of state a checkpoint must carry."""
+    return tiny_recipe(replace={'name = "tiny"': f'name = "{name}"', "widths = [16]": "widths = [16, 16, 16]",
+                                "gamma = 1.0": "gamma = 0.9", 'solver = "sgd"': 'solver = "momentum"',
+                                "[eval]": "active_share = 0.5\n\n[eval]"},
+                       append=f"""
+[distributed]
+nproc = 2
+communication_delay = 0.001
+bandwidth = 1e8
+timeout_s = {timeout_s}
+""")
+
+
+def wait_for(predicate, timeout: float, what: str, poll: float = 0.05) -> None:
+    """Poll `predicate` until it holds; AssertionError naming `what` after `timeout` seconds."""
+    end = time.monotonic() + timeout
+    while time.monotonic() < end:
+        if predicate():
+            return
+        time.sleep(poll)
+    raise AssertionError(f"timed out waiting for {what}")
 
 
 def line_of(text: str, fragment: str) -> int:

@@ -18,18 +18,9 @@ import torch
 from bcdcore.distributed import assign_blocks
 from bcdcore.recipe import RecipeError, load_recipe
 from bcdcore.rundir import read_events, read_status
-from conftest import run_cli, start_cli, tiny_recipe
+from conftest import dist_recipe, run_cli, start_cli, wait_for
 
-# 4-block MLP, random active subsets (the same generator on every rank), momentum, damping
-DIST = tiny_recipe(replace={'name = "tiny"': 'name = "dist"', "widths = [16]": "widths = [16, 16, 16]",
-                            "gamma = 1.0": "gamma = 0.9", 'solver = "sgd"': 'solver = "momentum"',
-                            "[eval]": "active_share = 0.5\n\n[eval]"}) + """
-[distributed]
-nproc = 2
-communication_delay = 0.001
-bandwidth = 1e8
-timeout_s = 30
-"""
+DIST = dist_recipe("dist", timeout_s=30)
 LONG = DIST.replace("rounds = 3", "rounds = 100000").replace("every = 1", "every = 0")
 
 
@@ -43,15 +34,6 @@ def _write(tmp_path: Path, text: str, name: str = "recipe.toml") -> Path:
     path = tmp_path / name
     path.write_text(text)
     return path
-
-
-def _wait_for(predicate, timeout: float, what: str) -> None:
-    end = time.monotonic() + timeout
-    while time.monotonic() < end:
-        if predicate():
-            return
-        time.sleep(0.1)
-    raise AssertionError(f"timed out waiting for {what}")
 
 
 def test_blocks_balanced_by_parameter_count():
@@ -129,7 +111,7 @@ def _start_long(tmp_path: Path, *extra: str):
     first = proc.stdout.readline()
     assert first.startswith("run directory: "), first + proc.stderr.read()
     run_dir = tmp_path / first.strip().removeprefix("run directory: ")
-    _wait_for(lambda: (run_dir / "rank1.pid").is_file() and read_events(run_dir, "metric"), 60,
+    wait_for(lambda: (run_dir / "rank1.pid").is_file() and read_events(run_dir, "metric"), 60,
               "the ranks to start")
     return proc, run_dir
 

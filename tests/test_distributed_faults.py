@@ -22,18 +22,9 @@ import pytest
 import torch
 
 from bcdcore.rundir import read_events, read_status
-from conftest import cli_env, run_cli, start_cli, tiny_recipe
+from conftest import cli_env, dist_recipe, run_cli, start_cli, wait_for
 
-# 4-block MLP, random active subsets, momentum, damping: every piece of state a checkpoint must carry
-DIST = tiny_recipe(replace={'name = "tiny"': 'name = "dfault"', "widths = [16]": "widths = [16, 16, 16]",
-                            "gamma = 1.0": "gamma = 0.9", 'solver = "sgd"': 'solver = "momentum"',
-                            "[eval]": "active_share = 0.5\n\n[eval]"}) + """
-[distributed]
-nproc = 2
-communication_delay = 0.001
-bandwidth = 1e8
-timeout_s = 300
-"""
+DIST = dist_recipe("dfault", timeout_s=300)
 # Enough rounds (1 to 2 s of training) that SIGTERM sent at the first metric event lands long before the end.
 ROUNDS, EVERY = 120, 20
 RESUMABLE = DIST.replace("rounds = 3", f"rounds = {ROUNDS}").replace("every = 1", f"every = {EVERY}")
@@ -84,15 +75,6 @@ def _run_dir(cwd: Path, stdout_line: str) -> Path:
     return cwd / stdout_line.strip().removeprefix("run directory: ")
 
 
-def _wait_for(predicate, timeout: float, what: str) -> None:
-    end = time.monotonic() + timeout
-    while time.monotonic() < end:
-        if predicate():
-            return
-        time.sleep(0.05)
-    raise AssertionError(f"timed out waiting for {what}")
-
-
 def _rank_pids(run_dir: Path) -> dict[int, int]:
     pids = {}
     for rank in (0, 1):
@@ -130,7 +112,7 @@ def test_sigterm_then_resume_equals_the_uninterrupted_run(tmp_path, mode):
         proc = start_cli("run", recipe, "--runs-dir", "cut", "--quiet", cwd=tmp_path)
         try:
             run_dir = _run_dir(tmp_path, proc.stdout.readline())
-            _wait_for(lambda: proc.poll() is not None or read_events(run_dir, "metric"), 120,
+            wait_for(lambda: proc.poll() is not None or read_events(run_dir, "metric"), 120,
                       "the first metric event")
             assert proc.poll() is None, f"the run ended before SIGTERM: {proc.communicate()}"
             proc.send_signal(signal.SIGTERM)
@@ -227,7 +209,7 @@ def _assert_failed_naming_rank_1(proc, out: str, err: str, after_error: float, r
     log = (run_dir / "rank1.log").read_text()  # the whole traceback stays in the rank's log
     assert "Traceback" in log and "second line of the message" in log
     for rank, pid in _rank_pids(run_dir).items():  # the agent ended both ranks: none hangs in a collective
-        _wait_for(lambda: _gone(pid), 10, f"rank {rank} (pid {pid}) to be gone")
+        wait_for(lambda: _gone(pid), 10, f"rank {rank} (pid {pid}) to be gone")
 
 
 def test_rank_raising_mid_run_fails_the_run_naming_it(tmp_path):
