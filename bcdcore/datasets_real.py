@@ -356,6 +356,35 @@ def _load_svhn(cfg: DataConfig, seed: int) -> DataBundle:
 # ----------------------------------------------------------------------------------------------------------
 # ImageNet-style class-folder trees (torchvision.datasets.ImageFolder)
 
+# Peak bytes per image value while a tree loads: the decoded uint8 images and their stacked copy (2), the float32
+# tensor of train + test (4) and the float32 split copies taken from it (4).
+_LOAD_BYTES_PER_VALUE = 10
+
+
+def available_memory() -> int | None:
+    """Bytes of memory the system can still give (MemAvailable), or None where that cannot be read."""
+    try:
+        with open("/proc/meminfo") as f:
+            for line in f:
+                if line.startswith("MemAvailable:"):
+                    return int(line.split()[1]) * 1024
+    except (OSError, ValueError, IndexError):
+        pass
+    return None
+
+
+def _check_fits_in_memory(cfg: DataConfig, folder: Path, n_images: int, size: int) -> None:
+    """Image trees are held in memory: refuse, before decoding anything, a tree that cannot fit (a full
+    ImageNet at 64x64 needs about 150 GiB while it loads) rather than be killed by the kernel halfway."""
+    need = n_images * 3 * size * size * _LOAD_BYTES_PER_VALUE
+    free = available_memory()
+    if free is not None and need > free:
+        gib = 2 ** 30
+        raise RecipeError(f"data.name = {cfg.name!r}: {n_images:,} images of {folder} at {size}x{size} need about "
+                          f"{need / gib:.1f} GiB of memory to load, {free / gib:.1f} GiB is available; lower "
+                          f"data.per_class (images per class) or data.image_size")
+
+
 def _read_tree(cfg: DataConfig, folder: Path, size: int, cap: int, seed: int,
                classes: list[str] | None = None) -> tuple[torch.Tensor, np.ndarray, list[str]]:
     """All images of a class-folder tree as uint8 (N, 3, size, size): shorter side resized to `size`, centre
@@ -384,6 +413,7 @@ def _read_tree(cfg: DataConfig, folder: Path, size: int, cap: int, seed: int,
     keep = np.arange(len(paths))
     if cap:
         keep = _per_class(labels, keep, cap, cfg, seed, strict=False)
+    _check_fits_in_memory(cfg, folder, len(keep), size)
 
     def decode(path: str) -> np.ndarray:
         with Image.open(path) as img:

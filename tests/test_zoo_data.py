@@ -196,6 +196,30 @@ def test_imagenet_class_folders(tmp_path):
         load("imagenet", tmp_path, image_size=8)
 
 
+def test_image_tree_too_big_for_memory_is_refused_before_decoding(tmp_path, monkeypatch):
+    from bcdcore import datasets_real
+
+    free = datasets_real.available_memory()
+    assert free is None or free > 0
+    classes = ["n01440764", "n01443537", "n01484850"]
+    write_image_tree(tmp_path / "imagenet" / "train", classes, per_class=6)
+    write_image_tree(tmp_path / "imagenet" / "val", classes, per_class=1, seed=1)
+    # 18 training images x 3 x 16 x 16 values x 10 bytes while loading = 138,240 bytes
+    monkeypatch.setattr(datasets_real, "available_memory", lambda: 100_000)
+    from PIL import Image
+
+    decoded, open_image = [], Image.open
+    monkeypatch.setattr(Image, "open", lambda *a, **k: decoded.append(1) or open_image(*a, **k))
+    with pytest.raises(RecipeError) as info:
+        load("imagenet", tmp_path, image_size=16)
+    message = str(info.value)
+    assert "\n" not in message and "18 images" in message and "16x16" in message
+    assert "data.per_class" in message and "data.image_size" in message
+    assert not decoded  # refused before any image was decoded
+    capped = load("imagenet", tmp_path, image_size=16, per_class=2, val_fraction=0.0)  # 6 images fit
+    assert len(capped.train) == 6
+
+
 def test_mini_imagenet_tree_gives_three_disjoint_splits(tmp_path):
     files = write_image_tree(tmp_path / "mini_imagenet" / "train", ["a", "b"], per_class=10,
                              sizes=((84, 84),))
