@@ -26,7 +26,6 @@ from bcdtui.widgets import HeatMap, KeyBar, LineChart, RecipeEditor, StatusLines
 from bcdtui.workstation import ActionError, Comparison
 
 if TYPE_CHECKING:
-    from bcdtui.app import BcdApp
     from bcdtui.workstation import Workstation
 
 FOLLOW_S = 0.1  # how often an open run (or comparison) reads its new events

@@ -303,8 +303,8 @@ def main(argv: list[str] | None = None) -> int:
 
     # table
     lines = [header, "",
-             f"| workload | elements | method | ms | GB/s | % copy | ours is Nx | note |",
-             f"|---|---:|---|---:|---:|---:|---:|---|"]
+             "| workload | elements | method | ms | GB/s | % copy | ours is Nx | note |",
+             "|---|---:|---|---:|---:|---:|---:|---|"]
     for wname, method, ms, note in rows:
         w = next(w for w in workloads if w.name == wname)
         copy_ms = results[(wname, "copy (ceiling)")]
