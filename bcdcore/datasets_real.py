@@ -27,7 +27,6 @@ import re
 import shutil
 import sysconfig
 from collections import Counter
-from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Sequence
 
@@ -37,6 +36,7 @@ import torch.nn.functional as F
 
 from bcdcore.data import (_SPLIT_STREAM, DataBundle, Split, TokenShape, _register, _split_indices, _take,
                           data_root)
+from bcdcore.image_files import ImageFiles, decode_images, file_moments, pixel_moments
 from bcdcore.recipe import CLASSIFICATION, LANGUAGE_MODEL, REGRESSION, DataConfig, RecipeError
 
 __all__ = ["AugmentedImages", "stdlib_corpus", "tokenize", "unigram_cross_entropy"]
@@ -47,6 +47,7 @@ _TEXT_STREAM = 4  # the position of the stdlib_text splits
 
 MINI_MNIST_PER_CLASS = 500  # the seed sandbox's 5k-image mini_mnist
 IMAGENET_SIZE, MINI_IMAGENET_SIZE = 64, 84
+STATS_IMAGES = 10_000  # storage = "disk": training images sampled for the normalisation statistics
 IMDB_SEQ_LEN, TEXT_SEQ_LEN = 256, 128
 PAD, UNK = 0, 1  # imdb token ids
 
@@ -101,18 +102,8 @@ def _per_class(labels: np.ndarray, pool: np.ndarray, count: int, cfg: DataConfig
 def _normalise_images(x: torch.Tensor, train_idx: np.ndarray, per_channel: bool) -> torch.Tensor:
     """(x - mean) / std with the statistics of the training rows only; x float32 (N, C, H, W), in place."""
     rows = torch.as_tensor(train_idx, dtype=torch.long)
+    mean, std = pixel_moments((x.index_select(0, chunk) for chunk in torch.split(rows, 4096)), per_channel)
     c = x.shape[1]
-    s1 = torch.zeros(c, dtype=torch.float64)
-    s2 = torch.zeros(c, dtype=torch.float64)
-    for chunk in torch.split(rows, 4096):
-        part = x.index_select(0, chunk).to(torch.float64)
-        s1 += part.sum((0, 2, 3))
-        s2 += part.pow(2).sum((0, 2, 3))
-    count = max(1, len(rows)) * x.shape[2] * x.shape[3]
-    if not per_channel:
-        s1, s2, count = s1.sum().expand(c), s2.sum().expand(c), count * c
-    mean = s1 / count
-    std = (s2 / count - mean.pow(2)).clamp_min(1e-12).sqrt()
     x.sub_(mean.float().view(1, c, 1, 1)).div_(std.float().view(1, c, 1, 1))
     return x
 
@@ -381,17 +372,16 @@ def _check_fits_in_memory(cfg: DataConfig, folder: Path, n_images: int, size: in
     if free is not None and need > free:
         gib = 2 ** 30
         raise RecipeError(f"data.name = {cfg.name!r}: {n_images:,} images of {folder} at {size}x{size} need about "
-                          f"{need / gib:.1f} GiB of memory to load, {free / gib:.1f} GiB is available; lower "
-                          f"data.per_class (images per class) or data.image_size")
+                          f"{need / gib:.1f} GiB of memory to load, {free / gib:.1f} GiB is available; set "
+                          f"data.storage = \"disk\" (decode per minibatch) or lower data.per_class or "
+                          f"data.image_size")
 
 
-def _read_tree(cfg: DataConfig, folder: Path, size: int, cap: int, seed: int,
-               classes: list[str] | None = None) -> tuple[torch.Tensor, np.ndarray, list[str]]:
-    """All images of a class-folder tree as uint8 (N, 3, size, size): shorter side resized to `size`, centre
-    crop; labels by class name (in the order of `classes` when given: the training tree's)."""
-    from PIL import Image
+def _list_tree(cfg: DataConfig, folder: Path, cap: int, seed: int,
+               classes: list[str] | None = None) -> tuple[list[str], np.ndarray, list[str]]:
+    """The image files of a class-folder tree (at most `cap` per class, seeded) and their labels by class name
+    (in the order of `classes` when given: the training tree's)."""
     from torchvision.datasets import ImageFolder
-    from torchvision.transforms import functional as TF
 
     try:
         tree = ImageFolder(str(folder))
@@ -413,20 +403,38 @@ def _read_tree(cfg: DataConfig, folder: Path, size: int, cap: int, seed: int,
     keep = np.arange(len(paths))
     if cap:
         keep = _per_class(labels, keep, cap, cfg, seed, strict=False)
-    _check_fits_in_memory(cfg, folder, len(keep), size)
+    return [paths[i] for i in keep], labels[keep], classes
 
-    def decode(path: str) -> np.ndarray:
-        with Image.open(path) as img:
-            img = TF.center_crop(TF.resize(img.convert("RGB"), size), [size, size])
-            return np.asarray(img, dtype=np.uint8).transpose(2, 0, 1)
 
+def _decode_tree(cfg: DataConfig, folder: Path, paths: list[str], size: int) -> torch.Tensor:
+    """uint8 (N, 3, size, size) of a tree's images, refused up front when they cannot fit in memory."""
+    _check_fits_in_memory(cfg, folder, len(paths), size)
     try:
-        with ThreadPoolExecutor(max_workers=8) as pool:
-            images = list(pool.map(decode, [paths[i] for i in keep]))
+        return decode_images(paths, size)
     except OSError as exc:
         raise _failed(cfg, folder, exc) from None
-    x = torch.from_numpy(np.stack(images)) if images else torch.zeros((0, 3, size, size), dtype=torch.uint8)
-    return x, labels[keep], classes
+
+
+def _files_bundle(cfg: DataConfig, train: tuple[list[str], np.ndarray], val: tuple[list[str], np.ndarray],
+                  test: tuple[list[str], np.ndarray], n_classes: int, size: int, seed: int) -> DataBundle:
+    """Splits that stay on disk (`storage = "disk"`): paths and labels, normalised with the per-channel
+    statistics of (a seeded sample of at most STATS_IMAGES of) the training images."""
+    paths = train[0]
+    if len(paths) > STATS_IMAGES:
+        pick = np.random.default_rng((seed, _SUBSET_STREAM)).choice(len(paths), STATS_IMAGES, replace=False)
+        paths = [paths[i] for i in np.sort(pick)]
+    try:
+        mean, std = file_moments(paths, size)
+    except OSError as exc:
+        raise _failed(cfg, Path(paths[0]).parent.parent, exc) from None
+    split = lambda part: Split(ImageFiles(part[0], size, mean, std),  # noqa: E731
+                               torch.as_tensor(part[1], dtype=torch.int64))
+    return DataBundle(name=cfg.name, task=CLASSIFICATION, input_shape=(3, size, size), n_outputs=n_classes,
+                      train=split(train), val=split(val), test=split(test))
+
+
+def _pick(part: tuple[list[str], np.ndarray], idx: np.ndarray) -> tuple[list[str], np.ndarray]:
+    return [part[0][i] for i in idx], part[1][idx]
 
 
 @_register("imagenet")
@@ -439,9 +447,15 @@ def _load_imagenet(cfg: DataConfig, seed: int) -> DataBundle:
         raise _missing(cfg, base, ["train/<class>/<image>", "val/<class>/<image> (val sorted into class folders)"],
                        downloadable=False)
     size = cfg.image_size or IMAGENET_SIZE
-    x_tr, y_tr, classes = _read_tree(cfg, base / "train", size, cfg.per_class, seed)
-    x_te, y_te, _ = _read_tree(cfg, base / "val", size, 0, seed, classes=classes)
+    tr_paths, y_tr, classes = _list_tree(cfg, base / "train", cfg.per_class, seed)
+    te_paths, y_te, _ = _list_tree(cfg, base / "val", 0, seed, classes=classes)
     idx = _carve(np.arange(len(y_tr)), y_tr, cfg, seed)
+    if cfg.storage == "disk":
+        tree = (tr_paths, y_tr)
+        return _files_bundle(cfg, _pick(tree, idx[0]), _pick(tree, idx[1]), (te_paths, y_te), len(classes),
+                             size, seed)
+    x_tr = _decode_tree(cfg, base / "train", tr_paths, size)
+    x_te = _decode_tree(cfg, base / "val", te_paths, size)
     return _image_bundle(cfg, x_tr, y_tr, x_te, y_te, idx, len(classes), per_channel=True)
 
 
@@ -454,8 +468,13 @@ def _load_mini_imagenet(cfg: DataConfig, seed: int) -> DataBundle:
                               f"<class>/<image> in {folder}")
         raise _missing(cfg, folder, ["<class>/<image> (one folder per class)"], downloadable=False)
     size = cfg.image_size or MINI_IMAGENET_SIZE
-    x, y, classes = _read_tree(cfg, folder, size, cfg.per_class, seed)
+    paths, y, classes = _list_tree(cfg, folder, cfg.per_class, seed)
     train_idx, val_idx, test_idx = _split_indices(len(y), cfg, seed, labels=y)
+    if cfg.storage == "disk":
+        tree = (paths, y)
+        return _files_bundle(cfg, _pick(tree, train_idx), _pick(tree, val_idx), _pick(tree, test_idx),
+                             len(classes), size, seed)
+    x = _decode_tree(cfg, folder, paths, size)
     # no official test split: all three come from the one tree (the test rows ride in the "test file" slot)
     bundle = _image_bundle(cfg, x[torch.as_tensor(np.concatenate([train_idx, val_idx]))],
                            y[np.concatenate([train_idx, val_idx])], x[torch.as_tensor(test_idx)], y[test_idx],

@@ -78,8 +78,11 @@ def fixed_batch(x: Tensor, y: Tensor, size: int = 256, seed: int = 0) -> tuple[T
     the same batch for the same data and seed, without touching the global random state."""
     n = len(x)
     if n <= size:
-        return x, y
-    idx = torch.randperm(n, generator=torch.Generator().manual_seed(seed))[:size].to(x.device)
+        if isinstance(x, Tensor):
+            return x, y
+        idx = torch.arange(n, device=x.device)  # a split kept on disk (bcdcore.image_files): decode it
+    else:
+        idx = torch.randperm(n, generator=torch.Generator().manual_seed(seed))[:size].to(x.device)
     return x.index_select(0, idx), y.index_select(0, idx)
 
 

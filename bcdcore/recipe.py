@@ -61,9 +61,9 @@ DATASETS: dict[str, DatasetSpec] = {
     "cifar100": DatasetSpec(CLASSIFICATION, ("augment",), files="cifar-100-python/{train,test,meta}",
                             official_test=True),
     "svhn": DatasetSpec(CLASSIFICATION, files="svhn/{train,test}_32x32.mat", official_test=True),
-    "imagenet": DatasetSpec(CLASSIFICATION, ("image_size", "per_class"),
+    "imagenet": DatasetSpec(CLASSIFICATION, ("image_size", "per_class", "storage"),
                             files="imagenet/{train,val}/<class>/<image>", official_test=True),
-    "mini_imagenet": DatasetSpec(CLASSIFICATION, ("image_size", "per_class"),
+    "mini_imagenet": DatasetSpec(CLASSIFICATION, ("image_size", "per_class", "storage"),
                                  files="mini_imagenet/train/<class>/<image>"),
     "imdb": DatasetSpec(CLASSIFICATION, ("seq_len", "vocab_size"), inputs=TOKENS,
                         files="aclImdb/{train,test}/{pos,neg}/*.txt", official_test=True),
@@ -72,7 +72,7 @@ DATASETS: dict[str, DatasetSpec] = {
     "stdlib_text": DatasetSpec(LANGUAGE_MODEL, ("seq_len", "corpus_chars"), inputs=TOKENS),
 }
 DATASET_OPTION_KEYS = ("image_size", "channels", "n_samples", "n_features", "noise", "per_class", "augment",
-                       "seq_len", "vocab_size", "corpus_chars")
+                       "seq_len", "vocab_size", "corpus_chars", "storage")
 
 MODELS = ("mlp", "linear", "cnn", "residual_cnn", "block_linear", "resnet18", "resnet34", "nanogpt",
           "mlp_ensemble", "cnn_ensemble", "text_classifier")
@@ -138,6 +138,7 @@ class DataConfig:
     seq_len: int = 0  # imdb: tokens per review (0 = 256); stdlib_text: characters per window (0 = 128)
     vocab_size: int = 20000  # imdb: words kept, including <pad> and <unk>
     corpus_chars: int = 1_000_000  # stdlib_text: characters of standard-library source read
+    storage: str = "memory"  # imagenet, mini_imagenet: "memory" (decoded once) | "disk" (decoded per minibatch)
 
 
 @dataclass
@@ -551,6 +552,7 @@ class _Validator:
                 accepted = ", ".join(spec.options) or "none"
                 raise self.fail(f"data.{key}", f"does not apply to dataset {r.data.name!r} "
                                                f"(its options: {accepted}); remove it")
+        self.choice("data.storage", r.data.storage, ("memory", "disk"))
         need(r.data.image_size >= 0, "data.image_size", f"must be >= 0 (0 = native), got {r.data.image_size}")
         need(r.data.channels in (1, 3), "data.channels", f"must be 1 or 3, got {r.data.channels}")
         need(r.data.n_samples >= 20, "data.n_samples", f"must be >= 20, got {r.data.n_samples}")

@@ -214,7 +214,7 @@ def test_image_tree_too_big_for_memory_is_refused_before_decoding(tmp_path, monk
         load("imagenet", tmp_path, image_size=16)
     message = str(info.value)
     assert "\n" not in message and "18 images" in message and "16x16" in message
-    assert "data.per_class" in message and "data.image_size" in message
+    assert "data.per_class" in message and "data.image_size" in message and 'data.storage = "disk"' in message
     assert not decoded  # refused before any image was decoded
     capped = load("imagenet", tmp_path, image_size=16, per_class=2, val_fraction=0.0)  # 6 images fit
     assert len(capped.train) == 6
