@@ -28,6 +28,9 @@ class BatchStream:
         idx = self.order[self.position:self.position + self.batch_size].to(self.x.device)
         self.position += self.batch_size
         xb = self.x.index_select(0, idx)
+        prefetch = getattr(self.x, "prefetch", None)  # splits decoded from files (bcdcore.image_files)
+        if prefetch is not None and self.position + self.batch_size <= len(self.order):
+            prefetch(self.order[self.position:self.position + self.batch_size].tolist())
         if xb.dim() == 4:
             # Image batches go out channels-last: convolution, pooling and batch norm run much faster in it
             # (max-pool about 5x on CPU), and the values computed are the same operations.

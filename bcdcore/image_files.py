@@ -9,7 +9,8 @@ to `size`, centre crop), scale to [0, 1], subtract the mean and divide by the st
 from __future__ import annotations
 
 import os
-from concurrent.futures import ThreadPoolExecutor
+from collections import OrderedDict
+from concurrent.futures import Future, ThreadPoolExecutor
 from typing import Iterable, Sequence
 
 import numpy as np
@@ -17,6 +18,8 @@ import torch
 from torch import Tensor
 
 _POOL: ThreadPoolExecutor | None = None
+_AHEAD: ThreadPoolExecutor | None = None
+KEEP_AHEAD = 4  # decoded minibatches kept for later per split (each block's stream prefetches its next one)
 
 
 def _pool() -> ThreadPoolExecutor:
@@ -25,6 +28,14 @@ def _pool() -> ThreadPoolExecutor:
     if _POOL is None:
         _POOL = ThreadPoolExecutor(max_workers=min(8, os.cpu_count() or 1), thread_name_prefix="bcd-decode")
     return _POOL
+
+
+def _ahead() -> ThreadPoolExecutor:
+    """One thread that runs prefetches; it waits on the decoding pool, never inside it (no deadlock)."""
+    global _AHEAD
+    if _AHEAD is None:
+        _AHEAD = ThreadPoolExecutor(max_workers=1, thread_name_prefix="bcd-prefetch")
+    return _AHEAD
 
 
 def decode_image(path: str, size: int) -> np.ndarray:
@@ -72,11 +83,13 @@ class ImageFiles:
     """The images of one split as files; rows are decoded and normalised when asked for."""
 
     def __init__(self, paths: Sequence[str], size: int, mean: Tensor, std: Tensor,
-                 device: torch.device | str = "cpu") -> None:
+                 device: torch.device | str = "cpu", prefetching: bool = True) -> None:
         self.paths = list(paths)
         self.size = int(size)
         self.mean, self.std = mean.to(torch.float64), std.to(torch.float64)
         self.device = torch.device(device)
+        self.prefetching = prefetching
+        self._ahead: OrderedDict[tuple[int, ...], Future] = OrderedDict()
 
     # --- the parts of the Tensor interface the engine uses
     @property
@@ -90,7 +103,7 @@ class ImageFiles:
         return 4
 
     def to(self, device: torch.device | str) -> "ImageFiles":
-        return ImageFiles(self.paths, self.size, self.mean, self.std, device)
+        return ImageFiles(self.paths, self.size, self.mean, self.std, device, self.prefetching)
 
     def index_select(self, dim: int, index: Tensor) -> Tensor:
         if dim != 0:
@@ -107,7 +120,23 @@ class ImageFiles:
 
     # --- decoding
     def rows(self, rows: Sequence[int]) -> Tensor:
-        """float32 (len(rows), 3, size, size) on this split's device, normalised."""
-        x = decode_images([self.paths[i] for i in rows], self.size).to(torch.float32).div_(255.0)
-        x.sub_(self.mean.float().view(1, 3, 1, 1)).div_(self.std.float().view(1, 3, 1, 1))
+        """float32 (len(rows), 3, size, size) on this split's device, normalised (taken from a prefetch of
+        exactly these rows when there is one: the same function computed it, so the values are the same)."""
+        key = tuple(int(i) for i in rows)
+        pending = self._ahead.pop(key, None)
+        x = pending.result() if pending is not None else self._decode(key)
         return x.to(self.device)
+
+    def prefetch(self, rows: Sequence[int]) -> None:
+        """Start decoding `rows` in the background (BatchStream calls this with its next minibatch), so the
+        decoding overlaps the training step that comes before it."""
+        key = tuple(int(i) for i in rows)
+        if not self.prefetching or key in self._ahead:
+            return
+        self._ahead[key] = _ahead().submit(self._decode, key)
+        while len(self._ahead) > KEEP_AHEAD:
+            self._ahead.popitem(last=False)[1].cancel()  # the oldest: that stream moved on without it
+
+    def _decode(self, rows: tuple[int, ...]) -> Tensor:
+        x = decode_images([self.paths[i] for i in rows], self.size).to(torch.float32).div_(255.0)
+        return x.sub_(self.mean.float().view(1, 3, 1, 1)).div_(self.std.float().view(1, 3, 1, 1))

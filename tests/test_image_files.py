@@ -3,6 +3,7 @@ the data, the minibatches and the training run that the in-memory splits give, o
 from __future__ import annotations
 
 import json
+import threading
 from pathlib import Path
 
 import numpy as np
@@ -61,6 +62,31 @@ def test_minibatches_and_the_fixed_measurement_batch_are_the_same(root):
         (xm, ym), (xd, yd) = fixed_batch(memory.train.x, memory.train.y, size, 3), \
             fixed_batch(disk.train.x, disk.train.y, size, 3)
         assert isinstance(xd, torch.Tensor) and torch.equal(xd, xm) and torch.equal(yd, ym)
+
+
+def test_each_stream_prefetches_its_next_minibatch_and_takes_it(root, monkeypatch):
+    from bcdcore import image_files
+
+    _, disk = _both("imagenet", root, image_size=12)
+    files = disk.train.x
+    synchronous = []
+    decode = files._decode
+    on_caller = lambda: threading.current_thread() is threading.main_thread()  # noqa: E731
+    monkeypatch.setattr(files, "_decode", lambda rows: (on_caller() and synchronous.append(rows)) or decode(rows))
+    streams = [BatchStream(files, disk.train.y, 4, seed) for seed in (1, 2)]
+    plain = ImageFiles(files.paths, files.size, files.mean, files.std, prefetching=False)
+    twins = [BatchStream(plain, disk.train.y, 4, seed) for seed in (1, 2)]
+    for _ in range(3):
+        for stream, twin in zip(streams, twins):
+            expected = tuple(stream.order[stream.position:stream.position + 4].tolist())
+            (x, y), (x_plain, y_plain) = stream.next(), twin.next()
+            assert torch.equal(x, x_plain) and torch.equal(y, y_plain)
+            upcoming = tuple(stream.order[stream.position:stream.position + 4].tolist())
+            assert upcoming in files._ahead  # the next minibatch is being decoded already
+            assert expected not in files._ahead  # and the one just taken was consumed
+    assert len(files._ahead) <= image_files.KEEP_AHEAD
+    # 3 minibatches of 5 per epoch for each stream: only each stream's first was decoded on the caller's thread
+    assert len(synchronous) == 2
 
 
 def test_statistics_come_from_the_training_images_only(root):
