@@ -9,7 +9,8 @@
 #    runner executes the same test functions),
 # 3. runs the quickstart recipe on the GPU with ops backend cuda and reference and compares the metrics
 #    (bench/gpu_engine_check.py),
-# 4. runs bench/kernel.py --device cuda,
+# 4. times Algorithm 1's rounds against a naive implementation (bench/round_throughput.py --device cuda),
+# 5. runs bench/kernel.py --device cuda,
 # and prints the bench table last. Exit status: non-zero when the build, the tests or the runs failed.
 # With SAVE_DIR set, the logs, the bench table and the built extensions are copied there.
 set -u -o pipefail
@@ -133,6 +134,11 @@ fi
 
 echo "== engine: recipes/quickstart.toml on the GPU, ops backend cuda vs reference"
 $PY bench/gpu_engine_check.py "$out/runs" || status=1
+
+echo "== rounds: $PY bench/round_throughput.py --device cuda (Algorithm 1 vs a naive implementation)"
+timeout 180 $PY bench/round_throughput.py --device cuda --rounds 10 --warmup 2 >"$out/rounds.log" 2>&1 \
+  || echo "round_throughput failed or ran past 180 s (see rounds.log)"
+sed -n '/^candidate/,/^best speedup/p' "$out/rounds.log"
 
 echo "== bench: $PY bench/kernel.py --device cuda"
 $PY bench/kernel.py --device cuda --out "$out/table.md" >"$out/bench.log" 2>&1 || { status=1; tail -n 30 "$out/bench.log"; }
