@@ -52,5 +52,9 @@ def stream_seed(seed: int, stream: int) -> int:
 
 
 def eval_batches(x: Tensor, y: Tensor, batch_size: int):
+    prefetch = getattr(x, "prefetch", None)  # splits decoded from files: decode the next batch meanwhile
     for start in range(0, len(x), batch_size):
-        yield x[start:start + batch_size], y[start:start + batch_size]
+        xb = x[start:start + batch_size]
+        if prefetch is not None and start + batch_size < len(x):
+            prefetch(range(start + batch_size, min(start + 2 * batch_size, len(x))))
+        yield xb, y[start:start + batch_size]

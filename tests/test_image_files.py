@@ -10,7 +10,7 @@ import numpy as np
 import pytest
 import torch
 
-from bcdcore.batches import BatchStream
+from bcdcore.batches import BatchStream, eval_batches
 from bcdcore.data import load_data
 from bcdcore.image_files import ImageFiles, file_moments
 from bcdcore.measure import fixed_batch
@@ -87,6 +87,19 @@ def test_each_stream_prefetches_its_next_minibatch_and_takes_it(root, monkeypatc
     assert len(files._ahead) <= image_files.KEEP_AHEAD
     # 3 minibatches of 5 per epoch for each stream: only each stream's first was decoded on the caller's thread
     assert len(synchronous) == 2
+
+
+def test_evaluation_batches_prefetch_the_next_one(root):
+    memory, disk = _both("imagenet", root, image_size=12)
+    files = disk.train.x
+    seen = []
+    for (xm, ym), (xd, yd) in zip(eval_batches(memory.train.x, memory.train.y, 8),
+                                  eval_batches(files, disk.train.y, 8)):
+        assert torch.equal(xm, xd) and torch.equal(ym, yd)
+        seen.append(set(files._ahead))
+    n = len(files)
+    assert seen[0] == {tuple(range(8, 16))} and seen[-1] == set()  # taken as they come; none past the end
+    assert sum(len(b) for b, _ in eval_batches(files, disk.train.y, 8)) == n
 
 
 def test_statistics_come_from_the_training_images_only(root):
