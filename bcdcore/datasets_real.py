@@ -36,7 +36,7 @@ import torch.nn.functional as F
 
 from bcdcore.data import (_SPLIT_STREAM, DataBundle, Split, TokenShape, _register, _split_indices, _take,
                           data_root)
-from bcdcore.image_files import ImageFiles, decode_images, file_moments, pixel_moments
+from bcdcore.image_files import ImageFiles, decode_images, file_moments, normalise_, pixel_moments, unit_scale
 from bcdcore.recipe import CLASSIFICATION, LANGUAGE_MODEL, REGRESSION, DataConfig, RecipeError
 
 __all__ = ["AugmentedImages", "stdlib_corpus", "tokenize", "unigram_cross_entropy"]
@@ -103,9 +103,7 @@ def _normalise_images(x: torch.Tensor, train_idx: np.ndarray, per_channel: bool)
     """(x - mean) / std with the statistics of the training rows only; x float32 (N, C, H, W), in place."""
     rows = torch.as_tensor(train_idx, dtype=torch.long)
     mean, std = pixel_moments((x.index_select(0, chunk) for chunk in torch.split(rows, 4096)), per_channel)
-    c = x.shape[1]
-    x.sub_(mean.float().view(1, c, 1, 1)).div_(std.float().view(1, c, 1, 1))
-    return x
+    return normalise_(x, mean, std)
 
 
 def _resize(x: torch.Tensor, size: int) -> torch.Tensor:
@@ -123,7 +121,7 @@ def _image_bundle(cfg: DataConfig, x_train: torch.Tensor, y_train: np.ndarray, x
     """Images (uint8 N, C, H, W) of the official train file cut into train/val by `idx`, and the test file:
     scaled to [0, 1], normalised with train statistics, resized, channel-repeated, flattened."""
     train_idx, val_idx = idx
-    x_all = torch.cat([x_train, x_test]).to(torch.float32).div_(255.0)
+    x_all = unit_scale(torch.cat([x_train, x_test]))
     x_all = _resize(x_all, image_size)
     _normalise_images(x_all, train_idx, per_channel)
     if channels and channels != x_all.shape[1]:
@@ -642,7 +640,6 @@ def _load_stdlib_text(cfg: DataConfig, seed: int) -> DataBundle:
             "chars": {"train": len(parts[0]), "val": len(parts[1]), "test": len(parts[2])}, "offset": start}
     return DataBundle(name=cfg.name, task=LANGUAGE_MODEL, input_shape=TokenShape((seq_len,), len(vocab)),
                       n_outputs=len(vocab), train=train, val=val, test=test, vocab=vocab, info=info)
-
 
 
 def augmentation_generator(x: torch.Tensor) -> torch.Generator | None:

@@ -54,6 +54,18 @@ def decode_images(paths: Sequence[str], size: int) -> Tensor:
     return torch.from_numpy(np.stack(images)) if images else torch.zeros((0, 3, size, size), dtype=torch.uint8)
 
 
+def unit_scale(images: Tensor) -> Tensor:
+    """uint8 images as float32 in [0, 1]: the one conversion both storage paths use."""
+    return images.to(torch.float32).div_(255.0)
+
+
+def normalise_(x: Tensor, mean: Tensor, std: Tensor) -> Tensor:
+    """(x - mean) / std per channel, in place, rounded as float32: the one normalisation both storage paths use,
+    which is what makes their rows equal bit for bit."""
+    shape = (1, x.shape[1], 1, 1)
+    return x.sub_(mean.float().view(shape)).div_(std.float().view(shape))
+
+
 def pixel_moments(chunks: Iterable[Tensor], per_channel: bool = True) -> tuple[Tensor, Tensor]:
     """Mean and std (float64, one per channel) of the values of float32 (n, C, H, W) chunks, summed in float64
     chunk by chunk; shared by the in-memory and the on-disk paths so both normalise alike."""
@@ -75,8 +87,7 @@ def pixel_moments(chunks: Iterable[Tensor], per_channel: bool = True) -> tuple[T
 
 def file_moments(paths: Sequence[str], size: int, chunk: int = 1024) -> tuple[Tensor, Tensor]:
     """Per-channel mean and std of the [0, 1] pixel values of `paths`, `chunk` images decoded at a time."""
-    return pixel_moments(decode_images(paths[i:i + chunk], size).to(torch.float32).div_(255.0)
-                         for i in range(0, len(paths), chunk))
+    return pixel_moments(unit_scale(decode_images(paths[i:i + chunk], size)) for i in range(0, len(paths), chunk))
 
 
 class ImageFiles:
@@ -138,5 +149,4 @@ class ImageFiles:
             self._ahead.popitem(last=False)[1].cancel()  # the oldest: that stream moved on without it
 
     def _decode(self, rows: tuple[int, ...]) -> Tensor:
-        x = decode_images([self.paths[i] for i in rows], self.size).to(torch.float32).div_(255.0)
-        return x.sub_(self.mean.float().view(1, 3, 1, 1)).div_(self.std.float().view(1, 3, 1, 1))
+        return normalise_(unit_scale(decode_images([self.paths[i] for i in rows], self.size)), self.mean, self.std)
