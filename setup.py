@@ -33,14 +33,11 @@ def get_extensions():
         say("no C++ compiler found; not building the compiled ops (the engine uses the reference backend)")
         return []
 
-    cxx = ["-O3", "-ffp-contract=off", "-fno-math-errno", "-fno-trapping-math"]
+    cxx = list(_toolchain.CXX_FLAGS)
     link = _toolchain.libstdcxx_link_args()
     if link:
         say(f"the C++ compiler has no shared libstdc++; linking torch's {link[0]}")
-    cpu_cxx, cpu_link = list(cxx), list(link)
-    if sys.platform.startswith("linux"):
-        cpu_cxx.append("-fopenmp")
-        cpu_link.append("-fopenmp")
+    cpu_cxx, cpu_link = cxx + _toolchain.openmp_flags(), link + _toolchain.openmp_flags()
     exts = [cpp_extension.CppExtension("bcdcore._C", ["csrc/fused_cpu.cpp"],
                                        extra_compile_args={"cxx": cpu_cxx}, extra_link_args=cpu_link)]
 
@@ -67,7 +64,7 @@ def get_extensions():
                 say(f"no GPU visible: building for TORCH_CUDA_ARCH_LIST={os.environ['TORCH_CUDA_ARCH_LIST']}")
             exts.append(cpp_extension.CUDAExtension(
                 "bcdcore._C_cuda", ["csrc/fused_cuda_bind.cpp", "csrc/fused_cuda.cu"],
-                extra_compile_args={"cxx": list(cxx), "nvcc": ["-O3", "-fmad=false", "-lineinfo"]},
+                extra_compile_args={"cxx": list(cxx), "nvcc": list(_toolchain.NVCC_FLAGS)},
                 extra_link_args=list(link)))
     return exts
 

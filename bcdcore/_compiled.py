@@ -37,9 +37,6 @@ _CSRC = Path(__file__).resolve().parent.parent / "csrc"
 CPU_SOURCES = ("fused_cpu.cpp",)
 CUDA_SOURCES = ("fused_cuda_bind.cpp", "fused_cuda.cu")
 _HEADERS = ("fused_bind.h", "fused_common.h", "fused_job.h", "fused_cpu_impl.h", "fused_cuda.h")
-# keep in step with get_extensions() in setup.py
-CXX_FLAGS = ["-O3", "-ffp-contract=off", "-fno-math-errno", "-fno-trapping-math"]
-NVCC_FLAGS = ["-O3", "-fmad=false", "-lineinfo"]
 
 cpu_module: ModuleType | None = None
 cuda_module: ModuleType | None = None
@@ -84,10 +81,10 @@ def _jit(kind: str) -> ModuleType | None:
     if missing:
         _reasons.append(f"JIT build of the {kind} ops impossible: {', '.join(missing)} not found in {_CSRC}")
         return None
-    flags = CXX_FLAGS + (["-fopenmp"] if kind == "cpu" and sys.platform.startswith("linux") else [])
+    flags = list(_toolchain.CXX_FLAGS) + (_toolchain.openmp_flags() if kind == "cpu" else [])
     key = list(flags)
     if kind == "cuda":  # the GPU architectures built for: the visible devices (or TORCH_CUDA_ARCH_LIST)
-        key += NVCC_FLAGS + [os.environ.get("TORCH_CUDA_ARCH_LIST", "")]
+        key += list(_toolchain.NVCC_FLAGS) + [os.environ.get("TORCH_CUDA_ARCH_LIST", "")]
         key += [str(torch.cuda.get_device_capability(i)) for i in range(torch.cuda.device_count())]
     digest = _digest(sources, key)
     name = f"bcdcore_fused_{kind}_{digest}"
@@ -114,7 +111,7 @@ def _jit(kind: str) -> ModuleType | None:
                 return None
             cpp_extension.CUDA_HOME = home
             os.environ.setdefault("CUDA_HOME", home)
-            kwargs["extra_cuda_cflags"] = list(NVCC_FLAGS)
+            kwargs["extra_cuda_cflags"] = list(_toolchain.NVCC_FLAGS)
         if not any(build_dir.glob(f"{name}*.so")):
             log.warning("bcdcore: compiling the %s fused ops once (a minute or two); cached in %s", kind, build_dir)
         module = cpp_extension.load(

@@ -7,6 +7,16 @@ import shutil
 import subprocess
 import sys
 
+# The compiler flags of csrc/, for setup.py and the JIT build alike: no fused multiply-add anywhere, so the
+# kernels round every operation as the reference does.
+CXX_FLAGS = ("-O3", "-ffp-contract=off", "-fno-math-errno", "-fno-trapping-math")
+NVCC_FLAGS = ("-O3", "-fmad=false", "-lineinfo")
+
+
+def openmp_flags() -> list[str]:
+    """-fopenmp for the CPU module's compile and link where GCC-style OpenMP is expected (Linux)."""
+    return ["-fopenmp"] if sys.platform.startswith("linux") else []
+
 
 def cuda_home(torch_guess: str | None = None) -> str | None:
     """A CUDA toolkit root that has bin/nvcc, include/cuda_runtime.h and libcudart. CUDA_HOME / CUDA_PATH win
