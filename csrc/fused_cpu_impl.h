@@ -11,24 +11,21 @@
 constexpr int64_t kTask = 16384;
 constexpr int64_t kSub = 512;
 
+// Storage type S as read and written, math type M as computed in; float and double are both.
+template <typename T>
+struct IoSame {
+  using S = T;
+  using M = T;
+  static inline M ld(const S* p, int64_t i) { return p[i]; }
+  static inline void st(S* p, int64_t i, M v) { p[i] = v; }
+};
+
 template <typename T>
 struct Io;
-
 template <>
-struct Io<float> {
-  using S = float;
-  using M = float;
-  static inline M ld(const S* p, int64_t i) { return p[i]; }
-  static inline void st(S* p, int64_t i, M v) { p[i] = v; }
-};
-
+struct Io<float> : IoSame<float> {};
 template <>
-struct Io<double> {
-  using S = double;
-  using M = double;
-  static inline M ld(const S* p, int64_t i) { return p[i]; }
-  static inline void st(S* p, int64_t i, M v) { p[i] = v; }
-};
+struct Io<double> : IoSame<double> {};
 
 struct BF16Tag {};
 struct F16Tag {};

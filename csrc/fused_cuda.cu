@@ -34,24 +34,21 @@ constexpr int kMaxDevices = 64;
 struct BF16Tag {};
 struct F16Tag {};
 
+// Storage type S as read and written, math type M as computed in; float and double are both.
+template <typename T>
+struct IoSame {
+  using S = T;
+  using M = T;
+  __device__ __forceinline__ static M ld(S v) { return v; }
+  __device__ __forceinline__ static S st(M v) { return v; }
+};
+
 template <typename T>
 struct Io;
-
 template <>
-struct Io<float> {
-  using S = float;
-  using M = float;
-  __device__ __forceinline__ static M ld(S v) { return v; }
-  __device__ __forceinline__ static S st(M v) { return v; }
-};
-
+struct Io<float> : IoSame<float> {};
 template <>
-struct Io<double> {
-  using S = double;
-  using M = double;
-  __device__ __forceinline__ static M ld(S v) { return v; }
-  __device__ __forceinline__ static S st(M v) { return v; }
-};
+struct Io<double> : IoSame<double> {};
 
 template <>
 struct Io<BF16Tag> {
