@@ -1,5 +1,8 @@
 import sys
 
-from bcdcore.cli import main
+try:
+    from bcdcore.cli import main
+except KeyboardInterrupt:  # Ctrl-C while Python starts: no traceback
+    sys.exit(130)
 
 sys.exit(main())

@@ -41,9 +41,18 @@ class BatchStream:
         return {"generator": self.generator.get_state(), "order": self.order, "position": self.position}
 
     def load_state_dict(self, state: dict) -> None:
+        order, position = state["order"], state["position"]
+        # a checkpoint is checked before use: an order that is not a permutation of this split would index
+        # outside it many rounds later
+        if (not isinstance(order, Tensor) or order.dtype != torch.long or order.dim() != 1
+                or len(order) not in (0, self.n)
+                or (len(order) and (int(order.min()) < 0 or int(order.max()) >= self.n))):
+            raise ValueError(f"a minibatch order that is not a permutation of the {self.n} training samples")
+        if not isinstance(position, int) or not 0 <= position <= len(order):
+            raise ValueError(f"a minibatch position {position!r} outside its order of {len(order)}")
         self.generator.set_state(state["generator"])
-        self.order = state["order"]
-        self.position = state["position"]
+        self.order = order
+        self.position = position
 
 
 def stream_seed(seed: int, stream: int) -> int:

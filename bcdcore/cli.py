@@ -4,16 +4,17 @@ from __future__ import annotations
 import argparse
 import logging
 import os
+import signal
 import sys
 from pathlib import Path
 
-from bcdcore.recipe import RecipeError, expand_grid, load_recipe
-from bcdcore.rundir import default_runs_dir, effective_state, list_runs, read_events, read_status
+from bcdcore.recipe import RecipeError, expand_grid, load_recipe, os_reason
+from bcdcore.rundir import RunLockedError, default_runs_dir, effective_state, list_runs, read_events, read_status
 
 
 def _parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="bcdcore", description="Block coordinate descent workstation engine")
-    sub = parser.add_subparsers(dest="command", required=True)
+    parser = _Parser(prog="bcdcore", description="Block coordinate descent workstation engine")
+    sub = parser.add_subparsers(dest="command", required=True, parser_class=_Parser)
 
     run = sub.add_parser("run", help="run one recipe")
     run.add_argument("recipe", nargs="?", help="recipe .toml (omit with --resume)")
@@ -56,19 +57,52 @@ def _parser() -> argparse.ArgumentParser:
     return parser
 
 
+class _Parser(argparse.ArgumentParser):
+    """Usage errors as one line (argparse's default prints the whole usage block first)."""
+
+    def error(self, message: str) -> None:
+        self.exit(2, f"error: {self.prog}: {message} (see {self.prog} --help)\n")
+
+
+# Exit codes (DESIGN "Processes"): 0 done, 2 bad input (nothing was written), 1 a failure during a run,
+# 128+signal when killed. Every error is one line on stderr; BCD_DEBUG=1 adds the traceback.
+EXIT_BAD_INPUT, EXIT_FAILED = 2, 1
+
+
 def main(argv: list[str] | None = None) -> int:
     args = _parser().parse_args(argv)
     logging.basicConfig(level=logging.WARNING, format="%(levelname)s: %(message)s")
+    commands = {"run": cmd_run, "check": cmd_check, "ls": cmd_ls, "sweep": cmd_sweep, "plot": cmd_plot,
+                "export": cmd_export}
     try:
-        commands = {"run": cmd_run, "check": cmd_check, "ls": cmd_ls, "sweep": cmd_sweep, "plot": cmd_plot,
-                    "export": cmd_export}
         return commands[args.command](args)
-    except RecipeError as exc:
-        print(f"error: {exc}", file=sys.stderr)
-        return 2
+    except (RecipeError, RunLockedError) as exc:
+        return _fail(f"error: {exc}", EXIT_BAD_INPUT)
     except BrokenPipeError:  # output piped into `head` and friends
         sys.stderr.close()
         return 0
+    except KeyboardInterrupt:
+        return _fail("interrupted (Ctrl-C); nothing was left running", 128 + signal.SIGINT)
+    except OSError as exc:  # the environment refused (a file, a folder, the disk) before or after any run
+        return _fail(f"error: {os_reason(exc)}", EXIT_BAD_INPUT)
+    except MemoryError:
+        return _fail("error: out of memory; use a smaller model, batch_size or dataset", EXIT_FAILED)
+    except Exception as exc:  # a bug of ours, still as one line: the run directory (if any) records its state
+        lines = [line for line in str(exc).splitlines() if line.strip()]
+        return _fail(f"error: internal error: {type(exc).__name__}: {lines[0] if lines else ''} "
+                     "(set BCD_DEBUG=1 for the traceback)", EXIT_FAILED)
+
+
+def _fail(line: str, code: int) -> int:
+    if os.environ.get("BCD_DEBUG"):
+        import traceback
+
+        traceback.print_exc()
+    try:
+        print(line, file=sys.stderr, flush=True)
+    except (OSError, ValueError):
+        pass
+    return code
 
 
 def cmd_check(args) -> int:

@@ -310,7 +310,7 @@ def _finish(run_dir: Path, failure: str | None, code: int | None) -> tuple[int, 
     if failure is not None or state not in ("finished", "killed", "failed"):
         # rank 0 could not finish the record (it died, or it raised and left the end to us)
         reason = failure or f"the ranks ended without a final state (exit code {code})"
-        rd = RunDir.open(run_dir)
+        rd = RunDir.open(run_dir, lock=False)  # the launcher (this process) holds the lock
         ends = read_events(run_dir, "end")
         if not ends or failure is not None:
             rd.event("end", state="failed", reason=reason)

@@ -8,6 +8,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from bcdcore.checkpoint import load_checkpoint
 from bcdcore.recipe import load_recipe
 from bcdcore.run import prepare
 
@@ -25,9 +26,12 @@ def load_trained(run_dir: Path):
         raise ExportError(f"{run_dir}: no checkpoint.pt (the run has not stopped yet, or was killed hard)")
     recipe = load_recipe(run_dir / "recipe.toml", ["run.device=\"cpu\""])
     prepared = prepare(recipe)
-    state = torch.load(run_dir / "checkpoint.pt", map_location="cpu", weights_only=False)
-    prepared.params.flat.copy_(state["flat"])
-    prepared.params.restore_buffers(state["buffers"])
+    params = prepared.params
+    template = {"flat": params.flat.detach().cpu(),
+                "buffers": [[b.cpu() for b in bs] for bs in params.snapshot_buffers()]}
+    state = load_checkpoint(run_dir / "checkpoint.pt", template)  # tensors only: never runs code from the file
+    params.flat.copy_(state["flat"])
+    params.restore_buffers(state["buffers"])
     prepared.params.set_trainable(None)
     prepared.model.eval()
     return prepared

@@ -102,6 +102,12 @@ METRICS = ("train_loss", "val_loss", "val_acc")
 MEASURE_UNITS = ("memory", "hessian_dense", "hessian_blocks")  # third-party units: "pkg.module:Class"
 
 
+# Integers beyond 2**53 lose precision in JSON readers and overflow 64-bit seeds once streams are derived.
+MAX_INT = 2 ** 53
+# run ids add 23 characters (and a -N suffix) to the name; filesystems allow 255 bytes per name
+MAX_NAME = 200
+
+
 class RecipeError(ValueError):
     """A recipe problem, already phrased as the one line the user sees."""
 
@@ -315,14 +321,52 @@ class _Locator:
 def load_recipe(path: str | Path, overrides: list[str] | tuple[str, ...] = ()) -> Recipe:
     """Read, override (`section.key=value`) and validate one recipe file."""
     path = Path(path)
-    if not path.is_file():
-        raise RecipeError(f"{path}: no such recipe file; pass the path of a .toml recipe")
-    text = path.read_text()
+    text = read_recipe_text(path)
+    raw = parse_toml(text, str(path))
+    return parse_recipe(raw, source=str(path), text=text, overrides=overrides)
+
+
+MAX_RECIPE_BYTES = 1 << 20  # a recipe is a few hundred lines; anything far larger is not one
+
+
+def read_recipe_text(path: Path) -> str:
+    """The text of a recipe file, or a RecipeError naming what is wrong with the file itself."""
+    try:
+        if not path.exists():
+            raise RecipeError(f"{path}: no such recipe file; pass the path of a .toml recipe")
+        if not path.is_file():
+            raise RecipeError(f"{path}: not a file; pass the path of a .toml recipe")
+        if path.stat().st_size > MAX_RECIPE_BYTES:
+            raise RecipeError(f"{path}: {path.stat().st_size} bytes is too large for a recipe "
+                              f"(at most {MAX_RECIPE_BYTES}); is it the right file?")
+        data = path.read_bytes()
+    except OSError as exc:
+        raise RecipeError(f"{path}: cannot read the recipe: {os_reason(exc)}") from None
+    try:
+        return data.decode("utf-8")
+    except UnicodeDecodeError as exc:
+        raise RecipeError(f"{path}: not UTF-8 text (byte {exc.start}); save the recipe as UTF-8") from None
+
+
+def parse_toml(text: str, source: str) -> dict:
+    """TOML text to a dict; malformed, too deeply nested or empty recipes are one RecipeError line."""
     try:
         raw = tomllib.loads(text)
     except tomllib.TOMLDecodeError as exc:
-        raise RecipeError(f"{path}: not valid TOML: {exc}") from None
-    return parse_recipe(raw, source=str(path), text=text, overrides=overrides)
+        raise RecipeError(f"{source}: not valid TOML: {exc}") from None
+    except RecursionError:
+        raise RecipeError(f"{source}: not a recipe: values nested too deeply") from None
+    if not raw:
+        raise RecipeError(f"{source}: the recipe is empty; start from recipes/quickstart.toml "
+                          "(at least [run] name and [data] name)")
+    return raw
+
+
+def os_reason(exc: OSError) -> str:
+    """An OSError as the words a user needs: 'no space left on device', 'permission denied: PATH'."""
+    words = (exc.strerror or str(exc) or type(exc).__name__).strip()
+    words = words[:1].lower() + words[1:]
+    return f"{words}: {exc.filename}" if exc.filename else words
 
 
 def parse_recipe(raw: dict, source: str = "<recipe>", text: str = "",
@@ -399,6 +443,8 @@ class _Validator:
         }[kind]
         if not ok:
             raise self.fail(dotted, f"expected {_KIND_WORDS[kind]}, got {_show(value)}")
+        if kind == "int" and abs(value) > MAX_INT:  # would overflow torch's 64-bit seeds, counters and JSON readers
+            raise self.fail(dotted, f"{value} is out of range (at most {MAX_INT} in size)")
         if kind == "float":
             value = float(value)
             if not math.isfinite(value) and dotted != "stop.max_loss":  # inf means "no limit" there only
@@ -532,6 +578,8 @@ class _Validator:
 
         need(bool(re.fullmatch(r"[A-Za-z0-9][A-Za-z0-9_.-]*", r.run.name)), "run.name",
              f"{r.run.name!r} must be letters, digits, '_', '-', '.' (it names the run directory)")
+        need(len(r.run.name) <= MAX_NAME, "run.name", f"is {len(r.run.name)} characters; at most {MAX_NAME} "
+                                                      "(the run directory's name must fit the filesystem)")
         need(r.run.rounds >= 1, "run.rounds", f"must be >= 1, got {r.run.rounds}")
         need(r.run.wall_time_s >= 0, "run.wall_time_s", f"must be >= 0 (0 = no limit), got {r.run.wall_time_s}")
         need(r.run.checkpoint_every >= 0, "run.checkpoint_every", f"must be >= 0, got {r.run.checkpoint_every}")

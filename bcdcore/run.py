@@ -22,14 +22,16 @@ from torch import nn
 from bcdcore import ops
 from bcdcore.algorithm import BlockwiseTrainer, EntireTrainer, RoundResult
 from bcdcore.batches import BatchStream, eval_batches, stream_seed
+from bcdcore.checkpoint import CheckpointError, load_checkpoint, save_checkpoint
 from bcdcore.data import DataBundle, Split, load_data
 from bcdcore.datasets_real import augmentation_generator
 from bcdcore.measure import MeasureContext, auto_lambda, fixed_batch, load_unit
 from bcdcore.models import block_sizes, build_model
 from bcdcore.params import FlatParams
-from bcdcore.recipe import (CLASSIFICATION, Recipe, RecipeError, check_block_lists, load_recipe, per_block,
-                            to_toml)
-from bcdcore.rundir import RunDir, read_status
+from bcdcore.resources import check_model_fits, is_out_of_memory
+from bcdcore.recipe import (CLASSIFICATION, Recipe, RecipeError, check_block_lists, load_recipe, os_reason,
+                            per_block, to_toml)
+from bcdcore.rundir import RunDir, RunLock, read_status
 from bcdcore.stoppers import build_stoppers, first_verdict
 
 log = logging.getLogger("bcdcore.run")
@@ -109,14 +111,26 @@ def prepare(recipe: Recipe, comm=None) -> Prepared:
     """Build everything a run needs. Recipe problems raise RecipeError; nothing is written to disk.
     `comm` (bcdcore.distributed.Comm) makes the trainer one rank of a distributed run."""
     device = resolve_device(recipe.run.device)
-    data = load_data(recipe.data, recipe.run.seed)
+    try:
+        data = load_data(recipe.data, recipe.run.seed)
+    except (MemoryError, RuntimeError) as exc:
+        if not is_out_of_memory(exc):
+            raise
+        raise RecipeError(f"{recipe.source}: data: {recipe.data.name} does not fit in memory; use fewer "
+                          "samples (data.n_samples, data.per_class) or smaller images") from None
     if len(data.train) == 0:
         raise RecipeError(f"{recipe.source}: data: the training split is empty; lower val_fraction/test_fraction")
+    check_model_fits(recipe, data.input_shape, data.n_outputs, device)  # before allocating: one line, in GB
     try:
         model = build_model(recipe.model, data.input_shape, data.n_outputs,
                             stream_seed(recipe.run.seed, SEED_MODEL))
     except ValueError as exc:
         raise RecipeError(f"{recipe.source}: model: {exc}") from None
+    except (MemoryError, RuntimeError) as exc:
+        if not is_out_of_memory(exc):
+            raise
+        raise RecipeError(f"{recipe.source}: model: {recipe.model.name} does not fit in memory; use smaller "
+                          "model.widths") from None
     model.to(device)
     n_blocks = len(model.blocks)
     check_block_lists(recipe, n_blocks)
@@ -156,6 +170,7 @@ class _Signals:
 
     def __init__(self, repeat_stops: bool = True) -> None:
         self.received: int | None = None
+        self.second: int | None = None  # the signal that cut the round short
         self.previous = {}
         # A rank of a distributed run gets the same signal twice (from the terminal's process group and
         # forwarded by the launcher): there a second signal does not cut the round short.
@@ -172,9 +187,18 @@ class _Signals:
     def _handle(self, signum, frame) -> None:
         if self.received is not None:
             if self.repeat_stops:
+                self.second = signum
                 raise KeyboardInterrupt
             return
         self.received = signum
+
+
+class _QuietFileHandler(logging.FileHandler):
+    """log.txt: a line that cannot be written (a full disk) is lost quietly; logging's default prints a
+    traceback to stderr, and the run's status says what happened."""
+
+    def handleError(self, record: logging.LogRecord) -> None:
+        pass
 
 
 class _RankDir:
@@ -215,6 +239,7 @@ class Run:
         self.round = 0
         self.grad_evals = self.samples = 0
         self.wall_before = 0.0  # wall seconds of earlier sessions of this run (resume)
+        self.t0 = time.perf_counter()  # restarted by execute
         self.signals = _Signals(repeat_stops=comm is None)
         if comm is not None:
             comm.local_signal = lambda: self.signals.received or 0
@@ -228,7 +253,7 @@ class Run:
         logger = logging.getLogger(f"bcdcore.run.{self.rundir.run_id}")
         logger.setLevel(logging.INFO)
         logger.propagate = False
-        handler = logging.FileHandler(self.rundir.log_path)
+        handler = _QuietFileHandler(self.rundir.log_path, delay=True)
         handler.setFormatter(logging.Formatter("%(asctime)s %(message)s", "%Y-%m-%d %H:%M:%S"))
         logger.addHandler(handler)
         return logger
@@ -242,6 +267,11 @@ class Run:
             if not self.leader:
                 return
             trainer_state = p.trainer.merge_states(states)
+        save_checkpoint(self.rundir.checkpoint_path, self._checkpoint_state(trainer_state))
+
+    def _checkpoint_state(self, trainer_state: dict) -> dict:
+        """What checkpoint.pt holds: tensors and plain data only (it is loaded with weights_only=True)."""
+        p = self.p
         state = {"round": self.round, "grad_evals": self.grad_evals, "samples": self.samples,
                  "wall_s": self._wall(), "flat": p.params.flat.detach().cpu(),
                  "buffers": [[b.cpu() for b in bs] for bs in p.params.snapshot_buffers()],
@@ -251,28 +281,50 @@ class Run:
             state["comm"] = self.comm.state_dict()
         augment = augmentation_generator(p.data.train.x)
         state["augment"] = augment.get_state() if augment is not None else None
-        tmp = self.rundir.checkpoint_path.with_suffix(".tmp")
-        torch.save(state, tmp)
-        os.replace(tmp, self.rundir.checkpoint_path)
+        return state
+
+    def _checkpoint_template(self) -> dict:
+        """The shape of this run's checkpoint, for checking a file before any of it is used."""
+        trainer_state = _to_cpu(self.p.trainer.state_dict())
+        if self.comm is not None and "stream" in trainer_state:
+            trainer_state["rank_streams"] = [trainer_state["stream"]] * self.comm.world
+        template = self._checkpoint_state(trainer_state)
+        template["wall_s"] = 0.0
+        return template
 
     def _load_checkpoint(self) -> None:
-        # on the CPU: generator states must stay CPU tensors; copy_ below moves the rest to the device
-        state = torch.load(self.rundir.checkpoint_path, map_location="cpu", weights_only=False)
-        params = self.p.params
-        params.flat.copy_(state["flat"])
-        params.restore_buffers(state["buffers"])
-        self.p.trainer.load_state_dict(state["trainer"])
-        for stopper, saved in zip(self.stoppers, state["stoppers"]):
-            stopper.load_state_dict(saved)
+        """Continue from checkpoint.pt: read without running code, check against this run's template, apply
+        to the in-memory run, and only then drop the events of rounds after the checkpoint's from the run
+        directory. Any problem is a CheckpointError and leaves the directory as it was."""
+        state = load_checkpoint(self.rundir.checkpoint_path, self._checkpoint_template())
+        rounds = self.p.recipe.run.rounds
+        if not 0 <= state["round"] <= rounds:
+            raise CheckpointError(f"{self.rundir.checkpoint_path}: holds round {state['round']}, outside this "
+                                  f"run's 0..{rounds}; nothing was changed")
+        if not (math.isfinite(state["wall_s"]) and state["wall_s"] >= 0):
+            raise CheckpointError(f"{self.rundir.checkpoint_path}: wall_s {state['wall_s']} is not a time; "
+                                  "nothing was changed")
+        try:
+            params = self.p.params
+            params.flat.copy_(state["flat"])
+            params.restore_buffers(state["buffers"])
+            self.p.trainer.load_state_dict(state["trainer"])
+            for stopper, saved in zip(self.stoppers, state["stoppers"]):
+                stopper.load_state_dict(saved)
+            augment = augmentation_generator(self.p.data.train.x)
+            if augment is not None and state.get("augment") is not None:
+                augment.set_state(state["augment"])
+            if self.auto_lambda:
+                self.p.trainer.lams = [float(x) for x in state["lams"]]
+            if self.comm is not None and state.get("comm") is not None:  # older checkpoints lack it
+                self.comm.load_state_dict(state["comm"])
+        except (RuntimeError, ValueError, TypeError, KeyError, IndexError) as exc:
+            raise CheckpointError(f"{self.rundir.checkpoint_path}: does not fit this run "
+                                  f"({error_line(exc)}); nothing was changed") from None
         self.round, self.grad_evals, self.samples = state["round"], state["grad_evals"], state["samples"]
-        self.wall_before = state["wall_s"]
-        augment = augmentation_generator(self.p.data.train.x)
-        if augment is not None and state.get("augment") is not None:
-            augment.set_state(state["augment"])
-        if self.auto_lambda:
-            self.p.trainer.lams = list(state["lams"])
-        if self.comm is not None and state.get("comm") is not None:  # older checkpoints lack it
-            self.comm.load_state_dict(state["comm"])
+        self.wall_before = float(state["wall_s"])
+        if self.leader:
+            self.resume_dropped = self.rundir.drop_events_after(self.round)
 
     def _wall(self) -> float:
         return self.wall_before + (time.perf_counter() - self.t0)
@@ -292,22 +344,29 @@ class Run:
             start_extra = {"world_size": self.comm.world, "dist_backend": r.distributed.backend}
             if r.algorithm.mode == "blockwise":
                 start_extra["block_owner"] = list(self.comm.owner)
-        rd.write_status(state="running", pid=os.getpid(), host=socket.gethostname(), gpu=gpu,
-                        started=time.time(), ended=None, exit_code=None, error=None,
-                        progress={"round": self.round, "rounds": r.run.rounds}, **extra)
-        rd.event("start", run_id=rd.run_id, recipe=r.run.name, n_blocks=p.params.n_blocks,
-                 block_sizes=block_sizes(p.model), device=str(p.device), backend=p.backend,
-                 mode=r.algorithm.mode, resumed_from_round=self.round if self.round else None, **start_extra)
-        self.file_log.info("run %s: %d blocks %s on %s, ops backend %s", rd.run_id, p.params.n_blocks,
-                           block_sizes(p.model), p.device, p.backend)
         self.signals.install()
-        progress = _Progress(console, r.run.rounds, self.round)
+        progress = _Progress(None, 0, 0)
         try:
+            rd.write_status(state="running", pid=os.getpid(), host=socket.gethostname(), gpu=gpu,
+                            started=time.time(), ended=None, exit_code=None, error=None,
+                            progress={"round": self.round, "rounds": r.run.rounds}, **extra)
+            rd.event("start", run_id=rd.run_id, recipe=r.run.name, n_blocks=p.params.n_blocks,
+                     block_sizes=block_sizes(p.model), device=str(p.device), backend=p.backend,
+                     mode=r.algorithm.mode, resumed_from_round=self.round if self.round else None,
+                     **start_extra)
+            self.file_log.info("run %s: %d blocks %s on %s, ops backend %s", rd.run_id, p.params.n_blocks,
+                               block_sizes(p.model), p.device, p.backend)
+            if getattr(self, "resume_dropped", 0):
+                self.file_log.info("resume: dropped %d event lines after the checkpoint's round %d",
+                                   self.resume_dropped, self.round)
+            progress = _Progress(console, r.run.rounds, self.round)
             state, reason = self._loop(progress)
             exit_code = 0 if state == "finished" else (128 + self.signals.received if state == "killed" else 1)
             error = reason if state == "failed" else None
-        except KeyboardInterrupt:
-            state, reason, exit_code, error = "killed", "killed by a second signal before the round ended", 130, None
+        except KeyboardInterrupt:  # a second signal (or Ctrl-C outside our handlers): stop now, no checkpoint
+            signum = self.signals.second or self.signals.received or signal.SIGINT
+            state, exit_code, error = "killed", 128 + signum, None
+            reason = f"killed by a second {signal.Signals(signum).name} before the round ended"
         except Exception as exc:  # a failure during the run: the run directory says what happened
             self.file_log.error("%s", traceback.format_exc())
             state, reason, exit_code = "failed", error_line(exc), 1
@@ -323,15 +382,28 @@ class Run:
 
             write_rank_error(rd.path, self.comm.rank, reason)  # the traceback is in the log already
             deferred = launched_by_bcdcore()  # the launcher names the rank that failed first and ends the record
-        if not deferred:
-            rd.event("end", state=state, reason=reason)
-            rd.write_arrays()
-        rd.write_status(state=state, ended=time.time(), exit_code=exit_code, error=error,
-                        progress={"round": self.round, "rounds": r.run.rounds})
-        self.file_log.info("end: %s (%s)", state, reason)
-        rd.close()
+        self._finalise(state, reason, exit_code, error, deferred)
         self.state, self.reason = state, reason
         return exit_code
+
+    def _finalise(self, state: str, reason: str, exit_code: int, error: str | None, deferred: bool) -> None:
+        """The run's last record: end event, arrays, status. Each is tried on its own, so a full disk that
+        refuses the event stream still leaves a true status.json (written in place if need be); if even that
+        fails, the released lock makes readers show the run as lost."""
+        rd, r = self.rundir, self.p.recipe
+        steps = [] if deferred else [lambda: rd.event("end", state=state, reason=reason), rd.write_arrays]
+        steps.append(lambda: rd.write_status(state=state, ended=time.time(), exit_code=exit_code, error=error,
+                                             progress={"round": self.round, "rounds": r.run.rounds}))
+        for step in steps:
+            try:
+                step()
+            except OSError as exc:
+                self.file_log.error("could not record the end of the run: %s", os_reason(exc))
+        self.file_log.info("end: %s (%s)", state, reason)
+        rd.close()
+        for handler in list(self.file_log.handlers):
+            self.file_log.removeHandler(handler)
+            handler.close()
 
     def _loop(self, progress: "_Progress") -> tuple[str, str]:
         p, r, rd = self.p, self.p.recipe, self.rundir
@@ -492,15 +564,57 @@ class _Progress:
 
 
 def start_run(recipe: Recipe, runs_dir: Path) -> Run:
+    """Validate and build everything first (nothing is written before that passes), then create the run
+    directory, which holds the writer lock until the run ends."""
     prepared = prepare(recipe)
-    rundir = RunDir.create(runs_dir, recipe.run.name, recipe.digest(), to_toml(recipe.to_dict()))
-    return Run(prepared, rundir)
+    rundir = create_rundir(runs_dir, recipe)
+    try:
+        return Run(prepared, rundir)
+    except BaseException as exc:  # Ctrl-C or a fault before the loop: the run must not stay "queued"
+        _abandon(rundir, exc)
+        raise
+
+
+def create_rundir(runs_dir: Path, recipe: Recipe) -> RunDir:
+    """The new run's directory; a runs directory that cannot take it is a RecipeError naming why."""
+    try:
+        return RunDir.create(runs_dir, recipe.run.name, recipe.digest(), to_toml(recipe.to_dict()))
+    except OSError as exc:
+        raise RecipeError(f"cannot create a run directory under {runs_dir}: {os_reason(exc)}; "
+                          "pass --runs-dir DIR or set $BCD_RUNS to a writable folder") from None
+
+
+def _abandon(rundir: RunDir, exc: BaseException) -> None:
+    state = "killed" if isinstance(exc, KeyboardInterrupt) else "failed"
+    try:
+        rundir.write_status(state=state, ended=time.time(), exit_code=130 if state == "killed" else 1,
+                            error=None if state == "killed" else error_line(exc))
+    except OSError:
+        pass
+    rundir.close()
 
 
 def resume_run(run_path: Path) -> Run:
-    run_path = check_resumable(run_path)
-    recipe = load_recipe(run_path / "recipe.toml")
-    return Run(prepare(recipe), RunDir.open(run_path), resume=True)
+    """Take the run's writer lock first (a second `--resume` is refused naming the holder), then check it can
+    continue and load its checkpoint; on any refusal the lock is released and nothing has changed."""
+    run_path = Path(run_path)
+    if not run_path.is_dir():
+        raise RecipeError(f"{run_path}: not a run directory; pass runs/<run id>")
+    rundir = open_rundir(run_path)
+    try:
+        check_resumable(run_path)
+        recipe = load_recipe(run_path / "recipe.toml")
+        return Run(prepare(recipe), rundir, resume=True)
+    except BaseException:
+        rundir.close()
+        raise
+
+
+def open_rundir(run_path: Path, lock: bool = True) -> RunDir:
+    try:
+        return RunDir.open(run_path, lock=lock)
+    except OSError as exc:
+        raise RecipeError(f"{run_path}: cannot write to the run directory: {os_reason(exc)}") from None
 
 
 def _alive(status: dict) -> bool:
@@ -518,6 +632,10 @@ def final_summary(run: Run) -> str:
 def error_line(exc: BaseException) -> str:
     """One line for status.json and the end event: the exception's type and the first line of its message
     (the whole traceback goes to the log)."""
+    if isinstance(exc, OSError) and exc.strerror:
+        return os_reason(exc)  # e.g. "no space left on device: runs/x/metrics.jsonl"
+    if is_out_of_memory(exc):
+        return f"out of memory ({type(exc).__name__}); use a smaller model, batch_size or dataset"
     lines = [line.strip() for line in str(exc).splitlines() if line.strip()]
     return f"error: {type(exc).__name__}: {lines[0]}" if lines else f"error: {type(exc).__name__}"
 
@@ -550,9 +668,10 @@ def check_resumable(run_path: Path) -> Path:
     return run_path
 
 
-def validate(recipe: Recipe) -> None:
+def validate(recipe: Recipe, resume: RunDir | None = None) -> None:
     """The launcher's check before it creates a run directory: everything `prepare` checks, on the CPU (the
-    launcher holds no GPU memory while the ranks run)."""
+    launcher holds no GPU memory while the ranks run). With `resume`, the checkpoint is checked too (and the
+    events after its round dropped), so a bad one is refused before any rank starts."""
     import copy
     import gc
 
@@ -562,6 +681,12 @@ def validate(recipe: Recipe) -> None:
     if check.run.ops_backend == "cuda":
         check.run.ops_backend = "auto"
     prepared = prepare(check)
+    if resume is not None:
+        run = Run(prepared, resume, resume=True)
+        for handler in list(run.file_log.handlers):
+            run.file_log.removeHandler(handler)
+            handler.close()
+        del run
     del prepared
     gc.collect()
 
@@ -572,18 +697,27 @@ def launch_distributed(recipe: Recipe | None, runs_dir: Path | None, resume: Pat
     torchrun's agent, wait, and make sure the run directory ends with a final state."""
     from bcdcore.distributed import launch
 
+    # This process holds the run's writer lock for the whole launch; rank 0 writes under it (--attach).
     if resume is not None:
-        path = check_resumable(resume)
-        recipe = load_recipe(path / "recipe.toml")
-        validate(recipe)
+        rundir = open_rundir(Path(resume))
+        try:
+            path = check_resumable(resume)
+            recipe = load_recipe(path / "recipe.toml")
+            validate(recipe, rundir)
+        except BaseException:
+            rundir.close()
+            raise
     else:
         validate(recipe)
-        rundir = RunDir.create(runs_dir, recipe.run.name, recipe.digest(), to_toml(recipe.to_dict()))
-        rundir.close()
+        rundir = create_rundir(runs_dir, recipe)
         path = rundir.path
-    announce(f"run directory: {path}")
-    code, summary = launch(path, recipe.distributed.nproc, recipe.distributed, resume is not None, quiet)
-    announce(summary)
+    try:
+        rundir.close_streams()
+        announce(f"run directory: {path}")
+        code, summary = launch(path, recipe.distributed.nproc, recipe.distributed, resume is not None, quiet)
+        announce(summary)
+    finally:
+        rundir.close()
     return code
 
 
@@ -620,16 +754,21 @@ def _run_rank(attach: Path | None, attach_resume: bool, recipe: Recipe | None, r
     recipe.run.device = rank_device(recipe.run.device, local_rank)
     comm = Comm(recipe.distributed, resolve_device(recipe.run.device))
     prepared = prepare(recipe, comm)
+    made = None
     if path is None:  # external torchrun, new run: rank 0 makes the directory, everyone learns where
         if rank == 0:
-            made = RunDir.create(runs_dir, recipe.run.name, recipe.digest(), to_toml(recipe.to_dict()))
-            made.close()
+            made = create_rundir(runs_dir, recipe)  # keeps the writer lock for this rank's run
             path = made.path
             announce(f"run directory: {path}")
         path = comm.broadcast_object(str(path) if path else None)
     path = Path(path)
     known[0] = path
-    rundir = RunDir.open(path) if rank == 0 else _RankDir(path, rank)
+    if rank != 0:
+        rundir = _RankDir(path, rank)
+    elif made is not None:
+        rundir = made
+    else:  # under bcdcore's launcher (--attach) the launcher holds the lock; under an external torchrun,
+        rundir = open_rundir(path, lock=attach is None)  # rank 0 takes it
     run = Run(prepared, rundir, resume=bool(resuming), comm=comm)
     console = None
     if rank == 0 and not quiet:

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import csv
 import errno
+import io
 import fcntl
 import json
 import math
@@ -53,22 +54,53 @@ def _finite(value: Any) -> Any:
     return value
 
 
-def write_json_atomic(path: Path, data: dict) -> None:
+def write_bytes_atomic(path: Path, data: bytes | memoryview) -> None:
+    """Write `data` to `path` through a temporary file and a rename: readers and a later resume see the old
+    file or the new one, never a part. On any failure (a full disk) the temporary file is removed and the
+    old file is untouched."""
+    path = Path(path)
     tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
     try:
-        with open(tmp, "w") as f:
-            json.dump(_finite(data), f, indent=1, default=_json_default)
+        with open(tmp, "wb") as f:
+            f.write(data)
         os.replace(tmp, path)
     finally:
-        tmp.unlink(missing_ok=True)
+        try:
+            tmp.unlink(missing_ok=True)
+        except OSError:
+            pass
+
+
+def _json_bytes(data: dict) -> bytes:
+    return json.dumps(_finite(data), indent=1, default=_json_default).encode()
+
+
+def write_json_atomic(path: Path, data: dict) -> None:
+    write_bytes_atomic(path, _json_bytes(data))
+
+
+def _rewrite_in_place(path: Path, data: bytes) -> None:
+    """Last resort when a full disk refuses a new file: overwrite the existing one. Its blocks are already
+    allocated, so a status of a few hundred bytes still fits where a temporary file does not."""
+    fd = os.open(path, os.O_WRONLY | os.O_CREAT, 0o644)
+    try:
+        os.pwrite(fd, data, 0)
+        os.ftruncate(fd, len(data))
+    finally:
+        os.close(fd)
 
 
 class RunDir:
-    """Writes one run's directory. Create with `RunDir.create` (new run) or `RunDir.open` (resume)."""
+    """Writes one run's directory, holding its writer lock (RUN_DIR/lock) from `create` or `open` until
+    `close`. Create with `RunDir.create` (new run) or `RunDir.open` (resume, or a launcher's final record)."""
 
-    def __init__(self, path: Path) -> None:
+    def __init__(self, path: Path, lock: "RunLock | None" = None) -> None:
         self.path = Path(path)
         self.run_id = self.path.name
+        self.lock = lock
+        self._events = self._csv_file = self._csv = None  # opened at the first event: opening writes nothing
+
+    def _open_streams(self) -> None:
         self._events = open(self.path / "metrics.jsonl", "a", buffering=1)
         csv_path = self.path / "metrics.csv"
         new_csv = not csv_path.exists()
@@ -79,6 +111,8 @@ class RunDir:
 
     @classmethod
     def create(cls, runs_dir: Path, name: str, digest: str, recipe_toml: str) -> "RunDir":
+        """A new run directory under runs_dir, never one that exists. OSError (a runs directory that is a
+        file, read-only, a full disk) propagates for the caller to phrase; nothing half-made is left."""
         runs_dir = Path(runs_dir)
         runs_dir.mkdir(parents=True, exist_ok=True)
         base = run_id_for(name, digest)
@@ -90,15 +124,34 @@ class RunDir:
             except FileExistsError:
                 continue
         else:
-            raise RuntimeError(f"could not create a new run directory under {runs_dir}")
-        (path / "recipe.toml").write_text(recipe_toml)
-        run = cls(path)
-        run.write_status(state="queued", run_id=run.run_id, recipe=name, progress={"round": 0, "rounds": 0})
+            raise FileExistsError(f"could not create a new run directory under {runs_dir}")
+        try:
+            run = cls(path, RunLock(path).acquire())
+            write_bytes_atomic(path / "recipe.toml", recipe_toml.encode())
+            run.write_status(state="queued", run_id=run.run_id, recipe=name, progress={"round": 0, "rounds": 0})
+        except BaseException:
+            _remove_tree(path)  # a directory without its status would be a run nobody can read
+            raise
         return run
 
     @classmethod
-    def open(cls, path: Path) -> "RunDir":
-        return cls(Path(path))
+    def open(cls, path: Path, lock: bool = True) -> "RunDir":
+        """An existing run directory, for its one writer. `lock=False` only where the caller's process
+        (the distributed launcher) already holds the lock. A second writer gets RunLockedError."""
+        path = Path(path)
+        held = RunLock(path).acquire() if lock else None
+        run = cls(path, held)
+        if lock:
+            run._remove_stale_temporaries()
+        return run
+
+    def _remove_stale_temporaries(self) -> None:
+        """Temporary files of a writer that was killed mid-write (it held the lock, which we hold now)."""
+        try:
+            for p in self.path.glob(".*.tmp"):
+                p.unlink(missing_ok=True)
+        except OSError:
+            pass
 
     @property
     def log_path(self) -> Path:
@@ -112,15 +165,63 @@ class RunDir:
         status = read_status(self.path)
         status.update(fields)
         status.setdefault("host", socket.gethostname())
-        write_json_atomic(self.path / "status.json", status)
+        data = _json_bytes(status)
+        try:
+            write_bytes_atomic(self.path / "status.json", data)
+        except OSError as exc:
+            if exc.errno not in (errno.ENOSPC, errno.EDQUOT):
+                raise
+            _rewrite_in_place(self.path / "status.json", data)
         return status
 
     def event(self, kind: str, **fields: Any) -> dict:
         record = {"v": EVENT_VERSION, "kind": kind, "t": time.time(), **fields}
-        self._events.write(json.dumps(_finite(record), default=_json_default) + "\n")
-        if kind == "metric":
-            self._csv.writerow({k: ("" if fields.get(k) is None else fields[k]) for k in CSV_COLUMNS})
+        line = json.dumps(_finite(record), default=_json_default) + "\n"
+        try:
+            if self._events is None:
+                self._open_streams()
+            self._events.write(line)
+            if kind == "metric":
+                self._csv.writerow({k: ("" if fields.get(k) is None else fields[k]) for k in CSV_COLUMNS})
+        except OSError as exc:
+            exc.filename = exc.filename or str(self.path / "metrics.jsonl")
+            raise
         return record
+
+    def drop_events_after(self, round_: int) -> int:
+        """Resume after a crash: the events of rounds later than the checkpoint's (and a torn last line)
+        are dropped from metrics.jsonl, and metrics.csv is rebuilt from what stays, so every round appears
+        once in every mirror. Atomic: a failure leaves both files as they were. Returns the lines dropped."""
+        kept, dropped = [], 0
+        try:
+            data = (self.path / "metrics.jsonl").read_bytes()
+        except FileNotFoundError:
+            data = b""
+        for line in data.split(b"\n"):
+            if not line.strip():
+                continue
+            try:
+                event = json.loads(line)
+            except (ValueError, RecursionError):
+                dropped += 1
+                continue
+            later = (isinstance(event, dict) and isinstance(event.get("round"), int)
+                     and not isinstance(event.get("round"), bool) and event["round"] > round_)
+            if not isinstance(event, dict) or later:
+                dropped += 1
+                continue
+            kept.append((line, event))
+        table = io.StringIO()
+        writer = csv.DictWriter(table, fieldnames=CSV_COLUMNS, extrasaction="ignore")
+        writer.writeheader()
+        for _, e in kept:
+            if e.get("kind") == "metric":
+                writer.writerow({k: ("" if e.get(k) is None else e[k]) for k in CSV_COLUMNS})
+        if self._events is not None:
+            self.close_streams()
+        write_bytes_atomic(self.path / "metrics.jsonl", b"".join(line + b"\n" for line, _ in kept))
+        write_bytes_atomic(self.path / "metrics.csv", table.getvalue().encode())
+        return dropped
 
     def write_arrays(self) -> None:
         """arrays/<metric>.npy from the metric events (the last event of each round wins after a resume)."""
@@ -130,11 +231,29 @@ class RunDir:
         folder = self.path / "arrays"
         folder.mkdir(exist_ok=True)
         for name, values in table.items():
-            np.save(folder / f"{name}.npy", np.asarray(values, dtype=np.float64))
+            buf = io.BytesIO()
+            np.save(buf, np.asarray(values, dtype=np.float64))
+            write_bytes_atomic(folder / f"{name}.npy", buf.getbuffer())
+
+    def close_streams(self) -> None:
+        for f in (self._events, self._csv_file):
+            if f is not None:
+                try:
+                    f.close()
+                except OSError:  # the last buffered line could not be written (a full disk): it is lost
+                    pass
+        self._events = self._csv_file = self._csv = None
 
     def close(self) -> None:
-        self._events.close()
-        self._csv_file.close()
+        self.close_streams()
+        if self.lock is not None:
+            self.lock.release()
+
+
+def _remove_tree(path: Path) -> None:
+    import shutil
+
+    shutil.rmtree(path, ignore_errors=True)
 
 
 # ----------------------------------------------------------------------------------------------------------

@@ -3,6 +3,7 @@ run ids, exclusive directories."""
 from __future__ import annotations
 
 import csv
+import errno
 import json
 import math
 import os
@@ -152,16 +153,31 @@ def test_status_is_merged_and_written_atomically(run, monkeypatch):
     leftovers = [p.name for p in run.path.iterdir() if "tmp" in p.name]
     assert leftovers == []
 
-    # a writer that dies half-way leaves the previous status.json whole
-    def broken_dump(data, f, **kwargs):
-        f.write('{"state": "fini')
-        raise OSError("disk full")
+    # a writer that fails half-way leaves the previous status.json whole and no temporary file
+    def broken_replace(src, dst):
+        raise OSError(errno.EIO, "Input/output error")
 
-    monkeypatch.setattr(rd.json, "dump", broken_dump)
+    monkeypatch.setattr(rd.os, "replace", broken_replace)
     with pytest.raises(OSError):
         run.write_status(state="finished")
     monkeypatch.undo()
     assert read_status(run.path)["state"] == "running"
+    assert [p.name for p in run.path.iterdir() if "tmp" in p.name] == []
+
+
+def test_status_still_written_when_the_disk_is_full(run, monkeypatch):
+    """A full disk refuses the temporary file; the status is then rewritten in place (its blocks exist)."""
+    run.write_status(state="running", pid=os.getpid())
+
+    def full(src, dst):
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    monkeypatch.setattr(rd.os, "replace", full)
+    run.write_status(state="failed", error="no space left on device")
+    monkeypatch.undo()
+    status = read_status(run.path)
+    assert status["state"] == "failed" and status["error"] == "no space left on device"
+    assert [p.name for p in run.path.iterdir() if "tmp" in p.name] == []
 
 
 def test_write_json_atomic_writes_non_finite_numbers_as_strings(tmp_path):
