@@ -11,6 +11,7 @@ from __future__ import annotations
 import io
 import math
 import pickle
+import warnings
 import zipfile
 from pathlib import Path
 from typing import Any
@@ -50,13 +51,18 @@ def load_checkpoint(path: Path, template: dict | None = None, partial: bool = Fa
         raise CheckpointError(f"{path}: the checkpoint is empty (the run was stopped while writing it?); "
                               "nothing was changed")
     try:
-        state = torch.load(path, map_location="cpu", weights_only=True)
+        with warnings.catch_warnings():  # torch warns about foreign pickle protocols before refusing them
+            warnings.simplefilter("ignore")
+            state = torch.load(path, map_location="cpu", weights_only=True)
     except OSError as exc:
         raise CheckpointError(f"{path}: cannot read the checkpoint: {os_reason(exc)}") from None
     except (pickle.UnpicklingError, RuntimeError, EOFError, ValueError, TypeError, KeyError, AttributeError,
             IndexError, zipfile.BadZipFile, UnicodeDecodeError, RecursionError, MemoryError, OverflowError) as exc:
-        raise CheckpointError(f"{path}: not a checkpoint this engine wrote ({_first_line(exc)}); it is "
-                              "refused unread, nothing was changed") from None
+        if isinstance(exc, pickle.UnpicklingError) or "Weights only load failed" in str(exc):
+            why = "it holds objects other than tensors and plain data, and loading those could run code"
+        else:
+            why = f"not a checkpoint this engine wrote: {_first_line(exc)}"
+        raise CheckpointError(f"{path}: refused unread ({why}); nothing was changed") from None
     if template is not None:
         try:
             check_like(state, template, "checkpoint", partial=partial)

@@ -1,0 +1,454 @@
+"""The fault catalogue: each fault injected into real `bcdcore` processes, and what a user would check after.
+
+Shared by tests/test_faults.py (one test per fault) and bench/faults.py (the table of fault, expected and
+observed). A fault *survives* when the process ends with the documented exit code and one line on stderr, no
+traceback; *nothing is lost* when every run directory involved is still readable and true: earlier events,
+the last good checkpoint, other runs, and no temporary files or half-made directories left behind.
+"""
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import pickle
+import random
+import signal
+import subprocess
+import time
+from contextlib import contextmanager
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Callable, Iterator
+
+from conftest import cli_args, cli_env, run_cli, start_cli, tiny_recipe, wait_for
+
+LONG = tiny_recipe(replace={"rounds = 3": "rounds = 400", "widths = [16]": "widths = [64, 64]"})
+ENDLESS = tiny_recipe(replace={"rounds = 3": "rounds = 10000000"})
+CHECKPOINTED = tiny_recipe(replace={"rounds = 3": "rounds = 40", "[data]": "checkpoint_every = 3\n\n[data]"})
+
+
+@dataclass
+class Observation:
+    observed: str  # what happened, in words
+    survived: bool  # right exit code, one line on stderr, no traceback
+    intact: bool  # nothing lost, overwritten or left half-done
+
+
+@dataclass
+class Fault:
+    name: str
+    expected: str
+    inject: Callable[[Path], Observation]
+
+
+# ----------------------------------------------------------------------------------------------------------
+# helpers
+
+def finished(proc: subprocess.Popen, timeout: float) -> subprocess.CompletedProcess:
+    out, err = proc.communicate(timeout=timeout)
+    return subprocess.CompletedProcess(proc.args, proc.returncode, out, err)
+
+
+def one_line(proc) -> bool:
+    err = [line for line in proc.stderr.splitlines() if line.strip()]
+    return len(err) == 1 and "Traceback" not in proc.stderr
+
+
+def clean_exit(proc, code: int) -> bool:
+    return proc.returncode == code and one_line(proc)
+
+
+def quiet_exit(proc, code: int) -> bool:
+    """A run that ends with `code` and prints no traceback (a run's own stderr may hold its progress)."""
+    return proc.returncode == code and "Traceback" not in (proc.stderr or "")
+
+
+def status(run_dir: Path) -> dict:
+    try:
+        return json.loads((run_dir / "status.json").read_text())
+    except (OSError, ValueError):
+        return {}
+
+
+def events(run_dir: Path, kind: str | None = None) -> list[dict]:
+    out = []
+    for line in (run_dir / "metrics.jsonl").read_text(errors="replace").splitlines():
+        try:
+            e = json.loads(line)
+        except ValueError:
+            continue
+        if isinstance(e, dict) and (kind is None or e.get("kind") == kind):
+            out.append(e)
+    return out
+
+
+def rounds_once(run_dir: Path, rounds: int) -> bool:
+    """Every round exactly once in metrics.jsonl, metrics.csv and arrays/round.npy."""
+    import csv
+
+    import numpy as np
+
+    want = list(range(1, rounds + 1))
+    jsonl = [e["round"] for e in events(run_dir, "metric")]
+    with open(run_dir / "metrics.csv") as f:
+        table = [int(row["round"]) for row in csv.DictReader(f)]
+    arrays = [int(r) for r in np.load(run_dir / "arrays" / "round.npy")]
+    return jsonl == want and table == want and arrays == want
+
+
+def run_dirs(runs: Path) -> list[Path]:
+    return sorted(p for p in runs.iterdir() if p.is_dir()) if runs.is_dir() else []
+
+
+def no_temporaries(run_dir: Path) -> bool:
+    return not [p for p in run_dir.rglob("*") if p.name.endswith(".tmp")]
+
+
+def digest(folder: Path) -> str:
+    """A hash of every file's name and bytes under folder (the lock file's holder line excepted)."""
+    h = hashlib.sha256()
+    for p in sorted(folder.rglob("*")):
+        if p.is_file() and p.name != "lock":
+            h.update(str(p.relative_to(folder)).encode())
+            h.update(p.read_bytes())
+    return h.hexdigest()
+
+
+def ls_state(cwd: Path, run_dir: Path) -> str:
+    out = run_cli("ls", "--runs-dir", str(run_dir.parent), cwd=cwd)
+    for line in out.stdout.splitlines():
+        cells = line.split("\t")
+        if cells and cells[0] == run_dir.name:
+            return cells[1]
+    return "missing"
+
+
+def start_and_wait(tmp: Path, text: str, predicate, name: str = "recipe.toml") -> tuple[subprocess.Popen, Path]:
+    """Start a run of `text` and wait until its run directory satisfies `predicate`."""
+    recipe = tmp / name
+    recipe.write_text(text)
+    runs = tmp / "runs"
+    proc = start_cli("run", recipe, "--runs-dir", runs, "--quiet", cwd=tmp)
+    found: list[Path] = []
+
+    def ready() -> bool:
+        if proc.poll() is not None:
+            raise AssertionError(f"the run ended early: {proc.communicate()}")
+        dirs = run_dirs(runs)
+        if dirs and predicate(dirs[0]):
+            found.append(dirs[0])
+            return True
+        return False
+
+    wait_for(ready, 120, "the run to get going")
+    return proc, found[0]
+
+
+def killed_run(tmp: Path, text: str = None) -> Path:
+    """A run stopped by SIGTERM after a few rounds: killed, with a checkpoint to resume from."""
+    proc, run_dir = start_and_wait(tmp, text or LONG, lambda d: (d / "metrics.jsonl").exists()
+                                   and len(events(d, "metric")) >= 3)
+    proc.send_signal(signal.SIGTERM)
+    proc.communicate(timeout=120)
+    assert status(run_dir).get("state") == "killed", status(run_dir)
+    return run_dir
+
+
+@contextmanager
+def mounted_tmpfs(where: Path, size: str, read_only: bool = False) -> Iterator[bool]:
+    """A small tmpfs at `where` (root only); yields False where mounting is not allowed."""
+    where.mkdir(parents=True, exist_ok=True)
+    options = f"size={size}" + (",ro" if read_only else "")
+    try:
+        done = subprocess.run(["mount", "-t", "tmpfs", "-o", options, "tmpfs", str(where)],
+                              capture_output=True, timeout=20).returncode == 0
+    except (OSError, subprocess.SubprocessError):
+        done = False
+    try:
+        yield done
+    finally:
+        if done:
+            subprocess.run(["umount", "-l", str(where)], capture_output=True, timeout=20)
+
+
+# ----------------------------------------------------------------------------------------------------------
+# the faults
+
+def kill9_at_random_points(tmp: Path, seed: int = 11) -> Observation:
+    """SIGKILL at a random moment after the first checkpoint, three times over; each time the run shows as
+    lost, resumes, and in the end every round appears once and the numbers equal an uninterrupted run."""
+    rng = random.Random(seed)
+    recipe = tmp / "recipe.toml"
+    recipe.write_text(CHECKPOINTED)
+    reference = run_cli("run", recipe, "--runs-dir", tmp / "reference", "--quiet", cwd=tmp)
+    ref_dir = run_dirs(tmp / "reference")[0]
+    proc, run_dir = start_and_wait(tmp, CHECKPOINTED, lambda d: (d / "checkpoint.pt").exists())
+    states, ok = [], reference.returncode == 0
+    for attempt in range(3):
+        time.sleep(rng.uniform(0.0, 0.4))
+        if proc.poll() is None:
+            proc.kill()
+            proc.communicate(timeout=60)
+            states.append(ls_state(tmp, run_dir))
+        if status(run_dir).get("state") == "finished":
+            break
+        proc = start_cli("run", "--resume", run_dir, "--quiet", cwd=tmp)
+    out, err = proc.communicate(timeout=180)
+    ok = ok and proc.returncode == 0 and "Traceback" not in err
+    same = ([e["train_loss"] for e in events(run_dir, "metric")]
+            == [e["train_loss"] for e in events(ref_dir, "metric")])
+    intact = rounds_once(run_dir, 40) and same and no_temporaries(run_dir)
+    shown = ", ".join(states) or "finished before a kill"
+    return Observation(f"shown as {shown} after each kill; resumed to finished; rounds once: "
+                       f"{rounds_once(run_dir, 40)}; equal to uninterrupted: {same}",
+                       ok and all(s == "lost" for s in states), intact)
+
+
+def full_disk_mid_run(tmp: Path) -> Observation:
+    """The runs directory's disk fills up while the run writes: it fails naming the disk, removes its
+    temporary files, keeps its last good checkpoint (still loadable) and its status says why."""
+    import torch
+
+    with mounted_tmpfs(tmp / "small", "1m") as mounted:
+        if not mounted:
+            return _full_disk_by_file_size_limit(tmp)
+        recipe = tmp / "recipe.toml"
+        recipe.write_text(LONG.replace("[data]", "checkpoint_every = 1\n\n[data]"))
+        runs = tmp / "small" / "runs"
+        proc = start_cli("run", recipe, "--runs-dir", runs, "--quiet", cwd=tmp)
+        wait_for(lambda: bool(run_dirs(runs)) and (run_dirs(runs)[0] / "checkpoint.pt").exists(), 120,
+                 "a first checkpoint")
+        run_dir = run_dirs(runs)[0]
+        fd = os.open(tmp / "small" / "filler", os.O_WRONLY | os.O_CREAT)
+        try:  # take every free byte
+            while True:
+                os.write(fd, b"\0" * 4096)
+        except OSError:
+            pass
+        finally:
+            os.close(fd)
+        proc = finished(proc, 120)
+        st = status(run_dir)
+        try:
+            ckpt_ok = isinstance(torch.load(run_dir / "checkpoint.pt", weights_only=True)["round"], int)
+        except Exception:  # noqa: BLE001
+            ckpt_ok = False
+        (tmp / "small" / "filler").unlink()
+        reason = str(st.get("error"))
+        return Observation(f"exit {proc.returncode}; status {st.get('state')}: {reason}; checkpoint loadable: "
+                           f"{ckpt_ok}; temporaries: {not no_temporaries(run_dir)}",
+                           quiet_exit(proc, 1) and st.get("state") == "failed" and "no space left" in reason,
+                           ckpt_ok and no_temporaries(run_dir))
+
+
+def _full_disk_by_file_size_limit(tmp: Path) -> Observation:
+    """Where no tmpfs can be mounted: a file-size limit makes the event stream's writes fail (EFBIG)."""
+    import resource
+
+    recipe = tmp / "recipe.toml"
+    recipe.write_text(LONG)
+    limit = 64 * 1024
+
+    def limited() -> None:
+        signal.signal(signal.SIGXFSZ, signal.SIG_IGN)
+        resource.setrlimit(resource.RLIMIT_FSIZE, (limit, limit))
+
+    proc = subprocess.Popen(cli_args("run", recipe, "--runs-dir", tmp / "runs", "--quiet"), cwd=tmp, env=cli_env(), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                            preexec_fn=limited)
+    proc = finished(proc, 180)
+    run_dir = run_dirs(tmp / "runs")[0]
+    st = status(run_dir)
+    reason = str(st.get("error"))
+    return Observation(f"(file-size limit) exit {proc.returncode}; status {st.get('state')}: {reason}",
+                       quiet_exit(proc, 1) and st.get("state") == "failed" and "file too large" in reason,
+                       no_temporaries(run_dir))
+
+
+def runs_dir_read_only(tmp: Path) -> Observation:
+    recipe = tmp / "recipe.toml"
+    recipe.write_text(tiny_recipe())
+    with mounted_tmpfs(tmp / "ro", "1m", read_only=True) as mounted:
+        if mounted:
+            target = tmp / "ro" / "runs"
+        elif os.geteuid() != 0:
+            (tmp / "ro").chmod(0o555)
+            target = tmp / "ro" / "runs"
+        else:
+            return Observation("skipped: root without mount", True, True)
+        proc = run_cli("run", recipe, "--runs-dir", target, "--quiet", cwd=tmp)
+    return Observation(f"exit {proc.returncode}: {proc.stderr.strip()}",
+                       clean_exit(proc, 2) and ("read-only" in proc.stderr or "permission" in proc.stderr),
+                       True)
+
+
+def runs_dir_is_a_file(tmp: Path) -> Observation:
+    recipe = tmp / "recipe.toml"
+    recipe.write_text(tiny_recipe())
+    (tmp / "runs").write_text("not a folder")
+    proc = run_cli("run", recipe, "--runs-dir", tmp / "runs", "--quiet", cwd=tmp)
+    return Observation(f"exit {proc.returncode}: {proc.stderr.strip()}", clean_exit(proc, 2),
+                       (tmp / "runs").read_text() == "not a folder")
+
+
+def concurrent_resumes(tmp: Path) -> Observation:
+    """A second `--resume` while the first one trains: refused naming the holder; the first goes on."""
+    run_dir = killed_run(tmp, ENDLESS)
+    first = start_cli("run", "--resume", run_dir, "--quiet", cwd=tmp)
+    wait_for(lambda: status(run_dir).get("pid") == first.pid and status(run_dir).get("state") == "running", 120,
+             "the first resume to run")
+    second = run_cli("run", "--resume", run_dir, "--quiet", cwd=tmp)
+    first.send_signal(signal.SIGTERM)
+    first.communicate(timeout=120)
+    refused = second.stderr.strip()
+    names_holder = "another process writes this run" in refused and f":{first.pid}" in refused
+    rounds = [e["round"] for e in events(run_dir, "metric")]
+    return Observation(f"second exit {second.returncode}: {refused[-90:]}; first exit {first.returncode}",
+                       clean_exit(second, 2) and names_holder and first.returncode == 143,
+                       rounds == sorted(set(rounds)) and status(run_dir).get("state") == "killed")
+
+
+def tampered_checkpoint_runs_no_code(tmp: Path) -> Observation:
+    """A checkpoint.pt whose pickle would run a command: refused unread, the command never runs."""
+    run_dir = killed_run(tmp)
+    marker = tmp / "pwned"
+
+    class Payload:
+        def __reduce__(self):
+            return (os.system, (f"touch {marker}",))
+
+    (run_dir / "checkpoint.pt").write_bytes(pickle.dumps({"round": Payload()}))
+    before = digest(run_dir)
+    proc = run_cli("run", "--resume", run_dir, "--quiet", cwd=tmp)
+    export = run_cli("export", run_dir, "--onnx", cwd=tmp)
+    return Observation(f"resume exit {proc.returncode}, export exit {export.returncode}; code ran: "
+                       f"{marker.exists()}",
+                       clean_exit(proc, 2) and clean_exit(export, 2) and not marker.exists(),
+                       digest(run_dir) == before)
+
+
+def _bad_checkpoint(tmp: Path, mangle: Callable[[bytes], bytes], what: str) -> Observation:
+    run_dir = killed_run(tmp)
+    path = run_dir / "checkpoint.pt"
+    path.write_bytes(mangle(path.read_bytes()))
+    before = digest(run_dir)
+    proc = run_cli("run", "--resume", run_dir, "--quiet", cwd=tmp)
+    return Observation(f"{what}: exit {proc.returncode}: {proc.stderr.strip()[:120]}", clean_exit(proc, 2),
+                       digest(run_dir) == before and status(run_dir).get("state") == "killed")
+
+
+def truncated_checkpoint(tmp: Path) -> Observation:
+    return _bad_checkpoint(tmp, lambda b: b[: len(b) // 2], "truncated")
+
+
+def empty_checkpoint(tmp: Path) -> Observation:
+    return _bad_checkpoint(tmp, lambda b: b"", "empty")
+
+
+def garbage_checkpoint(tmp: Path) -> Observation:
+    return _bad_checkpoint(tmp, lambda b: random.Random(5).randbytes(len(b)), "random bytes")
+
+
+def recipe_edited_beside_checkpoint(tmp: Path) -> Observation:
+    run_dir = killed_run(tmp)
+    text = (run_dir / "recipe.toml").read_text()
+    (run_dir / "recipe.toml").write_text(text.replace("widths = [64, 64]", "widths = [32, 64]"))
+    before = digest(run_dir)
+    proc = run_cli("run", "--resume", run_dir, "--quiet", cwd=tmp)
+    return Observation(f"exit {proc.returncode}: {proc.stderr.strip()[:140]}",
+                       clean_exit(proc, 2) and "recipe.toml" in proc.stderr, digest(run_dir) == before)
+
+
+def corrupt_files_of_one_run(tmp: Path) -> Observation:
+    """Garbage in one run's status.json and metrics.jsonl: `ls` and `plot` still serve the other run."""
+    recipe = tmp / "recipe.toml"
+    recipe.write_text(tiny_recipe())
+    for _ in range(2):
+        run_cli("run", recipe, "--runs-dir", tmp / "runs", "--quiet", cwd=tmp)
+    bad, good = run_dirs(tmp / "runs")
+    (bad / "status.json").write_bytes(b"[1, 2")
+    with open(bad / "metrics.jsonl", "ab") as f:
+        f.write(b'{"v": 1, "kind": "metric", "round": "x", "train_loss": {"a": 1}}\n\xff\xfe\n[]\n')
+    ls = run_cli("ls", "--runs-dir", tmp / "runs", cwd=tmp)
+    plot = run_cli("plot", good, bad, "--out", tmp / "p.png", cwd=tmp)
+    return Observation(f"ls exit {ls.returncode}, lists the healthy run: {good.name in ls.stdout}; plot exit "
+                       f"{plot.returncode}", ls.returncode == 0 and good.name in ls.stdout and "Traceback" not in
+                       ls.stderr + plot.stderr and plot.returncode in (0, 2), True)
+
+
+def _twice(tmp: Path, sig: signal.Signals) -> Observation:
+    proc, run_dir = start_and_wait(tmp, LONG, lambda d: status(d).get("state") == "running")
+    time.sleep(0.3)
+    proc.send_signal(sig)
+    proc.send_signal(sig)
+    proc = finished(proc, 120)
+    st = status(run_dir)
+    return Observation(f"exit {proc.returncode}; status {st.get('state')}",
+                       quiet_exit(proc, 128 + sig) and st.get("state") == "killed", no_temporaries(run_dir))
+
+
+def sigterm_twice(tmp: Path) -> Observation:
+    return _twice(tmp, signal.SIGTERM)
+
+
+def sigint_twice(tmp: Path) -> Observation:
+    return _twice(tmp, signal.SIGINT)
+
+
+def ctrl_c_during_start_up(tmp: Path) -> Observation:
+    recipe = tmp / "recipe.toml"
+    recipe.write_text(tiny_recipe())
+    proc = start_cli("run", recipe, "--runs-dir", tmp / "runs", cwd=tmp)
+    time.sleep(1.0)  # importing torch, building the data
+    proc.send_signal(signal.SIGINT)
+    proc = finished(proc, 120)
+    left = [status(d).get("state") for d in run_dirs(tmp / "runs")]
+    ok = ((proc.returncode == 130 and one_line(proc)) or (proc.returncode == 0 and "Traceback" not in proc.stderr))
+    return Observation(f"exit {proc.returncode}: {proc.stderr.strip()[:100]}; run directories left: {left}", ok,
+                       all(s in ("killed", "finished") for s in left))
+
+
+def _bad_recipe(text: bytes | None, what: str, fragment: str) -> Callable[[Path], Observation]:
+    def inject(tmp: Path) -> Observation:
+        recipe = tmp / "recipe.toml"
+        if text is None:
+            recipe.mkdir()
+        else:
+            recipe.write_bytes(text)
+        proc = run_cli("run", recipe, "--runs-dir", tmp / "runs", "--quiet", cwd=tmp)
+        return Observation(f"{what}: exit {proc.returncode}: {proc.stderr.strip()[:120]}",
+                           clean_exit(proc, 2) and fragment in proc.stderr, not (tmp / "runs").exists())
+    return inject
+
+
+HUGE_SEED = tiny_recipe(replace={"seed = 0": "seed = 18446744073709551616"}).encode()
+HUGE_MODEL = tiny_recipe(replace={"widths = [16]": "widths = [4000000, 4000000]"}).encode()
+HUGE_ROUNDS = tiny_recipe(replace={"rounds = 3": "rounds = 100000000000000000000"}).encode()
+LONG_NAME = tiny_recipe(replace={'name = "tiny"': f'name = "{"n" * 300}"'}).encode()
+
+FAULTS: list[Fault] = [
+    Fault("kill -9 at random points (x3)", "lost, then resume: every round once, equal numbers",
+          kill9_at_random_points),
+    Fault("disk full mid-run", "exit 1, failed: no space left, checkpoint kept, no .tmp", full_disk_mid_run),
+    Fault("runs directory read-only", "exit 2, one line", runs_dir_read_only),
+    Fault("runs directory is a file", "exit 2, one line, file untouched", runs_dir_is_a_file),
+    Fault("two --resume at once", "one runs, one refused naming host:pid", concurrent_resumes),
+    Fault("checkpoint that runs code", "refused unread, no code runs", tampered_checkpoint_runs_no_code),
+    Fault("truncated checkpoint", "exit 2, nothing changed", truncated_checkpoint),
+    Fault("empty checkpoint", "exit 2, nothing changed", empty_checkpoint),
+    Fault("random-bytes checkpoint", "exit 2, nothing changed", garbage_checkpoint),
+    Fault("recipe.toml edited beside checkpoint", "exit 2 naming recipe.toml", recipe_edited_beside_checkpoint),
+    Fault("garbage status/events in one run", "other runs listed and plotted", corrupt_files_of_one_run),
+    Fault("SIGTERM twice", "exit 143, killed", sigterm_twice),
+    Fault("SIGINT twice", "exit 130, killed", sigint_twice),
+    Fault("Ctrl-C during start-up", "exit 130, one line, no queued run left", ctrl_c_during_start_up),
+    Fault("empty recipe", "exit 2, nothing written", _bad_recipe(b"# nothing\n", "empty", "empty")),
+    Fault("non-UTF-8 recipe", "exit 2, nothing written", _bad_recipe(b"[run]\nname = \"\xff\"\n", "bytes", "UTF-8")),
+    Fault("deeply nested recipe", "exit 2, nothing written",
+          _bad_recipe(b"a = " + b"[" * 5000 + b"]" * 5000, "nested", "nested")),
+    Fault("recipe path is a folder", "exit 2, nothing written", _bad_recipe(None, "folder", "not a file")),
+    Fault("seed >= 2^64", "exit 2, nothing written", _bad_recipe(HUGE_SEED, "seed", "run.seed")),
+    Fault("model too large to allocate", "exit 2 naming GB", _bad_recipe(HUGE_MODEL, "model", "GB")),
+    Fault("rounds = 10^20", "exit 2, nothing written", _bad_recipe(HUGE_ROUNDS, "rounds", "run.rounds")),
+    Fault("run name longer than the filesystem allows", "exit 2, nothing written",
+          _bad_recipe(LONG_NAME, "name", "run.name")),
+]
