@@ -9,7 +9,7 @@ import numpy as np
 import torch
 
 from bcdcore.checkpoint import load_checkpoint
-from bcdcore.recipe import load_recipe
+from bcdcore.recipe import RecipeError, load_recipe
 from bcdcore.run import prepare
 
 
@@ -21,9 +21,9 @@ def load_trained(run_dir: Path):
     """The run's model with the weights of its checkpoint, on the CPU, in eval mode."""
     run_dir = Path(run_dir)
     if not (run_dir / "recipe.toml").is_file():
-        raise ExportError(f"{run_dir}: not a run directory (no recipe.toml)")
+        raise RecipeError(f"{run_dir}: not a run directory (no recipe.toml)")  # bad input: exit 2
     if not (run_dir / "checkpoint.pt").is_file():
-        raise ExportError(f"{run_dir}: no checkpoint.pt (the run has not stopped yet, or was killed hard)")
+        raise RecipeError(f"{run_dir}: no checkpoint.pt (the run has not stopped yet, or was killed hard)")
     recipe = load_recipe(run_dir / "recipe.toml", ["run.device=\"cpu\""])
     prepared = prepare(recipe)
     params = prepared.params

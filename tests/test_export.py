@@ -39,7 +39,7 @@ def test_export_every_family(family, tmp_path, capsys):
 def test_export_without_checkpoint_fails_clearly(tmp_path, capsys):
     run_dir = train_tiny(tmp_path, "mlp", *FAMILIES["mlp"], capsys)
     (tmp_path / "runs").joinpath(run_dir.split("/")[-1], "checkpoint.pt").unlink()
-    assert main(["export", run_dir, "--onnx"]) == 1
+    assert main(["export", run_dir, "--onnx"]) == 2  # bad input: no checkpoint to export
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and "no checkpoint.pt" in err[0]
 
