@@ -8,6 +8,7 @@ is one line (CheckpointError) before anything in the run or its directory change
 """
 from __future__ import annotations
 
+import errno
 import io
 import math
 import pickle
@@ -55,7 +56,11 @@ def load_checkpoint(path: Path, template: dict | None = None, partial: bool = Fa
             warnings.simplefilter("ignore")
             state = torch.load(path, map_location="cpu", weights_only=True)
     except OSError as exc:
-        raise CheckpointError(f"{path}: cannot read the checkpoint: {os_reason(exc)}") from None
+        if exc.errno in (errno.EACCES, errno.EPERM, errno.EISDIR, errno.ENOENT, errno.EIO):
+            raise CheckpointError(f"{path}: cannot read the checkpoint: {os_reason(exc)}") from None
+        # torch's archive reader reports a truncated or foreign file as an OSError (EINVAL)
+        raise CheckpointError(f"{path}: refused (truncated, or not a checkpoint this engine wrote); nothing "
+                              "was changed") from None
     except (pickle.UnpicklingError, RuntimeError, EOFError, ValueError, TypeError, KeyError, AttributeError,
             IndexError, zipfile.BadZipFile, UnicodeDecodeError, RecursionError, MemoryError, OverflowError) as exc:
         if isinstance(exc, pickle.UnpicklingError) or "Weights only load failed" in str(exc):

@@ -106,6 +106,7 @@ MEASURE_UNITS = ("memory", "hessian_dense", "hessian_blocks")  # third-party uni
 MAX_INT = 2 ** 53
 # run ids add 23 characters (and a -N suffix) to the name; filesystems allow 255 bytes per name
 MAX_NAME = 200
+MAX_SWEEP_POINTS = 10_000  # each point is a process and a run directory
 
 
 class RecipeError(ValueError):
@@ -701,6 +702,9 @@ class _Validator:
                                                 "e.g. \"algorithm.K\" = [1, 5]")
             if not isinstance(values, list) or not values:
                 raise self.fail(f"sweep.{key}", f"expected a non-empty list of values, got {_show(values)}")
+        size = math.prod(len(v) for v in flat.values())
+        if size > MAX_SWEEP_POINTS:
+            raise self.fail("sweep", f"the grid has {size:,} points; at most {MAX_SWEEP_POINTS:,} (split the sweep)")
         # every point of the grid must itself be a valid recipe
         for point in expand_grid(flat):
             trial = copy.deepcopy({k: v for k, v in raw.items() if k != "sweep"})
