@@ -281,14 +281,18 @@ class BlockwiseTrainer:
         if self.rule_lag == 0:
             return self.rule[0].item() != 0  # a CPU tensor: no device to wait for
         slot = k % 2
-        self._rule_host[slot].copy_(self.rule, non_blocking=True)
-        event = torch.cuda.Event()
-        event.record()
-        copies[slot] = event
+        on_gpu = self.rule.device.type == "cuda"
+        self._rule_host[slot].copy_(self.rule, non_blocking=on_gpu)
+        event = None
+        if on_gpu:
+            event = torch.cuda.Event()
+            event.record()
+        copies[slot] = event if on_gpu else True  # (lag 1 on the CPU: tests of the GPU's order of events)
         prev = copies[1 - slot]
         if k == 0 or prev is None:
             return False
-        prev.synchronize()
+        if prev is not True:
+            prev.synchronize()
         return self._rule_host[1 - slot][0].item() != 0
 
     def state_dict(self) -> dict:

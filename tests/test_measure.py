@@ -436,7 +436,7 @@ class NotAUnit:
 
 
 def test_load_unit_resolves_builtins_and_dotted_paths(tmp_path):
-    assert set(BUILTIN) == {"memory", "hessian_dense", "hessian_blocks"}
+    assert set(BUILTIN) == {"memory", "hessian_dense", "hessian_blocks", "grad_norm"}
     for name, cls in BUILTIN.items():
         unit = load_unit(name)
         assert isinstance(unit, cls) and unit.name == name and isinstance(unit, Measurement)
