@@ -2,7 +2,8 @@
 
 FLOPs are counted by `torch.utils.flop_counter.FlopCounterMode`: the matrix products and convolutions
 (mm, addmm, bmm, baddbmm, convolution forward and backward, scaled-dot-product attention) that torch
-dispatches, 2 FLOPs per multiply-add. Elementwise work (activations, normalisation, the fused update) is not
+dispatches, 2 FLOPs per multiply-add; matrix-vector and vector products (mv, dot: a linear model with one
+output) are added here, which torch leaves out. Elementwise work (activations, normalisation, the fused update) is not
 counted: it is a few FLOPs per element against hundreds per weight for every layer with weights, and the
 convention is the one torch and the literature use.
 
@@ -30,6 +31,19 @@ from torch.utils.flop_counter import FlopCounterMode
 from bcdcore.params import FlatParams
 
 LossFn = Callable[[Tensor, Tensor], Tensor]
+aten = torch.ops.aten
+
+
+def _mv_flop(a_shape, b_shape, *args, out_shape=None, **kwargs) -> int:
+    m, k = a_shape
+    return 2 * m * k
+
+
+def _dot_flop(a_shape, b_shape, *args, out_shape=None, **kwargs) -> int:
+    return 2 * a_shape[0]
+
+
+EXTRA_FORMULAS = {aten.mv: _mv_flop, aten.dot: _dot_flop}
 
 
 @dataclass
@@ -65,7 +79,7 @@ class Counter:
         self._mode: FlopCounterMode | None = None
 
     def __enter__(self) -> "Counter":
-        self._mode = FlopCounterMode(display=False)
+        self._mode = FlopCounterMode(display=False, custom_mapping=EXTRA_FORMULAS)
         self._mode.__enter__()
         return self
 

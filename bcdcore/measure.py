@@ -402,21 +402,22 @@ def block_sigma_max(matvec: Callable[[Tensor], Tensor], rmatvec: Callable[[Tenso
         max_iter = min(max_iter or 64, max_dim + 1)
         sigma, its, ok, v = _golub_kahan(matvec, rmatvec, n_in, generator, dtype, device, tol, max_iter, [])
         found = [v] if v is not None else []
+        certified = checks == 0  # checks = 0: a single run, trusted (the behaviour this check replaces)
         for _ in range(checks):
             if not found or len(found) >= n_in or sigma == 0.0:
-                break  # nothing left to deflate against, or B = 0
+                certified = True  # nothing left to deflate against, or B = 0
+                break
             other, more, ok2, v2 = _golub_kahan(matvec, rmatvec, n_in, generator, dtype, device, tol,
                                                 min(max_iter, n_in - len(found) + 1), found)
             its += more
             if other <= sigma * (1.0 + tol):
-                break  # the complement of the converged vectors holds nothing larger: sigma is the top
-            sigma, ok = other, ok2  # the first run had missed a larger singular value
+                certified = True  # the complement of the converged vectors holds nothing larger
+                break
+            sigma, ok = other, ok2  # the earlier run had missed a larger singular value
             if v2 is None:
                 break
             found.append(v2)
-        else:
-            ok = False  # every restart found a larger value: not certified
-        return sigma, its, ok
+        return sigma, its, ok and certified
     if method == "power":
         return _power(matvec, rmatvec, n_in, generator, dtype, device, tol, max_iter or 500)
     raise ValueError(f"unknown method {method!r}; use 'lanczos' or 'power'")

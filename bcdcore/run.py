@@ -216,6 +216,7 @@ class Run:
         self.round = 0
         self.grad_evals = self.samples = 0
         self.flops = 0.0  # cumulative FLOPs of every pass (bcdcore.flops); grad_evals = flops / table.full
+        self.passes = 0  # forward+backward passes of training
         self.wall_before = 0.0  # wall seconds of earlier sessions of this run (resume)
         self.signals = _Signals(repeat_stops=comm is None)
         if comm is not None:
@@ -252,6 +253,7 @@ class Run:
                 return
             trainer_state = p.trainer.merge_states(states)
         state = {"round": self.round, "grad_evals": self.grad_evals, "samples": self.samples, "flops": self.flops,
+                 "passes": self.passes,
                  "wall_s": self._wall(), "flat": p.params.flat.detach().cpu(),
                  "buffers": [[b.cpu() for b in bs] for bs in p.params.snapshot_buffers()],
                  "trainer": trainer_state, "stoppers": [s.state_dict() for s in self.stoppers],
@@ -275,6 +277,7 @@ class Run:
             stopper.load_state_dict(saved)
         self.round, self.grad_evals, self.samples = state["round"], state["grad_evals"], state["samples"]
         self.flops = float(state.get("flops", self.grad_evals * self.flop_table.full))  # older checkpoints
+        self.passes = int(state.get("passes", self.grad_evals))
         self.wall_before = state["wall_s"]
         augment = augmentation_generator(self.p.data.train.x)
         if augment is not None and state.get("augment") is not None:
@@ -363,7 +366,7 @@ class Run:
                 self.comm.begin_round()
             result: RoundResult = p.trainer.run_round(t)
             self.flops += result.flops
-            self.grad_evals = self.flops / self.flop_table.full
+            self.passes += result.grad_evals
             self.samples += result.samples
             if self.comm is not None:
                 self.comm.end_round()
@@ -391,7 +394,10 @@ class Run:
                 if "val_loss" not in metrics:
                     metrics.update(self._eval("val"))
                 metrics.update(self._eval("test"))
-            self.grad_evals = self.flops / self.flop_table.full
+            # grad_evals: flops in full forward+backward passes; a model none of whose operations counts
+            # (no matrix product at all) falls back to the passes run
+            full = self.flop_table.full
+            self.grad_evals = self.flops / full if full > 0 else self.passes
             if self.comm is None:
                 event = rd.event("metric", round=t, grad_evals=self.grad_evals, flops=self.flops,
                                  samples=self.samples, bytes_comm=0, wall_s=self._wall(), **metrics)
