@@ -374,3 +374,25 @@ def test_entire_mode_matches_torch_sgd_with_momentum():
 def test_entire_mode_adam_matches_torch_adam():
     cfg = AlgorithmConfig(mode="entire", K=6, lr=0.01, solver="adam")
     entire_against_torch(cfg, 1, lambda ps: torch.optim.Adam(ps, lr=0.01))
+
+
+def test_jacobi_batchnorm_isolation_with_all_blocks_active():
+    """A BatchNorm CNN, every block active: each block's parameters and statistics after a Jacobi round equal
+    those of a round where that block alone is active (same minibatches), and every other block's statistics
+    are its anchor's."""
+    cfg = AlgorithmConfig(schedule="jacobi", K=3, lr=0.05, solver="momentum")
+    full, params, _ = digits_problem(cfg, model_name="cnn", widths=(4, 4))
+    start_buffers = params.snapshot_buffers()
+    full.run_round(1)
+    assert all(not torch.equal(b, s) for b, s in zip(params.block_buffers[0], start_buffers[0]) if b.is_floating_point())
+    for i in range(params.n_blocks):
+        alone, p_alone, _ = digits_problem(cfg, model_name="cnn", widths=(4, 4))
+        alone.active_blocks = lambda t, i=i: [i]
+        alone.run_round(1)
+        torch.testing.assert_close(p_alone.block(i), params.block(i), rtol=0, atol=0)
+        for live, solo in zip(params.block_buffers[i], p_alone.block_buffers[i]):
+            torch.testing.assert_close(live, solo, rtol=0, atol=0)
+        for j in range(params.n_blocks):
+            if j != i:
+                for solo, anchor in zip(p_alone.block_buffers[j], start_buffers[j]):
+                    torch.testing.assert_close(solo, anchor, rtol=0, atol=0)
