@@ -11,6 +11,10 @@
 // fixed pattern and writes one partial per norm; finalize_kernel (one block) sums the partials in a fixed order.
 // The grid size depends only on n, the alignment and the device, so results are bitwise reproducible.
 //
+// The inexactness rule (csrc/README.md): the norms pass is the kNorms form with mode kNone, whose finalize
+// kernel updates the rule state on the device; a step given that state as `skip` reads its flag in the kernel
+// and, when set, runs as the norms form plus its damped write. No host synchronisation is involved.
+//
 // Arithmetic mirrors the reference's own CUDA kernels operation by operation (built with -fmad=false so nothing
 // is fused): in particular torch divides a CUDA tensor by a Python scalar as a multiplication by the reciprocal,
 // so the Adam bias corrections are applied as m * (1 / c1) with 1 / c1 rounded to the math type on the host.
