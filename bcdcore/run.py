@@ -463,7 +463,7 @@ class Run:
         with count() as work:
             result = fn(self._context(t))
         self.flops += work.flops
-        self.rundir.event("measure", unit=name, round=t, flops=work.flops, **result)
+        self.rundir.event("measure", unit=name, round=t, **{**result, "flops": work.flops})
         self.file_log.info("measure %s at round %d: %s", name, t,
                            result.get("figure") or str(result.get("value"))[:200])
         return result
@@ -477,7 +477,7 @@ class Run:
                     lams, result = auto_lambda(self._context(t), self.lambda_batches)
                 self.flops += work.flops
                 self.rundir.event("measure", unit="hessian_blocks", round=t, purpose="lambda auto",
-                                  **{"lambda": lams}, **result)
+                                  **{"lambda": lams}, **{**result, "flops": work.flops})
             self.p.trainer.lams = self.comm.broadcast_object(lams)
             return
         with count() as work:
@@ -485,7 +485,7 @@ class Run:
         self.flops += work.flops
         self.p.trainer.lams = lams
         self.rundir.event("measure", unit="hessian_blocks", round=t, purpose="lambda auto", **{"lambda": lams},
-                          **result)
+                          **{**result, "flops": work.flops})
         self.file_log.info("lambda auto at round %d: %s", t, ", ".join(f"{x:.4g}" for x in lams))
 
     def _eval(self, split_name: str) -> dict:

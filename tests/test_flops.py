@@ -125,6 +125,10 @@ def test_measurements_and_auto_lambda_count_in_flops(tmp_path, capsys):
     grad_norm = [m for m in measures if m["unit"] == "grad_norm"]
     assert [m["round"] for m in grad_norm] == [2]
     assert all(m["flops"] > 0 for m in grad_norm)
-    # Every pass is in the last metric: training, evaluation, grad_norm and the lambda measurement (whose
-    # Hessian-vector products are at least one forward + backward each).
-    assert metrics[-1]["flops"] > training + grad_norm[0]["flops"] + lam["hvp"] * start["forward"]
+    # Every pass is in the last metric: training, evaluation (val every round, test at the end), grad_norm
+    # and the lambda measurement, whose Hessian-vector products cost at least a forward + backward each.
+    assert lam["flops"] > lam["hvp"] * start["forward"]
+    data = load_data(DataConfig(name="digits_flat"), 0)
+    evaluation = start["forward"] / start["batch_size"] * (len(metrics) * len(data.val.x) + len(data.test.x))
+    total = training + evaluation + grad_norm[0]["flops"] + lam["flops"]
+    assert metrics[-1]["flops"] == pytest.approx(total, rel=1e-9)
