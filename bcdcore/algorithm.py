@@ -42,7 +42,7 @@ LossFn = Callable[[Tensor, Tensor], Tensor]
 class BlockReport:
     block: int
     inner_steps: int  # solver steps applied: the block returned z_{inner_steps}
-    stopped_early: bool  # the rule certified the returned point (then inner_steps < K, or = K-1 at most)
+    stopped_early: bool  # the rule certified the returned point z_{inner_steps} (then inner_steps <= K - 1)
     residual: float  # ||grad F_i(z_k)||: at the returned point when stopped, else at z_{K-1} (last checked)
     threshold: float  # c * lam_i * ||z_k - a_i|| there (nan when the rule is off)
     dist: float  # ||z_k - a_i|| there
