@@ -598,8 +598,9 @@ class GradNorm:
     """||grad f(x_t)||^2 and f(x_t), f the training objective (the mean loss) on a fixed evaluation set: the
     quantities of the convergence theorem, (1/T) sum_t ||grad f(x_t)||^2 <= 2 sqrt(n) Lbar_max (f(x_0) - f*) / T.
 
-    The evaluation set is the first `samples` rows of a seeded permutation of the training split (the same rows
-    at every measurement; 0 = the whole split; ctx.batch when the context carries no split), evaluated in
+    The evaluation set is the first `samples` rows (default 8192, so that a large dataset does not cost an epoch
+    per measurement) of a seeded permutation of the training split (the same rows at every measurement; the
+    whole split when it is smaller, or samples = 0; ctx.batch when the context carries no split), evaluated in
     chunks of `batch_size` rows whose losses and gradients are combined with weights rows / total, so the value
     is that of the mean loss over the whole set. `mode` "eval" (default: BatchNorm running statistics, dropout
     off; f is then one fixed function) or "train" (batch statistics per chunk, on copies of the buffers).
@@ -610,7 +611,7 @@ class GradNorm:
 
     name = "grad_norm"
 
-    def __init__(self, samples: int = 0, batch_size: int = 1024, seed: int = 0, mode: str = "eval") -> None:
+    def __init__(self, samples: int = 8192, batch_size: int = 1024, seed: int = 0, mode: str = "eval") -> None:
         if mode not in ("eval", "train"):
             raise ValueError(f"grad_norm: unknown mode {mode!r}; use 'eval' or 'train'")
         if samples < 0 or batch_size < 1:
