@@ -169,3 +169,20 @@ def test_bound_holds_through_the_engine_on_random_block_quadratics(tmp_path, cap
         assert mean_sq <= bound, (T, mean_sq, bound)
     metrics = read_events(run_dir, "metric")
     assert all(m["flops"] > 0 for m in metrics)
+
+
+def test_grad_norm_on_a_seeded_subset(tmp_path):
+    """samples = 50 of a larger split: the same 50 rows every time, and the closed form on exactly those."""
+    data, _, _, _, _ = quadratic(seed=5)
+    model = build_model(ModelConfig(name="block_linear", widths=SIZES), (sum(SIZES),), 1, 5).double()
+    params = FlatParams(model, model.blocks)
+    train = (data.train.x.double(), data.train.y.double())
+    ctx = ctx_for(model, params, train, tmp_path, train=train)
+    first, again = GradNorm(samples=50, seed=4).measure(ctx), GradNorm(samples=50, seed=4).measure(ctx)
+    assert first == again and first["samples"] == 50
+    idx = torch.randperm(len(train[0]), generator=torch.Generator().manual_seed(4))[:50]
+    X, y = train[0][idx].numpy(), train[1][idx].numpy()
+    w = params.flat.detach().numpy()
+    grad = 2 * X.T @ (X @ w - y) / 50
+    assert first["value"] == pytest.approx(float(grad @ grad), rel=1e-10)
+    assert first["loss"] == pytest.approx(float(np.mean((X @ w - y) ** 2)), rel=1e-12)
