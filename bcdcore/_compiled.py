@@ -14,7 +14,7 @@ so once, when the import fails):
 3. when nothing loads, ImportError with every reason.
 
 `backends()` returns {"cpu": {...}, "cuda": {...}} (whatever loaded), each mapping "sgd", "momentum", "adam",
-"damp" to a function with exactly the reference's signature. Semantics and tolerances: csrc/README.md.
+"damp", "rule_check" to a function with exactly the reference's signature. Semantics and tolerances: csrc/README.md.
 """
 from __future__ import annotations
 
@@ -159,23 +159,26 @@ def _load() -> None:
 
 def _wrap(m: ModuleType) -> dict[str, Callable]:
     """Functions with exactly the reference's signatures around one compiled module."""
-    c_sgd, c_mom, c_adam, c_damp = m.sgd, m.momentum, m.adam, m.damp
+    c_sgd, c_mom, c_adam, c_damp, c_rule = m.sgd, m.momentum, m.adam, m.damp, m.rule_check
 
-    def sgd(x, g, a, *, lr, lam, gamma=None, out=None):
-        return c_sgd(x, g, a, float(lr), float(lam), None if gamma is None else float(gamma), out)
+    def sgd(x, g, a, *, lr, lam, gamma=None, out=None, skip=None):
+        return c_sgd(x, g, a, float(lr), float(lam), None if gamma is None else float(gamma), out, skip)
 
-    def momentum(x, g, a, buf, *, lr, lam, momentum, nesterov=False, gamma=None, out=None):
+    def momentum(x, g, a, buf, *, lr, lam, momentum, nesterov=False, gamma=None, out=None, skip=None):
         return c_mom(x, g, a, buf, float(lr), float(lam), float(momentum), bool(nesterov),
-                     None if gamma is None else float(gamma), out)
+                     None if gamma is None else float(gamma), out, skip)
 
-    def adam(x, g, a, m, v, *, lr, lam, beta1, beta2, eps, step, gamma=None, out=None):
+    def adam(x, g, a, m, v, *, lr, lam, beta1, beta2, eps, step, gamma=None, out=None, skip=None):
         return c_adam(x, g, a, m, v, float(lr), float(lam), float(beta1), float(beta2), float(eps), int(step),
-                      None if gamma is None else float(gamma), out)
+                      None if gamma is None else float(gamma), out, skip)
 
     def damp(x, a, *, gamma, out=None):
         c_damp(x, a, float(gamma), out)
 
-    return {"sgd": sgd, "momentum": momentum, "adam": adam, "damp": damp}
+    def rule_check(x, g, a, rule, *, lam, coef, step):
+        return c_rule(x, g, a, rule, float(lam), float(coef), int(step))
+
+    return {"sgd": sgd, "momentum": momentum, "adam": adam, "damp": damp, "rule_check": rule_check}
 
 
 def backends() -> dict[str, dict[str, Callable]]:

@@ -2,11 +2,16 @@
 
 Round t with anchor a = x_t:
   1. choose the active blocks S_t;
-  2. for each i in S_t, from z = a_i, run at most K solver steps on
-         F_i(z) = loss(x with block i = z; minibatch) + lam_i/2 ||z - a_i||^2,
-     stopping early once ||grad F_i(z)|| <= c * lam_i * ||z - a_i|| (checked at the iterate whose gradient
-     the step just used, so the rule costs no extra forward/backward; the step is still applied);
-  3. damping x_{t+1,i} = a_i + gamma_i (xhat_i - a_i); blocks outside S_t keep a_i.
+  2. for each i in S_t, from z_0 = a_i, run at most K solver steps on
+         F_i(z) = loss(x with block i = z; minibatch) + lam_i/2 ||z - a_i||^2;
+     the inexactness rule ||grad F_i(z_k)|| <= c * lam_i * ||z_k - a_i|| is checked at z_k with the gradient
+     the solver computed there (no extra forward/backward); when it holds the block returns z_k: the step from
+     z_k is not applied. Without a stop the block returns z_K;
+  3. damping x_{t+1,i} = a_i + gamma_i (xhat_i - a_i) of the returned point; blocks outside S_t keep a_i.
+With the rule on, an inner step is a norms pass (ops.rule_check_) and a step predicated on the device-side
+stopped flag (skip=rule): the decision never leaves the device. The host reads the flag through a pinned,
+non-blocking copy checked one step later (`rule_lag` = 1 on CUDA), so after a stop one more forward/backward
+runs, changes nothing and is counted; on the CPU, where reading it costs nothing, at once (`rule_lag` = 0).
 Jacobi: every subproblem sees the other blocks at x_t (each block's damped result goes to `next`, its slice
 of x is put back to a_i in the same fused pass). Gauss-Seidel: blocks in order, each damped in place, so later
 blocks see earlier blocks' new values. Memory beyond the model: anchor, next (Jacobi), the flat gradient and
@@ -36,21 +41,23 @@ LossFn = Callable[[Tensor, Tensor], Tensor]
 @dataclass
 class BlockReport:
     block: int
-    inner_steps: int
-    stopped_early: bool
-    residual: float  # ||grad F_i|| at the last checked iterate
-    threshold: float  # c * lam_i * ||z - a_i|| there (nan when the rule is off)
-    dist: float  # ||z - a_i|| there
+    inner_steps: int  # solver steps applied: the block returned z_{inner_steps}
+    stopped_early: bool  # the rule certified the returned point z_{inner_steps} (then inner_steps <= K - 1)
+    residual: float  # ||grad F_i(z_k)||: at the returned point when stopped, else at z_{K-1} (last checked)
+    threshold: float  # c * lam_i * ||z_k - a_i|| there (nan when the rule is off)
+    dist: float  # ||z_k - a_i|| there
     lam: float
     gamma: float
+    passes: int = 0  # forward+backward passes run for this block (a pass after the stop included)
 
 
 @dataclass
 class RoundResult:
-    train_loss: float  # mean minibatch loss (without the proximal term) over the round's inner steps
-    grad_evals: int  # forward+backward passes on one minibatch
+    train_loss: float  # mean minibatch loss (without the proximal term) over the round's passes
+    grad_evals: int  # forward+backward passes on one minibatch (partial or full)
     samples: int
     blocks: list[BlockReport] = field(default_factory=list)
+    flops: float = 0.0  # of those passes, from the trainer's flop table (0 without one)
 
 
 class Solver:
@@ -69,17 +76,22 @@ class Solver:
         self.steps[block] = 0
 
     def step(self, block: int, x: Tensor, g: Tensor, a: Tensor, view: Callable[[Tensor], Tensor], lam: float,
-             gamma: float | None = None, out: Tensor | None = None) -> tuple[Tensor, Tensor]:
+             gamma: float | None = None, out: Tensor | None = None,
+             skip: Tensor | None = None) -> tuple[Tensor, Tensor]:
         c, b = self.cfg, self.backend
-        self.steps[block] += 1
+        self.steps[block] += 1  # a skipped step is taken back by the caller once it knows (uncount)
         if c.solver == "sgd":
-            return ops.prox_sgd_step_(x, g, a, lr=c.lr, lam=lam, gamma=gamma, out=out, backend=b)
+            return ops.prox_sgd_step_(x, g, a, lr=c.lr, lam=lam, gamma=gamma, out=out, skip=skip, backend=b)
         if c.solver == "momentum":
             return ops.prox_momentum_step_(x, g, a, view(self.state[0]), lr=c.lr, lam=lam, momentum=c.momentum,
-                                           nesterov=c.nesterov, gamma=gamma, out=out, backend=b)
+                                           nesterov=c.nesterov, gamma=gamma, out=out, skip=skip, backend=b)
         return ops.prox_adam_step_(x, g, a, view(self.state[0]), view(self.state[1]), lr=c.lr, lam=lam,
                                    beta1=c.beta1, beta2=c.beta2, eps=c.eps, step=self.steps[block],
-                                   gamma=gamma, out=out, backend=b)
+                                   gamma=gamma, out=out, skip=skip, backend=b)
+
+    def uncount(self, block: int, skipped: int) -> None:
+        """Steps the device skipped (the rule had stopped) do not advance Adam's bias-correction counter."""
+        self.steps[block] -= skipped
 
     def state_dict(self) -> dict:
         return {"state": self.state, "steps": list(self.steps)}
@@ -105,6 +117,12 @@ class BlockwiseTrainer:
         self.next = torch.empty_like(params.flat) if cfg.schedule == "jacobi" else None
         self.solver = Solver(cfg, params.flat, n, backend)
         self.active_generator = torch.Generator().manual_seed(seed)
+        self.flop_table = None  # bcdcore.flops.FlopTable: set by the run to count each round's flops
+        # The rule state ([stopped, r2, d2, k], on the device) and the host's view of it a step later.
+        self.rule = ops.new_rule_state(params.flat)
+        on_gpu = params.flat.device.type == "cuda"
+        self.rule_lag = 1 if on_gpu else 0
+        self._rule_host = [torch.zeros(ops.RULE_LEN, dtype=torch.float64, pin_memory=on_gpu) for _ in range(2)]
         self.comm = comm  # bcdcore.distributed.Comm when the blocks are spread over ranks
         if comm is not None:
             comm.assign([n * params.flat.element_size() for n in params.sizes])
@@ -143,10 +161,14 @@ class BlockwiseTrainer:
                 for live, new in zip(p.block_buffers[r.block], new_buffers[r.block]):
                     live.copy_(new)
         p.set_trainable(None)
-        steps = sum(r.inner_steps for r in reports)
-        loss = torch.stack(losses).mean().item() if losses else math.nan
-        batch = self.streams[0].batch_size
-        return RoundResult(train_loss=loss, grad_evals=steps, samples=steps * batch, blocks=reports)
+        return self._result(torch.stack(losses).mean().item() if losses else math.nan, reports)
+
+    def _result(self, loss: float, reports: list[BlockReport]) -> RoundResult:
+        passes = sum(r.passes for r in reports)
+        table = self.flop_table
+        flops = sum(table.block_pass(r.block) * r.passes for r in reports) if table is not None else 0.0
+        return RoundResult(train_loss=loss, grad_evals=passes, samples=passes * self.streams[0].batch_size,
+                           blocks=reports, flops=flops)
 
     def _run_round_distributed(self, t: int) -> RoundResult:
         """Jacobi over ranks: solve the owned active blocks from x_t, then exchange the damped results so
@@ -177,9 +199,7 @@ class BlockwiseTrainer:
         reports = [r for r, _ in everything]
         values = [v for _, vs in everything for v in vs]
         loss = torch.tensor(values, dtype=p.flat.dtype).mean().item() if values else math.nan
-        steps = sum(r.inner_steps for r in reports)
-        batch = self.streams[0].batch_size
-        return RoundResult(train_loss=loss, grad_evals=steps, samples=steps * batch, blocks=reports)
+        return self._result(loss, reports)
 
     def merge_states(self, states: list[dict]) -> dict:
         """One checkpointable state from every rank's: each block's solver state, step counter and stream
@@ -207,28 +227,73 @@ class BlockwiseTrainer:
         if cfg.state_policy == "reset":
             self.solver.reset(i, view)
         p.set_trainable({i})
-        rule_on = cfg.accuracy_factor >= 0 and lam > 0
-        stopped, damped = False, False
+        if cfg.accuracy_factor >= 0 and lam > 0:
+            return self._solve_with_rule(i, losses, x, g, a, out, view, lam, gamma, damp)
         r2 = d2 = None
         for k in range(cfg.K):
-            xb, yb = self.streams[i].next()
-            g.zero_()
-            loss = self.loss_fn(self.model(xb), yb)
-            loss.backward()
-            losses.append(loss.detach())
+            self._pass(i, g, losses)
             last = k == cfg.K - 1
-            r2, d2 = self.solver.step(i, x, g, a, view, lam, gamma=damp if last else None,
-                                      out=out if last else None)
-            damped = last
-            if rule_on and math.sqrt(r2.item()) <= cfg.accuracy_factor * lam * math.sqrt(d2.item()):
-                stopped = True
+            r2, d2 = self.solver.step(i, x, g, a, view, lam, gamma=damp if last else None, out=out if last else None)
+        return BlockReport(block=i, inner_steps=cfg.K, stopped_early=False, residual=math.sqrt(r2.item()),
+                           threshold=math.nan, dist=math.sqrt(d2.item()), lam=lam, gamma=gamma, passes=cfg.K)
+
+    def _pass(self, i: int, g: Tensor, losses: list[Tensor]) -> None:
+        """One forward/backward on block i's next minibatch; the gradient lands in g (block i's slice)."""
+        xb, yb = self.streams[i].next()
+        g.zero_()
+        loss = self.loss_fn(self.model(xb), yb)
+        loss.backward()
+        losses.append(loss.detach())
+
+    def _solve_with_rule(self, i: int, losses: list[Tensor], x: Tensor, g: Tensor, a: Tensor, out: Tensor | None,
+                         view: Callable[[Tensor], Tensor], lam: float, gamma: float,
+                         damp: float | None) -> BlockReport:
+        """Inner steps with the inexactness rule: a norms pass that decides on the device, then the step,
+        predicated on that decision; the returned point is the one the rule certified."""
+        cfg, b, rule = self.cfg, self.backend, self.rule
+        coef = cfg.accuracy_factor * lam
+        rule.zero_()
+        copies: list = [None, None]  # per host buffer: the event of its copy (CUDA) or True (CPU)
+        passes = 0
+        for k in range(cfg.K):
+            self._pass(i, g, losses)
+            passes += 1
+            ops.rule_check_(x, g, a, rule, lam=lam, coef=coef, step=k, backend=b)
+            last = k == cfg.K - 1
+            self.solver.step(i, x, g, a, view, lam, gamma=damp if last else None, out=out if last else None,
+                             skip=rule)
+            if self._stop_seen(k, copies):
                 break
-        if not damped and damp is not None:
-            ops.damp_(x, a, gamma=damp, out=out, backend=self.backend)
-        residual, dist = math.sqrt(r2.item()), math.sqrt(d2.item())
-        threshold = cfg.accuracy_factor * lam * dist if rule_on else math.nan
-        return BlockReport(block=i, inner_steps=k + 1, stopped_early=stopped, residual=residual,
-                           threshold=threshold, dist=dist, lam=lam, gamma=gamma)
+        if not last and damp is not None:  # the loop left before the fused damping of step K-1
+            ops.damp_(x, a, gamma=damp, out=out, backend=b)
+        stopped, r2, d2, k_rule = rule.tolist()  # one read per block solve, not per inner step
+        stopped = stopped != 0
+        applied = int(k_rule) if stopped else cfg.K
+        self.solver.uncount(i, passes - applied)
+        dist = math.sqrt(d2)
+        return BlockReport(block=i, inner_steps=applied, stopped_early=stopped, residual=math.sqrt(r2),
+                           threshold=coef * dist, dist=dist, lam=lam, gamma=gamma, passes=passes)
+
+    def _stop_seen(self, k: int, copies: list) -> bool:
+        """Whether the host knows the rule has stopped, `rule_lag` steps after the step that decided it. On
+        CUDA the rule state of step k goes to pinned memory by a non-blocking copy; the copy of step k - 1
+        is waited for (its work is done, step k's is queued behind it, so the GPU never idles) and read."""
+        if self.rule_lag == 0:
+            return self.rule[0].item() != 0  # a CPU tensor: no device to wait for
+        slot = k % 2
+        on_gpu = self.rule.device.type == "cuda"
+        self._rule_host[slot].copy_(self.rule, non_blocking=on_gpu)
+        event = None
+        if on_gpu:
+            event = torch.cuda.Event()
+            event.record()
+        copies[slot] = event if on_gpu else True  # (lag 1 on the CPU: tests of the GPU's order of events)
+        prev = copies[1 - slot]
+        if k == 0 or prev is None:
+            return False
+        if prev is not True:
+            prev.synchronize()
+        return self._rule_host[1 - slot][0].item() != 0
 
     def state_dict(self) -> dict:
         return {"solver": self.solver.state_dict(), "active_generator": self.active_generator.get_state(),
@@ -258,6 +323,7 @@ class EntireTrainer:
             dev = params.flat.device
             self.net = DistributedDataParallel(model, device_ids=[dev.index] if dev.type == "cuda" else None)
         self.solver = Solver(cfg, params.flat, 1, backend)
+        self.flop_table = None  # bcdcore.flops.FlopTable: set by the run to count each round's flops
         # lam = 0, so the anchor plays no part in the step; the fused ops still need a distinct buffer to
         # read, and holding x at the round's start makes the returned distance mean something.
         self.anchor = torch.empty_like(params.flat)
@@ -282,13 +348,14 @@ class EntireTrainer:
                 self.comm.account_all_reduce(g.numel() * g.element_size())
             self.solver.step(0, x, g, self.anchor, whole, 0.0)
         steps = self.cfg.K
+        per_pass = self.flop_table.full if self.flop_table is not None else 0.0
         if self.comm is not None:  # the mean over every rank's steps
             total, count = self.comm.sum_floats([torch.stack(losses).sum().item(), steps])
             w = self.comm.world
             return RoundResult(train_loss=total / count, grad_evals=steps * w,
-                               samples=steps * w * self.stream.batch_size)
+                               samples=steps * w * self.stream.batch_size, flops=steps * w * per_pass)
         return RoundResult(train_loss=torch.stack(losses).mean().item(), grad_evals=steps,
-                           samples=steps * self.stream.batch_size)
+                           samples=steps * self.stream.batch_size, flops=steps * per_pass)
 
     def state_dict(self) -> dict:
         return {"solver": self.solver.state_dict(), "stream": self.stream.state_dict()}

@@ -23,7 +23,7 @@ from bcdcore.recipe import RecipeError, os_reason
 from bcdcore.rundir import write_bytes_atomic
 
 # keys a checkpoint may lack: written only by distributed runs, or by later versions of the engine
-OPTIONAL_KEYS = frozenset({"comm", "augment"})
+OPTIONAL_KEYS = frozenset({"comm", "augment", "flops", "passes"})
 # a minibatch stream's permutation is empty until its first draw: its length is checked by its owner
 ANY_LENGTH_KEYS = frozenset({"order"})
 

@@ -44,7 +44,7 @@ def _parser() -> argparse.ArgumentParser:
 
     plot = sub.add_parser("plot", help="curves of runs (seed groups as mean +/- std bands)")
     plot.add_argument("runs", nargs="+", type=Path, metavar="RUN_DIR")
-    plot.add_argument("--x", default="grad_evals", help="grad_evals | samples | wall_s | round | bytes_comm | sim_time_s")
+    plot.add_argument("--x", default="grad_evals", help="grad_evals | flops | samples | wall_s | round | bytes_comm | sim_time_s")
     plot.add_argument("--y", default="train_loss", help="a metric, e.g. train_loss, val_loss, val_acc")
     plot.add_argument("--out", type=Path, default=None, help=".png or .pdf (default: figures/ of the first run)")
     plot.add_argument("--logy", action="store_true", help="log-scale y axis")

@@ -13,10 +13,12 @@ Built-in units (`BUILTIN`):
   autograd gradients, in float64 on an eval-mode deep copy; for small models only (parameter limit).
 - `hessian_blocks`: sigma_max(H_ij) for every pair of blocks from matrix-free Hessian-vector products, each
   block's off-diagonal row norm Lbar_i, and a heat map.
+- `grad_norm`: ||grad f(x_t)||^2 and f(x_t) of the training objective on a fixed evaluation set (the
+  quantities of the convergence theorem), per block too.
 
 Third-party units are given by a dotted path to a class, `"package.module:Class"` or `"package.module.Class"`
-(see `load_unit`). `auto_lambda(ctx)` turns a `hessian_blocks` measurement into the per-block lambda of
-`lambda = "auto"`.
+(see `load_unit`). `auto_lambda(ctx, batches)` turns `hessian_blocks` measurements, in training mode on a few
+training batches, into the per-block lambda of `lambda = "auto"`.
 
 Every unit here leaves the model as it found it: parameters, buffers (BatchNorm statistics), the flat gradient
 buffer, train/eval flags and the global random state.
@@ -24,6 +26,7 @@ buffer, train/eval flags and the global random state.
 from __future__ import annotations
 
 import copy
+import dataclasses
 import difflib
 import importlib
 import math
@@ -49,6 +52,8 @@ __all__ = [
     "auto_lambda",
     "fixed_batch",
     "block_sigma_max",
+    "GradNorm",
+    "training_batches",
 ]
 
 LossFn = Callable[[Tensor, Tensor], Tensor]
@@ -64,6 +69,7 @@ class MeasureContext:
     device: torch.device
     round: int
     out_dir: Path  # run_dir / "measurements": figures and arrays go here
+    train: tuple[Tensor, Tensor] | None = None  # the training split (grad_norm's evaluation set)
 
 
 @runtime_checkable
@@ -84,6 +90,21 @@ def fixed_batch(x: Tensor, y: Tensor, size: int = 256, seed: int = 0) -> tuple[T
     else:
         idx = torch.randperm(n, generator=torch.Generator().manual_seed(seed))[:size].to(x.device)
     return x.index_select(0, idx), y.index_select(0, idx)
+
+
+def training_batches(x: Tensor, y: Tensor, size: int, count: int, seed: int) -> list[tuple[Tensor, Tensor]]:
+    """`count` disjoint seeded batches of `size` rows of (x, y) (as many as fit; one batch of everything when
+    the split holds no more than `size` rows), without touching the global random state."""
+    n = len(x)
+    if n <= size:
+        return [fixed_batch(x, y, size, seed)]
+    order = torch.randperm(n, generator=torch.Generator().manual_seed(seed))
+    count = max(1, min(count, n // size))
+    out = []
+    for k in range(count):
+        idx = order[k * size:(k + 1) * size].to(x.device)
+        out.append((x.index_select(0, idx), y.index_select(0, idx)))
+    return out
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -109,15 +130,16 @@ def _out_dir(ctx: MeasureContext) -> Path:
 
 
 class _EvalMode:
-    """Puts every module in eval mode and restores each module's own flag afterwards."""
+    """Puts every module in eval mode (train=True: training mode) and restores each module's own flag
+    afterwards."""
 
-    def __init__(self, model: nn.Module) -> None:
-        self.model = model
+    def __init__(self, model: nn.Module, train: bool = False) -> None:
+        self.model, self.train = model, train
         self.flags: list[tuple[nn.Module, bool]] = []
 
     def __enter__(self) -> None:
         self.flags = [(m, m.training) for m in self.model.modules()]
-        self.model.eval()
+        self.model.train(self.train)
 
     def __exit__(self, *exc) -> None:
         for m, flag in self.flags:
@@ -296,7 +318,7 @@ class _HVP:
     """
 
     def __init__(self, model: nn.Module, params: FlatParams, loss_fn: LossFn, batch: tuple[Tensor, Tensor],
-                 dtype: torch.dtype) -> None:
+                 dtype: torch.dtype, own_buffers: bool = False) -> None:
         names = _param_names(model, params)
         self.leaves: list[list[Tensor]] = []
         feed: dict[str, Tensor] = {}
@@ -308,9 +330,10 @@ class _HVP:
                 leaves.append(leaf)
                 feed[name] = leaf
             self.leaves.append(leaves)
-        if params.flat.dtype != dtype:
+        if params.flat.dtype != dtype or own_buffers:
+            # Training mode updates BatchNorm statistics in place: it updates these copies, never the model's.
             for name, b in model.named_buffers():
-                feed[name] = _to_dtype(b.detach(), dtype)
+                feed[name] = _to_dtype(b.detach(), dtype).clone()
         x, y = (_to_dtype(t, dtype) for t in batch)
         all_leaves = [leaf for block in self.leaves for leaf in block]
         loss = loss_fn(torch.func.functional_call(model, feed, (x,)), y)
@@ -354,16 +377,21 @@ def _start_vector(n: int, generator: torch.Generator, dtype: torch.dtype, device
 def block_sigma_max(matvec: Callable[[Tensor], Tensor], rmatvec: Callable[[Tensor], Tensor], n_in: int,
                     n_out: int, *, generator: torch.Generator, dtype: torch.dtype = torch.float64,
                     device: torch.device | str = "cpu", method: str = "lanczos", tol: float = 1e-4,
-                    max_iter: int | None = None) -> tuple[float, int, bool]:
+                    max_iter: int | None = None, checks: int = 3) -> tuple[float, int, bool]:
     """sigma_max of an operator B (n_out x n_in) given v -> B v and u -> B^T u; (sigma, iterations, converged).
 
     method "lanczos": Golub-Kahan-Lanczos bidiagonalisation with full reorthogonalisation, B V_k = U_k B_k,
-    from a seeded random v_1; the estimate is sigma_max(B_k) (a lower bound that increases with k) and the
-    iteration stops when the Ritz residual ||B^T u - sigma v|| = beta_k |p_k| is at most tol * sigma (an exact
-    invariant subspace, beta_k = 0, stops it too). method "power": power iteration on B^T B, v <- B^T (B v)
-    normalised, estimate ||B^T B v|| / ||B v|| (also a lower bound), stopped when it changes by at most
-    tol relative. Both work on B^T B (or its bidiagonal factor): never on the paired operator [[0, B], [B^T, 0]],
-    whose eigenvalue pairs +/-sigma make power iteration oscillate and its Rayleigh quotient biased.
+    from a random v_1 drawn from `generator`; the estimate is sigma_max(B_k) (a lower bound that increases
+    with k) and a run stops when the Ritz residual ||B^T u - sigma v|| = beta_k |p_k| is at most tol * sigma
+    (an exact invariant subspace, beta_k = 0, stops it too). That certifies *a* singular value, not the largest:
+    a start vector nearly orthogonal to the top right singular vector converges to a lower one first. So the
+    result is checked by restarts with deflation: a new run from a fresh random start, kept orthogonal to the
+    converged right Ritz vectors, must find nothing above sigma * (1 + tol); when it does, its value is the new
+    estimate and the check repeats (at most `checks` restarts; converged = the last check passed). method
+    "power": power iteration on B^T B, v <- B^T (B v) normalised, estimate ||B^T B v|| / ||B v|| (also a lower
+    bound), stopped when it changes by at most tol relative. Both work on B^T B (or its bidiagonal factor):
+    never on the paired operator [[0, B], [B^T, 0]], whose eigenvalue pairs +/-sigma make power iteration
+    oscillate and its Rayleigh quotient biased.
     """
     device = torch.device(device)
     max_dim = min(n_in, n_out)
@@ -372,7 +400,24 @@ def block_sigma_max(matvec: Callable[[Tensor], Tensor], rmatvec: Callable[[Tenso
     if method == "lanczos":
         # One step past min(n_in, n_out) makes a rectangular B exact: U (or V) then spans a whole space.
         max_iter = min(max_iter or 64, max_dim + 1)
-        return _golub_kahan(matvec, rmatvec, n_in, generator, dtype, device, tol, max_iter)
+        sigma, its, ok, v = _golub_kahan(matvec, rmatvec, n_in, generator, dtype, device, tol, max_iter, [])
+        found = [v] if v is not None else []
+        certified = checks == 0  # checks = 0: a single run, trusted (the behaviour this check replaces)
+        for _ in range(checks):
+            if not found or len(found) >= n_in or sigma == 0.0:
+                certified = True  # nothing left to deflate against, or B = 0
+                break
+            other, more, ok2, v2 = _golub_kahan(matvec, rmatvec, n_in, generator, dtype, device, tol,
+                                                min(max_iter, n_in - len(found) + 1), found)
+            its += more
+            if other <= sigma * (1.0 + tol):
+                certified = True  # the complement of the converged vectors holds nothing larger
+                break
+            sigma, ok = other, ok2  # the earlier run had missed a larger singular value
+            if v2 is None:
+                break
+            found.append(v2)
+        return sigma, its, ok and certified
     if method == "power":
         return _power(matvec, rmatvec, n_in, generator, dtype, device, tol, max_iter or 500)
     raise ValueError(f"unknown method {method!r}; use 'lanczos' or 'power'")
@@ -386,37 +431,48 @@ def _reorthogonalise(w: Tensor, basis: list[Tensor]) -> Tensor:
     return w
 
 
-def _golub_kahan(matvec, rmatvec, n_in, generator, dtype, device, tol, max_iter) -> tuple[float, int, bool]:
-    v = _start_vector(n_in, generator, dtype, device)
+def _golub_kahan(matvec, rmatvec, n_in, generator, dtype, device, tol, max_iter,
+                 deflate: list[Tensor]) -> tuple[float, int, bool, Tensor | None]:
+    """One Golub-Kahan-Lanczos run on B restricted to the orthogonal complement of `deflate` (unit right
+    vectors): (sigma, iterations, converged, the top right Ritz vector)."""
+    v = _reorthogonalise(_start_vector(n_in, generator, dtype, device), deflate)
+    v = v / v.norm()
     u = matvec(v)
     alpha = float(u.norm())
-    if alpha == 0.0:  # B v = 0 for a random v: B = 0 (almost surely)
-        return 0.0, 1, True
+    if alpha == 0.0:  # B v = 0 for a random v: B = 0 on this subspace (almost surely)
+        return 0.0, 1, True, v
     u = u / alpha
     vs, us = [v], [u]
     alphas, betas = [alpha], []
     sigma = alpha
+
+    def ritz(right: np.ndarray) -> Tensor:
+        coef = torch.as_tensor(right, dtype=dtype, device=device)
+        r = torch.stack(vs).T @ coef
+        return r / r.norm()
+
     for k in range(1, max_iter + 1):
-        w = _reorthogonalise(rmatvec(u) - alpha * v, vs)
+        w = _reorthogonalise(rmatvec(u) - alpha * v, deflate + vs)
         beta = float(w.norm())
         bidiag = np.diag(alphas) + np.diag(betas, 1)
-        left, singular, _ = np.linalg.svd(bidiag)
+        left, singular, right = np.linalg.svd(bidiag)
         sigma = float(singular[0])
         residual = beta * abs(float(left[-1, 0]))
         if residual <= tol * sigma or k == max_iter:
-            return sigma, k, residual <= tol * sigma
+            return sigma, k, residual <= tol * sigma, ritz(right[0])
         v = w / beta
         w = _reorthogonalise(matvec(v) - beta * u, us)
         alpha = float(w.norm())
         betas.append(beta)
         alphas.append(alpha)
+        vs.append(v)
         if alpha <= 100 * torch.finfo(dtype).eps * sigma:  # B V_{k+1} lies in span(U_k): exact estimate
             bidiag = np.diag(alphas) + np.diag(betas, 1)
-            return float(np.linalg.svd(bidiag, compute_uv=False)[0]), k + 1, True
+            _, singular, right = np.linalg.svd(bidiag)
+            return float(singular[0]), k + 1, True, ritz(right[0])
         u = w / alpha
-        vs.append(v)
         us.append(u)
-    return sigma, max_iter, False  # pragma: no cover (the loop returns)
+    return sigma, max_iter, False, None  # pragma: no cover (the loop returns)
 
 
 def _power(matvec, rmatvec, n_in, generator, dtype, device, tol, max_iter) -> tuple[float, int, bool]:
@@ -451,12 +507,15 @@ class HessianBlocks:
 
     the size of block i's coupling to all other blocks (zero for a single block).
 
-    Matrix-free: Hessian-vector products by double backward (torch.autograd.grad with create_graph), in eval
-    mode (dropout off; BatchNorm uses, and leaves untouched, its running statistics), on detached leaves that
-    share the parameters' storage, so parameters, gradients, buffers and train/eval flags are as before.
-    sigma_max by Golub-Kahan-Lanczos (default) or power iteration on H_ij^T H_ij (see `block_sigma_max`), from
-    start vectors drawn from a seeded torch.Generator (never the global random state), to relative tolerance
-    `tol` or `max_iter` iterations. H is symmetric, so H_ji = H_ij^T and sigma(H_ji) = sigma(H_ij): only
+    Matrix-free: Hessian-vector products by double backward (torch.autograd.grad with create_graph), on
+    detached leaves that share the parameters' storage, so parameters, gradients, buffers and train/eval flags
+    are as before. `mode` "eval" (default): dropout off, BatchNorm uses its running statistics; "train": the
+    training objective's semantics, BatchNorm normalises with the batch's statistics (it updates copies of the
+    buffers, never the model's) and dropout draws its masks under a forked global random state.
+    sigma_max by Golub-Kahan-Lanczos with a deflated restart check (default) or power iteration on
+    H_ij^T H_ij (see `block_sigma_max`), from random start vectors drawn from a torch.Generator seeded by
+    `seed` and the round (a new start every measurement, reproducible; never the global random state), to
+    relative tolerance `tol` or `max_iter` iterations. H is symmetric, so H_ji = H_ij^T and sigma(H_ji) = sigma(H_ij): only
     pairs i <= j are computed. `dtype` None computes in the parameters' dtype (fp16/bf16 in float32);
     torch.float64 makes a float64 copy of the parameters for accuracy on small models.
 
@@ -468,9 +527,12 @@ class HessianBlocks:
     name = "hessian_blocks"
 
     def __init__(self, tol: float = 1e-4, max_iter: int | None = None, method: str = "lanczos", seed: int = 0,
-                 dtype: torch.dtype | None = None, figure: bool = True) -> None:
+                 dtype: torch.dtype | None = None, figure: bool = True, mode: str = "eval") -> None:
         if method not in ("lanczos", "power"):
             raise ValueError(f"hessian_blocks: unknown method {method!r}; use 'lanczos' or 'power'")
+        if mode not in ("eval", "train"):
+            raise ValueError(f"hessian_blocks: unknown mode {mode!r}; use 'eval' or 'train'")
+        self.mode = mode
         if not tol > 0:
             raise ValueError(f"hessian_blocks: tol must be > 0, got {tol}")
         self.tol, self.max_iter, self.method, self.seed = float(tol), max_iter, method, int(seed)
@@ -486,13 +548,15 @@ class HessianBlocks:
         model, params = ctx.model, ctx.params
         buffers = [b.detach().clone() for b in model.buffers()]  # cheap; parameters are never written here
         dtype = self._dtype(params)
-        with _EvalMode(model):
-            hvp = _HVP(model, params, ctx.loss_fn, ctx.batch, dtype)
+        train = self.mode == "train"
+        devices = [params.flat.device] if params.flat.device.type == "cuda" else []
+        with _EvalMode(model, train=train), torch.random.fork_rng(devices=devices, enabled=train):
+            hvp = _HVP(model, params, ctx.loss_fn, ctx.batch, dtype, own_buffers=train)
             n = params.n_blocks
             sigma = np.zeros((n, n))
             iterations = np.zeros((n, n), dtype=int)
             converged = True
-            generator = torch.Generator().manual_seed(self.seed)
+            generator = torch.Generator().manual_seed(self.seed * 1_000_003 + int(ctx.round))
             for i in range(n):
                 for j in range(i, n):
                     s, its, ok = block_sigma_max(
@@ -512,7 +576,8 @@ class HessianBlocks:
         row_norms = np.sqrt((off ** 2).sum(axis=1))
         result: dict = {"value": sigma.tolist(), "row_norms": row_norms.tolist(),
                         "iterations": iterations.tolist(), "converged": bool(converged), "hvp": products,
-                        "loss": loss, "block_sizes": list(params.sizes), "method": self.method, "tol": self.tol}
+                        "loss": loss, "block_sizes": list(params.sizes), "method": self.method, "tol": self.tol,
+                        "mode": self.mode, "batch_rows": len(ctx.batch[0])}
         if self.figure:
             out = _out_dir(ctx)
             array_path = out / f"hessian_blocks_r{ctx.round}.npy"
@@ -523,6 +588,71 @@ class HessianBlocks:
             result["figure"] = _rel(figure_path, ctx)
             result["array"] = _rel(array_path, ctx)
         return result
+
+
+# ----------------------------------------------------------------------------------------------------------
+# the theorem's quantities
+
+
+class GradNorm:
+    """||grad f(x_t)||^2 and f(x_t), f the training objective (the mean loss) on a fixed evaluation set: the
+    quantities of the convergence theorem, (1/T) sum_t ||grad f(x_t)||^2 <= 2 sqrt(n) Lbar_max (f(x_0) - f*) / T.
+
+    The evaluation set is the first `samples` rows (default 8192, so that a large dataset does not cost an epoch
+    per measurement) of a seeded permutation of the training split (the same rows at every measurement; the
+    whole split when it is smaller, or samples = 0; ctx.batch when the context carries no split), evaluated in
+    chunks of `batch_size` rows whose losses and gradients are combined with weights rows / total, so the value
+    is that of the mean loss over the whole set. `mode` "eval" (default: BatchNorm running statistics, dropout
+    off; f is then one fixed function) or "train" (batch statistics per chunk, on copies of the buffers).
+    Gradients are taken by autograd on detached leaves (torch.func.functional_call): the model's parameters,
+    gradient buffer and statistics are untouched. value = ||grad f||^2; fields "loss" (f), "block_grad_sq"
+    (||grad_i f||^2 per block), "samples".
+    """
+
+    name = "grad_norm"
+
+    def __init__(self, samples: int = 8192, batch_size: int = 1024, seed: int = 0, mode: str = "eval") -> None:
+        if mode not in ("eval", "train"):
+            raise ValueError(f"grad_norm: unknown mode {mode!r}; use 'eval' or 'train'")
+        if samples < 0 or batch_size < 1:
+            raise ValueError(f"grad_norm: samples must be >= 0 and batch_size >= 1, got {samples}, {batch_size}")
+        self.samples, self.batch_size, self.seed, self.mode = int(samples), int(batch_size), int(seed), mode
+
+    def _data(self, ctx: MeasureContext) -> tuple[Tensor, Tensor]:
+        if ctx.train is None:
+            return ctx.batch
+        x, y = ctx.train
+        n = len(x) if self.samples == 0 else min(self.samples, len(x))
+        return fixed_batch(x, y, n, self.seed) if n < len(x) else (x, y)
+
+    def measure(self, ctx: MeasureContext) -> dict:
+        model, params = ctx.model, ctx.params
+        names = _param_names(model, params)
+        leaves = [[p.detach().requires_grad_(True) for p in ps] for ps in params.block_params]
+        feed = {name: leaf for bn, bl in zip(names, leaves) for name, leaf in zip(bn, bl)}
+        train = self.mode == "train"
+        x, y = self._data(ctx)
+        total = len(x)
+        flat_leaves = [leaf for block in leaves for leaf in block]
+        grads = [torch.zeros_like(leaf, dtype=torch.float64) for leaf in flat_leaves]
+        loss_sum = 0.0
+        devices = [params.flat.device] if params.flat.device.type == "cuda" else []
+        with _EvalMode(model, train=train), torch.random.fork_rng(devices=devices, enabled=train):
+            for start in range(0, total, self.batch_size):
+                xb, yb = x[start:start + self.batch_size], y[start:start + self.batch_size]
+                chunk = dict(feed)
+                if train:  # BatchNorm updates these copies, never the model's statistics
+                    chunk.update({name: b.detach().clone() for name, b in model.named_buffers()})
+                loss = ctx.loss_fn(torch.func.functional_call(model, chunk, (xb,)), yb) * (len(xb) / total)
+                parts = torch.autograd.grad(loss, flat_leaves, allow_unused=True)
+                for acc, g in zip(grads, parts):
+                    if g is not None:
+                        acc += g.to(torch.float64)
+                loss_sum += float(loss.detach())
+        it = iter(grads)
+        block_sq = [sum(float((next(it) ** 2).sum()) for _ in block) for block in leaves]
+        return {"value": sum(block_sq), "loss": loss_sum, "block_grad_sq": block_sq, "samples": total,
+                "mode": self.mode}
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -582,6 +712,7 @@ BUILTIN: dict[str, type] = {
     "memory": MemoryUsage,
     "hessian_dense": HessianDense,
     "hessian_blocks": HessianBlocks,
+    "grad_norm": GradNorm,
 }
 
 
@@ -636,10 +767,34 @@ def _import_class(unit: str):
     return obj
 
 
-def auto_lambda(ctx: MeasureContext, unit: HessianBlocks | None = None) -> tuple[list[float], dict]:
+def auto_lambda(ctx: MeasureContext, batches: list[tuple[Tensor, Tensor]] | None = None,
+                unit: HessianBlocks | None = None) -> tuple[list[float], dict]:
     """lambda = "auto": lambda_i = sqrt(n) * max_k Lbar_k for every block i (n = number of blocks, Lbar the
-    off-diagonal row norms of `hessian_blocks`), and the hessian_blocks result it came from."""
-    result = (unit or HessianBlocks()).measure(ctx)
+    off-diagonal row norms of `hessian_blocks`), measured on the training objective: training mode (BatchNorm
+    with batch statistics, its buffers untouched) on each of `batches` (default: ctx.batch), Lbar averaged
+    over them. Returns the lambdas and the first batch's hessian_blocks result with the mean row norms and the
+    spread: "lambda_per_batch" (the lambda each batch alone gives), "lambda_spread" (their relative standard
+    deviation, 0 for one batch), "batches" and "hvp" (products over all batches)."""
+    unit = unit or HessianBlocks(mode="train")
+    batches = batches or [ctx.batch]
+    results = []
+    for k, batch in enumerate(batches):
+        measured = dataclasses.replace(ctx, batch=batch)
+        if k > 0:
+            unit_k = copy.copy(unit)
+            unit_k.figure = False  # one heat map per measurement is enough
+            unit_k.seed = unit.seed + k
+            results.append(unit_k.measure(measured))
+        else:
+            results.append(unit.measure(measured))
     n = ctx.params.n_blocks
-    lam = math.sqrt(n) * max(result["row_norms"], default=0.0)
+    rows = np.array([r["row_norms"] for r in results], dtype=float)
+    mean_rows = rows.mean(axis=0)
+    per_batch = [math.sqrt(n) * float(r.max(initial=0.0)) for r in rows]
+    lam = math.sqrt(n) * float(mean_rows.max(initial=0.0))
+    spread = float(np.std(per_batch) / np.mean(per_batch)) if len(per_batch) > 1 and np.mean(per_batch) > 0 else 0.0
+    result = dict(results[0])
+    result.update(row_norms=mean_rows.tolist(), lambda_per_batch=per_batch, lambda_spread=spread,
+                  batches=len(batches), hvp=sum(r["hvp"] for r in results),
+                  converged=all(r["converged"] for r in results))
     return [lam] * n, result

@@ -12,7 +12,7 @@ import numpy as np
 from bcdcore.rundir import metric_table, read_events
 
 PAPER_COLOURS = ["black", "red", "blue", "brown", "purple", "green"]
-X_AXES = ("grad_evals", "samples", "wall_s", "round", "bytes_comm", "sim_time_s")
+X_AXES = ("grad_evals", "flops", "samples", "wall_s", "round", "bytes_comm", "sim_time_s")
 
 
 class PlotError(ValueError):

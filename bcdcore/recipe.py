@@ -99,7 +99,7 @@ STATE_POLICIES = ("reset", "keep")
 OPS_BACKENDS = ("auto", "reference", "cpu", "cuda")
 STOP_KINDS = ("patience", "target_loss", "target_accuracy", "wall_time", "divergence")
 METRICS = ("train_loss", "val_loss", "val_acc")
-MEASURE_UNITS = ("memory", "hessian_dense", "hessian_blocks")  # third-party units: "pkg.module:Class"
+MEASURE_UNITS = ("memory", "hessian_dense", "hessian_blocks", "grad_norm")  # third-party units: "pkg.module:Class"
 
 
 # Integers beyond 2**53 lose precision in JSON readers and overflow 64-bit seeds once streams are derived.
@@ -184,6 +184,8 @@ class AlgorithmConfig:
     eps: float = 1e-8
     state_policy: str = "reset"
     lambda_every: int = 0  # lambda = "auto": re-measure every N rounds (0 = once, at the start)
+    lambda_batch_size: int = 1024  # lambda = "auto": rows of each training batch the Hessian is measured on
+    lambda_batches: int = 3  # lambda = "auto": independent batches (their mean is used, their spread logged)
 
 
 @dataclass
@@ -207,6 +209,7 @@ class StopConfig:
 class MeasureConfig:
     unit: str
     every: int = 1
+    at_start: bool = False  # also measure at x_0, before the first round (round 0)
 
 
 @dataclass
@@ -558,8 +561,9 @@ class _Validator:
 
     def measure(self, index: int, raw: dict) -> MeasureConfig:
         for key in raw:
-            if key not in ("unit", "every"):
-                raise self.fail(f"measure.{key}", f"unknown key{_did_you_mean(key, ('unit', 'every'))}")
+            if key not in ("unit", "every", "at_start"):
+                raise self.fail(f"measure.{key}",
+                                f"unknown key{_did_you_mean(key, ('unit', 'every', 'at_start'))}")
         if "unit" not in raw:
             raise self.fail("measure.unit", f"[[measure]] #{index + 1} needs unit = <name>")
         unit = self.typed("measure.unit", raw["unit"], "str")
@@ -570,7 +574,8 @@ class _Validator:
         every = self.typed("measure.every", raw.get("every", 1), "int")
         if every < 1:
             raise self.fail("measure.every", f"must be >= 1, got {every}")
-        return MeasureConfig(unit=unit, every=every)
+        at_start = self.typed("measure.at_start", raw.get("at_start", False), "bool")
+        return MeasureConfig(unit=unit, every=every, at_start=at_start)
 
     def check_ranges(self, r: Recipe) -> None:
         def need(ok: bool, dotted: str, message: str) -> None:
@@ -668,6 +673,8 @@ class _Validator:
         for g in a.gamma if isinstance(a.gamma, list) else [a.gamma]:
             need(0 < g <= 1, "algorithm.gamma", f"must be in (0, 1], got {g}")
         need(a.lambda_every >= 0, "algorithm.lambda_every", f"must be >= 0, got {a.lambda_every}")
+        need(a.lambda_batch_size >= 1, "algorithm.lambda_batch_size", f"must be >= 1, got {a.lambda_batch_size}")
+        need(a.lambda_batches >= 1, "algorithm.lambda_batches", f"must be >= 1, got {a.lambda_batches}")
         for lam in a.lam if isinstance(a.lam, list) else ([] if a.lam == "auto" else [a.lam]):
             need(lam >= 0, "algorithm.lambda", f"must be >= 0, got {lam}")
 

@@ -25,7 +25,8 @@ from bcdcore.batches import BatchStream, eval_batches, stream_seed
 from bcdcore.checkpoint import CheckpointError, load_checkpoint, save_checkpoint
 from bcdcore.data import DataBundle, Split, load_data
 from bcdcore.datasets_real import augmentation_generator
-from bcdcore.measure import MeasureContext, auto_lambda, fixed_batch, load_unit
+from bcdcore.flops import count, count_table
+from bcdcore.measure import MeasureContext, auto_lambda, fixed_batch, load_unit, training_batches
 from bcdcore.models import block_sizes, build_model
 from bcdcore.params import FlatParams
 from bcdcore.resources import check_model_fits, is_out_of_memory
@@ -238,6 +239,8 @@ class Run:
         self.stoppers = build_stoppers(r.stop, r.run.wall_time_s)
         self.round = 0
         self.grad_evals = self.samples = 0
+        self.flops = 0.0  # cumulative FLOPs of every pass (bcdcore.flops); grad_evals = flops / table.full
+        self.passes = 0  # forward+backward passes of training
         self.wall_before = 0.0  # wall seconds of earlier sessions of this run (resume)
         self.t0 = time.perf_counter()  # restarted by execute
         self.signals = _Signals(repeat_stops=comm is None)
@@ -245,7 +248,14 @@ class Run:
             comm.local_signal = lambda: self.signals.received or 0
         self.file_log = self._file_logger()
         self.auto_lambda = r.algorithm.lam == "auto" and r.algorithm.mode == "blockwise"
-        self.measure_batch = fixed_batch(prepared.data.train.x, prepared.data.train.y, 256, r.run.seed)
+        train = prepared.data.train
+        self.measure_batch = fixed_batch(train.x, train.y, 256, r.run.seed)
+        a = r.algorithm
+        self.lambda_batches = (training_batches(train.x, train.y, a.lambda_batch_size, a.lambda_batches,
+                                                r.run.seed + 1) if self.auto_lambda else [])
+        self.flop_table = count_table(prepared.model, prepared.params, loss_function(prepared.data.task),
+                                      fixed_batch(train.x, train.y, r.data.batch_size, r.run.seed))
+        prepared.trainer.flop_table = self.flop_table
         if resume:
             self._load_checkpoint()
 
@@ -272,7 +282,8 @@ class Run:
     def _checkpoint_state(self, trainer_state: dict) -> dict:
         """What checkpoint.pt holds: tensors and plain data only (it is loaded with weights_only=True)."""
         p = self.p
-        state = {"round": self.round, "grad_evals": self.grad_evals, "samples": self.samples,
+        state = {"round": self.round, "grad_evals": self.grad_evals, "samples": self.samples, "flops": self.flops,
+                 "passes": self.passes,
                  "wall_s": self._wall(), "flat": p.params.flat.detach().cpu(),
                  "buffers": [[b.cpu() for b in bs] for bs in p.params.snapshot_buffers()],
                  "trainer": trainer_state, "stoppers": [s.state_dict() for s in self.stoppers],
@@ -290,6 +301,7 @@ class Run:
             trainer_state["rank_streams"] = [trainer_state["stream"]] * self.comm.world
         template = self._checkpoint_state(trainer_state)
         template["wall_s"] = 0.0
+        template["grad_evals"] = 0.0  # flops / one full pass: a number (older checkpoints hold an integer)
         return template
 
     def _load_checkpoint(self) -> None:
@@ -322,6 +334,8 @@ class Run:
             raise CheckpointError(f"{self.rundir.checkpoint_path}: does not fit this run "
                                   f"({error_line(exc)}); nothing was changed") from None
         self.round, self.grad_evals, self.samples = state["round"], state["grad_evals"], state["samples"]
+        self.flops = float(state.get("flops", self.grad_evals * self.flop_table.full))  # older checkpoints
+        self.passes = int(state.get("passes", self.grad_evals))
         self.wall_before = float(state["wall_s"])
         if self.leader:
             self.resume_dropped = self.rundir.drop_events_after(self.round)
@@ -353,7 +367,7 @@ class Run:
             rd.event("start", run_id=rd.run_id, recipe=r.run.name, n_blocks=p.params.n_blocks,
                      block_sizes=block_sizes(p.model), device=str(p.device), backend=p.backend,
                      mode=r.algorithm.mode, resumed_from_round=self.round if self.round else None,
-                     **start_extra)
+                     flop_table=self.flop_table.to_dict(), **start_extra)
             self.file_log.info("run %s: %d blocks %s on %s, ops backend %s", rd.run_id, p.params.n_blocks,
                                block_sizes(p.model), p.device, p.backend)
             if getattr(self, "resume_dropped", 0):
@@ -408,6 +422,10 @@ class Run:
     def _loop(self, progress: "_Progress") -> tuple[str, str]:
         p, r, rd = self.p, self.p.recipe, self.rundir
         every = r.eval.every
+        if self.round == 0 and self.leader:  # units asked for at x_0 (e.g. grad_norm for the theorem's sum)
+            for config, unit in p.measurements:
+                if config.at_start:
+                    self._measure(config.unit, unit.measure, 0)
         while True:
             if self.round >= r.run.rounds:
                 return "finished", "rounds done"
@@ -419,7 +437,8 @@ class Run:
             if self.comm is not None:
                 self.comm.begin_round()
             result: RoundResult = p.trainer.run_round(t)
-            self.grad_evals += result.grad_evals
+            self.flops += result.flops
+            self.passes += result.grad_evals
             self.samples += result.samples
             if self.comm is not None:
                 self.comm.end_round()
@@ -433,6 +452,9 @@ class Run:
                 fields = vars(b).copy()
                 fields["lambda"] = fields.pop("lam")
                 rd.event("block", round=t, **fields)
+            for config, unit in p.measurements:  # before the metric event, which counts their flops
+                if t % config.every == 0:
+                    self._measure(config.unit, unit.measure, t)
             metrics = {"train_loss": result.train_loss}
             last_round = t >= r.run.rounds
             if (every and t % every == 0) or last_round:
@@ -444,17 +466,18 @@ class Run:
                 if "val_loss" not in metrics:
                     metrics.update(self._eval("val"))
                 metrics.update(self._eval("test"))
+            # grad_evals: flops in full forward+backward passes; a model none of whose operations counts
+            # (no matrix product at all) falls back to the passes run
+            full = self.flop_table.full
+            self.grad_evals = self.flops / full if full > 0 else self.passes
             if self.comm is None:
-                event = rd.event("metric", round=t, grad_evals=self.grad_evals, samples=self.samples,
-                                 bytes_comm=0, wall_s=self._wall(), **metrics)
+                event = rd.event("metric", round=t, grad_evals=self.grad_evals, flops=self.flops,
+                                 samples=self.samples, bytes_comm=0, wall_s=self._wall(), **metrics)
             else:
                 wall = self._wall()
-                event = rd.event("metric", round=t, grad_evals=self.grad_evals, samples=self.samples,
-                                 bytes_comm=self.comm.bytes_total, wall_s=wall, **metrics,
+                event = rd.event("metric", round=t, grad_evals=self.grad_evals, flops=self.flops,
+                                 samples=self.samples, bytes_comm=self.comm.bytes_total, wall_s=wall, **metrics,
                                  **self.comm.metrics(wall))
-            for config, unit in p.measurements:
-                if t % config.every == 0:
-                    self._measure(config.unit, unit.measure, t)
             rd.write_status(progress={"round": t, "rounds": r.run.rounds})
             progress.update(t, metrics)
             self.file_log.info("round %d %s", t, " ".join(f"{k} {v:.5g}" for k, v in metrics.items()))
@@ -505,11 +528,14 @@ class Run:
         p = self.p
         return MeasureContext(model=p.model, params=p.params, trainer=p.trainer,
                               loss_fn=loss_function(p.data.task), batch=self.measure_batch, device=p.device,
-                              round=t, out_dir=self.rundir.path / "measurements")
+                              round=t, out_dir=self.rundir.path / "measurements",
+                              train=(p.data.train.x, p.data.train.y))
 
     def _measure(self, name: str, fn, t: int) -> dict:
-        result = fn(self._context(t))
-        self.rundir.event("measure", unit=name, round=t, **result)
+        with count() as work:
+            result = fn(self._context(t))
+        self.flops += work.flops
+        self.rundir.event("measure", unit=name, round=t, **{**result, "flops": work.flops})
         self.file_log.info("measure %s at round %d: %s", name, t,
                            result.get("figure") or str(result.get("value"))[:200])
         return result
@@ -519,21 +545,26 @@ class Run:
         if self.comm is not None:  # rank 0 measures, every rank gets its lambdas
             lams = None
             if self.leader:
-                lams, result = auto_lambda(self._context(t))
+                with count() as work:
+                    lams, result = auto_lambda(self._context(t), self.lambda_batches)
+                self.flops += work.flops
                 self.rundir.event("measure", unit="hessian_blocks", round=t, purpose="lambda auto",
-                                  **{"lambda": lams}, **result)
+                                  **{"lambda": lams}, **{**result, "flops": work.flops})
             self.p.trainer.lams = self.comm.broadcast_object(lams)
             return
-        lams, result = auto_lambda(self._context(t))
+        with count() as work:
+            lams, result = auto_lambda(self._context(t), self.lambda_batches)
+        self.flops += work.flops
         self.p.trainer.lams = lams
         self.rundir.event("measure", unit="hessian_blocks", round=t, purpose="lambda auto", **{"lambda": lams},
-                          **result)
+                          **{**result, "flops": work.flops})
         self.file_log.info("lambda auto at round %d: %s", t, ", ".join(f"{x:.4g}" for x in lams))
 
     def _eval(self, split_name: str) -> dict:
         p = self.p
         split = getattr(p.data, split_name)
         result = evaluate(p.model, split, p.data.task, p.recipe.eval.batch_size, p.device)
+        self.flops += self.flop_table.forward_samples(len(split))  # evaluation is work the run did too
         return {f"{split_name}_{k}": v for k, v in result.items()}
 
 

@@ -21,7 +21,7 @@ from typing import Any, Iterator
 
 EVENT_VERSION = 1
 STATES = ("queued", "running", "finished", "failed", "killed")
-CSV_COLUMNS = ("round", "grad_evals", "samples", "bytes_comm", "wall_s", "train_loss",
+CSV_COLUMNS = ("round", "grad_evals", "flops", "samples", "bytes_comm", "wall_s", "train_loss",
                "val_loss", "val_acc", "test_loss", "test_acc",
                "bytes_round", "comm_sim_s", "sim_time_s")  # the last three: distributed runs only
 

@@ -376,7 +376,7 @@ class RunsScreen(WsScreen):
 CHART_BINDINGS = [
     Binding("escape", "back", "Back", tooltip="back to the previous screen"),
     Binding("y", "metric", "Metric", tooltip="chart the next metric (train_loss, val_loss, val_acc, ...)"),
-    Binding("x", "x_axis", "X axis", tooltip="x axis: round, grad_evals, wall_s, samples"),
+    Binding("x", "x_axis", "X axis", tooltip="x axis: round, grad_evals, wall_s, samples, flops"),
     Binding("g", "log_y", "Log y", tooltip="toggle a logarithmic y axis"),
 ]
 

@@ -16,8 +16,8 @@ from typing import Any
 
 from bcdcore.rundir import EventTail, read_complete_lines, read_status
 
-X_AXES = ("round", "grad_evals", "wall_s", "samples")
-METRIC_COLUMNS = ("round", "grad_evals", "samples", "bytes_comm", "wall_s", "train_loss", "val_loss", "val_acc",
+X_AXES = ("round", "grad_evals", "wall_s", "samples", "flops")
+METRIC_COLUMNS = ("round", "grad_evals", "flops", "samples", "bytes_comm", "wall_s", "train_loss", "val_loss", "val_acc",
                   "test_loss", "test_acc")
 
 

@@ -134,6 +134,8 @@ fi
 
 echo "== engine: recipes/quickstart.toml on the GPU, ops backend cuda vs reference"
 $PY bench/gpu_engine_check.py "$out/runs" || status=1
+# the inexactness rule on (device-side flag, predicated step, host read a step later): same stops as reference
+$PY bench/gpu_engine_check.py "$out/runs_rule" recipes/quickstart.toml cuda algorithm.accuracy_factor=200 || status=1
 
 echo "== rounds: $PY bench/round_throughput.py --device cuda (Algorithm 1 vs a naive implementation)"
 timeout 180 $PY bench/round_throughput.py --device cuda --rounds 10 --warmup 2 >"$out/rounds.log" 2>&1 \

@@ -15,9 +15,13 @@ norms ||r||^2 and ||d||^2 that the inexactness rule needs (per block, except tor
   eager loop          per parameter tensor: sub, add, vector_norm x2, sub_; per block: stack + sum
   foreach             torch._foreach_sub / _foreach_add / _foreach_norm x2 / _foreach_add_, per-block sums
   torch.compile       the same step on the whole flat buffer, compiled (n/a where compiling fails)
+  rule pair           the step as Algorithm 1 runs it with the inexactness rule on: the norms pass
+                      (ops.rule_check_: reads x, g, a, decides on the device) then the step predicated on that
+                      decision (skip=rule); 28 bytes/element (12 + 16), per block or in 1 flat call
   copy (ceiling)      dst.copy_(src) over 2N fp32 elements: moves the same 16 bytes/element
-GB/s counts 16 bytes per element for every method (what the step must move); "% copy" is relative to the copy
-measured in the same run; "ours is Nx" = method time / our time. Times are medians of repeated steps.
+GB/s counts the bytes per element each method must move (16; the rule pair 28); "% copy" is that bandwidth
+relative to the copy's, measured in the same run; "ours is Nx" = method time / our time. Times are medians of
+repeated steps.
 """
 from __future__ import annotations
 
@@ -37,6 +41,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 LR, LAM = 1e-3, 0.1
 BYTES_PER_ELEMENT = 16
+RULE_PAIR_BYTES = 28  # norms pass (x, g, a read) + step (x, g, a read, x written)
 
 # ResNet-18 (torchvision, 1000 classes) stem and layer1, (block, shape); the rest is built in _resnet18_fallback.
 _RESNET18_HEAD = ([("stem", (64, 3, 7, 7)), ("stem", (64,)), ("stem", (64,))]
@@ -127,6 +132,22 @@ def ours_flat(fn: Callable) -> Callable[[Workload], object]:
 def ours_per_tensor(fn: Callable) -> Callable[[Workload], object]:
     def step(w: Workload):
         return [fn(x.view(-1), g.view(-1), a.view(-1), lr=LR, lam=LAM) for x, g, a in w.tensors]
+    return step
+
+
+def rule_pair(backend: str, flat: bool) -> Callable[[Workload], object]:
+    """The two passes of an inner step with the rule on; coef = 0 never stops, so every step is applied."""
+    from bcdcore import ops
+
+    def step(w: Workload):
+        rule = getattr(w, "_rule", None)
+        if rule is None:
+            rule = w._rule = ops.new_rule_state(w.x)
+        out = []
+        for x, g, a in ([(w.x, w.g, w.a)] if flat else w.blocks):
+            ops.rule_check_(x, g, a, rule, lam=LAM, coef=0.0, step=0, backend=backend)
+            out.append(ops.prox_sgd_step_(x, g, a, lr=LR, lam=LAM, skip=rule, backend=backend))
+        return out
     return step
 
 
@@ -279,6 +300,9 @@ def main(argv: list[str] | None = None) -> int:
         methods: list[tuple[str, Callable | None, str]] = [("fused (ours)", ours(fn), f"{w.n_blocks} calls")]
         if w.n_blocks > 1:
             methods.append(("fused, 1 flat call", ours_flat(fn), "whole buffer, global norms"))
+        methods.append(("rule pair", rule_pair(backend, False), f"{w.n_blocks} x 2 calls, 28 B/element"))
+        if w.n_blocks > 1:
+            methods.append(("rule pair, 1 flat call", rule_pair(backend, True), "2 calls, 28 B/element"))
         if w.name == "small100":
             methods.append(("fused, per tensor", ours_per_tensor(fn), f"{len(w.tensors)} calls"))
         methods += [("eager loop", eager, f"{len(w.tensors)} tensors"),
@@ -312,8 +336,9 @@ def main(argv: list[str] | None = None) -> int:
         if ms is None:
             lines.append(f"| {wname} | {w.n:,} | {method} | n/a | | | | {note} |")
             continue
-        gbs = BYTES_PER_ELEMENT * w.n / (ms * 1e-3) / 1e9
-        pct = f"{100 * copy_ms / ms:.0f}%" if copy_ms else ""
+        moved = RULE_PAIR_BYTES if method.startswith("rule pair") else BYTES_PER_ELEMENT
+        gbs = moved * w.n / (ms * 1e-3) / 1e9
+        pct = f"{100 * copy_ms * moved / (ms * BYTES_PER_ELEMENT):.0f}%" if copy_ms else ""
         speed = f"{ms / our_ms:.2f}x" if our_ms and method != "fused (ours)" else ""
         lines.append(f"| {wname} | {w.n:,} | {method} | {ms:.3f} | {gbs:.1f} | {pct} | {speed} | {note} |")
 
@@ -322,16 +347,22 @@ def main(argv: list[str] | None = None) -> int:
         return t / o if t and o else None
 
     def frac(wn: str, ours_row: str = "fused (ours)") -> float | None:
+        """Bandwidth of `ours_row` for the bytes it moves, over the copy's."""
         c, o = results.get((wn, "copy (ceiling)")), results.get((wn, ours_row))
-        return c / o if c and o else None
+        moved = RULE_PAIR_BYTES if ours_row.startswith("rule pair") else BYTES_PER_ELEMENT
+        return c * moved / (o * BYTES_PER_ELEMENT) if c and o else None
 
     if device.type == "cpu":
         checks = [("ours vs eager at resnet18", ratio("resnet18", "eager loop"), 3.0, "x"),
                   ("ours vs foreach at resnet18", ratio("resnet18", "foreach"), 1.5, "x"),
-                  ("ours / copy bandwidth at resnet18x8", frac("resnet18x8"), 0.70, "")]
+                  ("ours / copy bandwidth at resnet18x8", frac("resnet18x8"), 0.70, ""),
+                  ("(info) rule pair (1 flat call) / copy bandwidth at resnet18x8",
+                   frac("resnet18x8", "rule pair, 1 flat call"), 0.0, "")]
     else:  # the issue's GPU targets are about the kernel: one flat call at 93.5M (per-block rows shown too)
         flat = "fused, 1 flat call"
         checks = [("ours (1 flat call) / copy bandwidth at resnet18x8", frac("resnet18x8", flat), 0.90, ""),
+                  ("rule pair (1 flat call) / copy bandwidth at resnet18x8",
+                   frac("resnet18x8", "rule pair, 1 flat call"), 0.85, ""),
                   ("ours (1 flat call) vs foreach at resnet18x8", ratio("resnet18x8", "foreach", flat), 4.0, "x"),
                   ("ours (1 flat call) vs torch.compile at resnet18x8",
                    ratio("resnet18x8", "torch.compile", flat), 1.8, "x"),

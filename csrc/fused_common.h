@@ -95,6 +95,18 @@ inline void check_args(const char* op, c10::DeviceType want, const std::vector<N
   job.n = x.numel();
 }
 
+// A rule state (see fused_job.h): 4 contiguous float64 values on x's device. Returns its pointer.
+inline double* check_rule(const char* op, const char* name, const at::Tensor& x, const at::Tensor& rule) {
+  TORCH_CHECK_VALUE(rule.defined(), "bcdcore.", op, ": ", name, " is undefined");
+  TORCH_CHECK_TYPE(rule.scalar_type() == at::kDouble, "bcdcore.", op, ": ", name,
+                   " (the rule state) must be torch.float64, got ", dname(rule.scalar_type()));
+  TORCH_CHECK_VALUE(rule.numel() == kRuleLen && rule.is_contiguous(), "bcdcore.", op, ": ", name,
+                    " (the rule state) must be ", kRuleLen, " contiguous values, got ", rule.sizes());
+  TORCH_CHECK_VALUE(rule.device() == x.device(), "bcdcore.", op, ": device mismatch: ", name, " is on ",
+                    rule.device(), " but x is on ", x.device());
+  return rule.data_ptr<double>();
+}
+
 inline int set_mode(const char* op, c10::optional<double> gamma, bool has_out, Job& job) {
   if (!gamma.has_value()) {
     TORCH_CHECK_VALUE(!has_out, "bcdcore.", op, ": out= needs gamma=");

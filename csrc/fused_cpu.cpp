@@ -106,7 +106,14 @@ Isa& current_isa() {
   return isa;
 }
 
-std::tuple<at::Tensor, at::Tensor> run(const bcd::Job& job, const at::Tensor& x) {
+std::tuple<at::Tensor, at::Tensor> run(const bcd::Job& given, const at::Tensor& x) {
+  bcd::Job job = given;
+  // A step whose rule state says "stopped" is not applied: on the CPU the flag is read here (no device to keep
+  // it on); the step becomes the norms pass plus its damped write, if any, as the CUDA kernel does per block.
+  if (job.skip != nullptr && job.skip[0] != 0.0) {
+    job.form = bcd::kNorms;
+    if (job.mode == bcd::kPlain) job.mode = bcd::kNone;
+  }
   const int64_t n_tasks = (job.n + kTask - 1) / kTask;
   const bool norms = job.form != bcd::kDamp;
   double stack_partials[64];
@@ -129,7 +136,11 @@ std::tuple<at::Tensor, at::Tensor> run(const bcd::Job& job, const at::Tensor& x)
     d2 += p[2 * t + 1];
   }
   const auto opts = x.options().dtype(bcd::math_type(x));
-  return {at::scalar_tensor(r2, opts), at::scalar_tensor(d2, opts)};
+  at::Tensor r2t = at::scalar_tensor(r2, opts), d2t = at::scalar_tensor(d2, opts);
+  if (job.rule != nullptr) {  // rule_check: the norms as returned (rounded to the math type), in double
+    bcd::rule_update(job.rule, r2t.item<double>(), d2t.item<double>(), job.coef, job.index);
+  }
+  return {r2t, d2t};
 }
 
 std::string get_isa() { return current_isa().name; }

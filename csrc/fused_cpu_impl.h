@@ -56,8 +56,9 @@ struct Io<F16Tag> {
 //   sgd:      x_new = x - lr * r
 //   momentum: b = mu * buf + r;  buf = b;  x_new = x - lr * (nesterov ? r + mu * b : b)
 //   adam:     m = b1 m + (1-b1) r;  v = b2 v + ((1-b2) r) r;  x_new = x - (lr * (m / c1)) / (sqrt(v / c2) + eps)
-//   damp:     x_new = x
-// then the write of `mode` (x <- x_new | x <- a + gamma (x_new - a) | out <- that, x <- a).
+//   damp:     x_new = x  (no norms)
+//   norms:    x_new = x  (the norms only: the rule's pass, or a step whose skip flag is set)
+// then the write of `mode` (x <- x_new | x <- a + gamma (x_new - a) | out <- that, x <- a | nothing).
 template <typename T, int FORM, int MODE, bool NEST>
 void task_range(const bcd::Job& job, double* partials, int64_t t0, int64_t t1) {
   using IO = Io<T>;
@@ -95,7 +96,9 @@ void task_range(const bcd::Job& job, double* partials, int64_t t0, int64_t t1) {
           const M r = IO::ld(g, i) + lam * d;
           r2 += r * r;
           d2 += d * d;
-          if constexpr (FORM == bcd::kSgd) {
+          if constexpr (FORM == bcd::kNorms) {
+            xn = xm;
+          } else if constexpr (FORM == bcd::kSgd) {
             xn = xm - lr * r;
           } else if constexpr (FORM == bcd::kMomentum) {
             const M b = mu * s0[i] + r;
@@ -119,9 +122,11 @@ void task_range(const bcd::Job& job, double* partials, int64_t t0, int64_t t1) {
           IO::st(x, i, xn);
         } else if constexpr (MODE == bcd::kDamped) {
           IO::st(x, i, am + gamma * (xn - am));
-        } else {
+        } else if constexpr (MODE == bcd::kDampedOut) {
           IO::st(out, i, am + gamma * (xn - am));
           x[i] = a[i];
+        } else {
+          (void)xn;  // kNone: the norms only
         }
       }
       r2t += static_cast<double>(r2);
@@ -139,7 +144,9 @@ void by_mode(const bcd::Job& job, double* partials, int64_t t0, int64_t t1) {
   switch (job.mode) {
     case bcd::kPlain: return task_range<T, FORM, bcd::kPlain, NEST>(job, partials, t0, t1);
     case bcd::kDamped: return task_range<T, FORM, bcd::kDamped, NEST>(job, partials, t0, t1);
-    default: return task_range<T, FORM, bcd::kDampedOut, NEST>(job, partials, t0, t1);
+    case bcd::kDampedOut: return task_range<T, FORM, bcd::kDampedOut, NEST>(job, partials, t0, t1);
+    default:
+      if constexpr (FORM == bcd::kNorms) return task_range<T, FORM, bcd::kNone, NEST>(job, partials, t0, t1);
   }
 }
 
@@ -151,6 +158,7 @@ void by_form(const bcd::Job& job, double* partials, int64_t t0, int64_t t1) {
       return job.nesterov ? by_mode<T, bcd::kMomentum, true>(job, partials, t0, t1)
                           : by_mode<T, bcd::kMomentum, false>(job, partials, t0, t1);
     case bcd::kAdam: return by_mode<T, bcd::kAdam, false>(job, partials, t0, t1);
+    case bcd::kNorms: return by_mode<T, bcd::kNorms, false>(job, partials, t0, t1);
     default: return by_mode<T, bcd::kDamp, false>(job, partials, t0, t1);
   }
 }

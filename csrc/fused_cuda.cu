@@ -11,6 +11,10 @@
 // fixed pattern and writes one partial per norm; finalize_kernel (one block) sums the partials in a fixed order.
 // The grid size depends only on n, the alignment and the device, so results are bitwise reproducible.
 //
+// The inexactness rule (csrc/README.md): the norms pass is the kNorms form with mode kNone, whose finalize
+// kernel updates the rule state on the device; a step given that state as `skip` reads its flag in the kernel
+// and, when set, runs as the norms form plus its damped write. No host synchronisation is involved.
+//
 // Arithmetic mirrors the reference's own CUDA kernels operation by operation (built with -fmad=false so nothing
 // is fused): in particular torch divides a CUDA tensor by a Python scalar as a multiplication by the reciprocal,
 // so the Adam bias corrections are applied as m * (1 / c1) with 1 / c1 rounded to the math type on the host.
@@ -115,7 +119,9 @@ __device__ __forceinline__ M step(const Consts<M>& k, M xm, M am, M gv, M& s0, M
     const M r = gv + k.lam * d;
     r2 += r * r;
     d2 += d * d;
-    if constexpr (FORM == bcd::kSgd) {
+    if constexpr (FORM == bcd::kNorms) {
+      return xm;
+    } else if constexpr (FORM == bcd::kSgd) {
       return xm - k.lr * r;
     } else if constexpr (FORM == bcd::kMomentum) {
       const M b = k.mu * s0 + r;
@@ -179,9 +185,8 @@ union VecM {
 // Elements [head, head + nvec * V) are processed as 16-byte vectors, the rest ([0, head) and the tail) one by
 // one. For the step forms, block b writes its partials to partials[b] (||r||^2) and partials[gridDim.x + b].
 template <typename T, int FORM, int MODE, bool NEST>
-__global__ void __launch_bounds__(kThreads)
-    fused_kernel(Ptrs<typename Io<T>::S, typename Io<T>::M> p, Consts<typename Io<T>::M> k, int64_t n,
-                 int64_t head, int64_t nvec, double* __restrict__ partials) {
+__device__ __forceinline__ void body(Ptrs<typename Io<T>::S, typename Io<T>::M> p, Consts<typename Io<T>::M> k,
+                                     int64_t n, int64_t head, int64_t nvec, double* __restrict__ partials) {
   using IO = Io<T>;
   using S = typename IO::S;
   using M = typename IO::M;
@@ -249,13 +254,15 @@ __global__ void __launch_bounds__(kThreads)
             XO.s[e] = IO::st(xn);
           } else if constexpr (MODE == bcd::kDamped) {
             XO.s[e] = IO::st(am + k.gamma * (xn - am));
-          } else {
+          } else if constexpr (MODE == bcd::kDampedOut) {
             OO.s[e] = IO::st(am + k.gamma * (xn - am));
             XO.s[e] = A[u].s[e];
+          } else {
+            (void)xn;  // kNone: the norms only
           }
         }
         if constexpr (MODE == bcd::kDampedOut) ov[v] = OO.u;
-        xv[v] = XO.u;
+        if constexpr (MODE != bcd::kNone) xv[v] = XO.u;
         if constexpr (kS0) {
 #pragma unroll
           for (int q = 0; q < NS; ++q) s0v[v * NS + q] = B0[u].u[q];
@@ -286,9 +293,11 @@ __global__ void __launch_bounds__(kThreads)
       x[i] = IO::st(xn);
     } else if constexpr (MODE == bcd::kDamped) {
       x[i] = IO::st(am + k.gamma * (xn - am));
-    } else {
+    } else if constexpr (MODE == bcd::kDampedOut) {
       out[i] = IO::st(am + k.gamma * (xn - am));
       x[i] = a[i];
+    } else {
+      (void)xn;
     }
   }
 
@@ -302,10 +311,28 @@ __global__ void __launch_bounds__(kThreads)
   }
 }
 
-// Second stage: one block sums the nblocks partials of each norm in a fixed order.
+// The kernel of one step. A step form given a rule state (`skip`) whose stopped flag is set runs as the norms
+// pass plus its damped write, if any: the flag lives on the device and every block reads it (the same value,
+// so the branch is uniform), so the host never waits for the rule's decision. The norms are still produced.
+template <typename T, int FORM, int MODE, bool NEST>
+__global__ void __launch_bounds__(kThreads)
+    fused_kernel(Ptrs<typename Io<T>::S, typename Io<T>::M> p, Consts<typename Io<T>::M> k, int64_t n,
+                 int64_t head, int64_t nvec, double* __restrict__ partials, const double* __restrict__ skip) {
+  if constexpr (FORM == bcd::kSgd || FORM == bcd::kMomentum || FORM == bcd::kAdam) {
+    if (skip != nullptr && *skip != 0.0) {
+      body<T, bcd::kNorms, MODE == bcd::kPlain ? bcd::kNone : MODE, false>(p, k, n, head, nvec, partials);
+      return;
+    }
+  }
+  body<T, FORM, MODE, NEST>(p, k, n, head, nvec, partials);
+}
+
+// Second stage: one block sums the nblocks partials of each norm in a fixed order; a rule_check call also
+// updates its rule state there (bcd::rule_update), on the device.
 template <typename M>
 __global__ void __launch_bounds__(kThreads)
-    finalize_kernel(const double* __restrict__ partials, int nblocks, M* __restrict__ r2, M* __restrict__ d2) {
+    finalize_kernel(const double* __restrict__ partials, int nblocks, M* __restrict__ r2, M* __restrict__ d2,
+                    double* __restrict__ rule, double coef, int64_t index) {
   double a = 0.0, b = 0.0;
   for (int i = threadIdx.x; i < nblocks; i += kThreads) {
     a += partials[i];
@@ -313,8 +340,10 @@ __global__ void __launch_bounds__(kThreads)
   }
   block_sum2(a, b);
   if (threadIdx.x == 0) {
-    *r2 = static_cast<M>(a);
-    *d2 = static_cast<M>(b);
+    const M r2m = static_cast<M>(a), d2m = static_cast<M>(b);
+    *r2 = r2m;
+    *d2 = d2m;
+    if (rule != nullptr) bcd::rule_update(rule, static_cast<double>(r2m), static_cast<double>(d2m), coef, index);
   }
 }
 
@@ -383,12 +412,13 @@ cudaError_t launch_t(const bcd::Job& job, int device, cudaStream_t stream, doubl
     if (err != cudaSuccess) return err;
     blocks = static_cast<int>(std::min<int64_t>((work + kThreads - 1) / kThreads, cap));
     blocks = std::max(blocks, 1);
-    fused_kernel<T, FORM, MODE, NEST><<<blocks, kThreads, 0, stream>>>(p, k, n, head, nvec, partials);
+    fused_kernel<T, FORM, MODE, NEST><<<blocks, kThreads, 0, stream>>>(p, k, n, head, nvec, partials, job.skip);
     err = cudaGetLastError();
     if (err != cudaSuccess) return err;
   }
   if constexpr (FORM != bcd::kDamp) {
-    finalize_kernel<M><<<1, kThreads, 0, stream>>>(partials, blocks, static_cast<M*>(r2), static_cast<M*>(d2));
+    finalize_kernel<M><<<1, kThreads, 0, stream>>>(partials, blocks, static_cast<M*>(r2), static_cast<M*>(d2),
+                                                   job.rule, job.coef, job.index);
     return cudaGetLastError();
   }
   return cudaSuccess;
@@ -399,7 +429,10 @@ cudaError_t by_mode(const bcd::Job& j, int dev, cudaStream_t s, double* p, void*
   switch (j.mode) {
     case bcd::kPlain: return launch_t<T, FORM, bcd::kPlain, NEST>(j, dev, s, p, r2, d2);
     case bcd::kDamped: return launch_t<T, FORM, bcd::kDamped, NEST>(j, dev, s, p, r2, d2);
-    default: return launch_t<T, FORM, bcd::kDampedOut, NEST>(j, dev, s, p, r2, d2);
+    case bcd::kDampedOut: return launch_t<T, FORM, bcd::kDampedOut, NEST>(j, dev, s, p, r2, d2);
+    default:
+      if constexpr (FORM == bcd::kNorms) return launch_t<T, FORM, bcd::kNone, NEST>(j, dev, s, p, r2, d2);
+      return cudaErrorInvalidValue;
   }
 }
 
@@ -411,6 +444,7 @@ cudaError_t by_form(const bcd::Job& j, int dev, cudaStream_t s, double* p, void*
       return j.nesterov ? by_mode<T, bcd::kMomentum, true>(j, dev, s, p, r2, d2)
                         : by_mode<T, bcd::kMomentum, false>(j, dev, s, p, r2, d2);
     case bcd::kAdam: return by_mode<T, bcd::kAdam, false>(j, dev, s, p, r2, d2);
+    case bcd::kNorms: return by_mode<T, bcd::kNorms, false>(j, dev, s, p, r2, d2);
     default: return by_mode<T, bcd::kDamp, false>(j, dev, s, p, r2, d2);
   }
 }

@@ -8,6 +8,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
+from bcdcore import ops
 from bcdcore.algorithm import BlockwiseTrainer, EntireTrainer
 from bcdcore.batches import BatchStream, stream_seed
 from bcdcore.data import load_data
@@ -16,6 +17,9 @@ from bcdcore.params import FlatParams
 from bcdcore.recipe import AlgorithmConfig, DataConfig, ModelConfig
 
 SIZES = [3, 3, 2]  # features per block of the block-linear model
+# The closed-form checks run on the reference and on the compiled CPU kernels (skipped where not built).
+BACKENDS = ["reference", pytest.param("cpu", marks=pytest.mark.skipif(
+    "cpu" not in ops.available_backends(), reason="compiled cpu backend not built"))]
 
 
 def mse(out, y):
@@ -36,11 +40,16 @@ class Quadratic:
         self.b = 2 * X.T @ y / m
         self.slices = [slice(s, e) for s, e in zip(np.cumsum([0] + SIZES[:-1]), np.cumsum(SIZES))]
 
-    def trainer(self, cfg: AlgorithmConfig, lams, gammas, seed: int = 0):
+    def trainer(self, cfg: AlgorithmConfig, lams, gammas, seed: int = 0, backend: str = "reference"):
         model = build_model(ModelConfig(name="block_linear", widths=SIZES), (sum(SIZES),), 1, seed).double()
         params = FlatParams(model, model.blocks)
         streams = [BatchStream(self.x, self.y, len(self.x), stream_seed(seed, i)) for i in range(len(SIZES))]
-        return BlockwiseTrainer(model, params, mse, streams, cfg, lams, gammas, "reference", seed), params
+        return BlockwiseTrainer(model, params, mse, streams, cfg, lams, gammas, backend, seed), params
+
+    def prox_grad(self, z: np.ndarray, i: int, lam: float, a: np.ndarray) -> np.ndarray:
+        """grad F_i at the full point z (block i = z[s]) for anchor a: full-batch, so exact."""
+        s = self.slices[i]
+        return self.grad_block(z, i) + lam * (z[s] - a[s])
 
     def exact_block(self, x: np.ndarray, i: int, lam: float, a: np.ndarray) -> np.ndarray:
         s = self.slices[i]
@@ -57,12 +66,13 @@ def lr_for(q: Quadratic, lam: float) -> float:
     return 1.0 / (max(np.linalg.eigvalsh(q.A[s, s]).max() for s in q.slices) + lam)
 
 
+@pytest.mark.parametrize("backend", BACKENDS)
 @pytest.mark.parametrize("schedule", ["jacobi", "gauss_seidel"])
-def test_exact_block_solves_match_closed_form(schedule):
+def test_exact_block_solves_match_closed_form(schedule, backend):
     q = Quadratic()
     lams, gammas = [0.5, 1.0, 0.25], [1.0, 0.7, 0.5]
     cfg = AlgorithmConfig(schedule=schedule, K=600, lr=lr_for(q, 0.0), solver="sgd")
-    trainer, params = q.trainer(cfg, lams, gammas)
+    trainer, params = q.trainer(cfg, lams, gammas, backend=backend)
     x = params.flat.detach().numpy().copy()
     for t in range(1, 4):
         trainer.run_round(t)
@@ -86,11 +96,12 @@ def test_jacobi_and_gauss_seidel_differ_on_coupled_blocks():
     torch.testing.assert_close(results[0][:3], results[1][:3], rtol=0, atol=1e-12)
 
 
+@pytest.mark.parametrize("backend", BACKENDS)
 @pytest.mark.parametrize("schedule", ["jacobi", "gauss_seidel"])
-def test_k_sgd_steps_match_hand_iteration(schedule):
+def test_k_sgd_steps_match_hand_iteration(schedule, backend):
     q = Quadratic(seed=3)
     lams, gammas, lr, K = [0.3, 0.0, 2.0], [0.5, 1.0, 0.8], 0.05, 4
-    trainer, params = q.trainer(AlgorithmConfig(schedule=schedule, K=K, lr=lr), lams, gammas)
+    trainer, params = q.trainer(AlgorithmConfig(schedule=schedule, K=K, lr=lr), lams, gammas, backend=backend)
     x = params.flat.detach().numpy().copy()
     for t in (1, 2):
         trainer.run_round(t)
@@ -103,27 +114,115 @@ def test_k_sgd_steps_match_hand_iteration(schedule):
         np.testing.assert_allclose(params.flat.detach().numpy(), x, rtol=0, atol=1e-10)
 
 
-def test_inexactness_rule_stops_exactly_when_satisfied():
+def hand_solver(solver: str, cfg: AlgorithmConfig):
+    """One block's inner iteration by hand (numpy, float64), state reset at the anchor: step(z, r) -> z'."""
+    state = {"buf": None, "m": None, "v": None, "t": 0}
+
+    def step(z: np.ndarray, r: np.ndarray) -> np.ndarray:
+        if solver == "sgd":
+            return z - cfg.lr * r
+        if solver == "momentum":
+            state["buf"] = r.copy() if state["buf"] is None else cfg.momentum * state["buf"] + r
+            return z - cfg.lr * (r + cfg.momentum * state["buf"] if cfg.nesterov else state["buf"])
+        state["t"] += 1
+        m = (1 - cfg.beta1) * r + (0 if state["m"] is None else cfg.beta1 * state["m"])
+        v = (1 - cfg.beta2) * r * r + (0 if state["v"] is None else cfg.beta2 * state["v"])
+        state["m"], state["v"] = m, v
+        mhat, vhat = m / (1 - cfg.beta1 ** state["t"]), v / (1 - cfg.beta2 ** state["t"])
+        return z - cfg.lr * mhat / (np.sqrt(vhat) + cfg.eps)
+
+    return step
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("schedule", ["jacobi", "gauss_seidel"])
+@pytest.mark.parametrize("solver", ["momentum", "nesterov", "adam"])
+def test_momentum_and_adam_blockwise_match_hand_iteration(solver, schedule, backend):
+    """Blockwise momentum / Nesterov / Adam with the reset policy: every block starts its solver state at zero
+    at each anchor (Adam's bias correction from step 1), two rounds, damping, both schedules."""
+    q = Quadratic(seed=4)
+    lams, gammas, K = [0.4, 0.1, 1.5], [0.9, 1.0, 0.6], 5
+    cfg = AlgorithmConfig(schedule=schedule, K=K, solver="adam" if solver == "adam" else "momentum",
+                          lr=0.02 if solver == "adam" else 0.04, momentum=0.8, nesterov=solver == "nesterov",
+                          state_policy="reset")
+    trainer, params = q.trainer(cfg, lams, gammas, backend=backend)
+    x = params.flat.detach().numpy().copy()
+    for t in (1, 2):
+        trainer.run_round(t)
+        a = x.copy()
+        for i, s in enumerate(q.slices):
+            point = (a if schedule == "jacobi" else x).copy()
+            step = hand_solver(cfg.solver, cfg)
+            for _ in range(K):
+                point[s] = step(point[s], q.prox_grad(point, i, lams[i], a))
+            x[s] = a[s] + gammas[i] * (point[s] - a[s])
+        np.testing.assert_allclose(params.flat.detach().numpy(), x, rtol=0, atol=1e-10)
+
+
+@pytest.mark.parametrize("lag", [0, 1])
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_inexactness_rule_returns_the_certified_point(backend, lag):
+    """The rule holds at z_k: the block returns z_k (the step from z_k is not applied), the report describes
+    z_k, and with the host one step behind (lag 1, as on a GPU) one more pass runs and changes nothing."""
     q = Quadratic(seed=1)
     lam, c, lr, K = 1.0, 0.5, 0.05, 200
-    trainer, params = q.trainer(AlgorithmConfig(K=K, lr=lr, accuracy_factor=c), [lam] * 3, [1.0] * 3)
+    gammas = [1.0, 0.6, 1.0]
+    trainer, params = q.trainer(AlgorithmConfig(K=K, lr=lr, accuracy_factor=c), [lam] * 3, gammas,
+                                backend=backend)
+    trainer.rule_lag = lag
     a = params.flat.detach().numpy().copy()
     report = trainer.run_round(1).blocks
     expected = a.copy()
     for i, s in enumerate(q.slices):
         z = a.copy()
         for k in range(K):
-            r = q.grad_block(z, i) + lam * (z[s] - a[s])
+            r = q.prox_grad(z, i, lam, a)
             d = z[s] - a[s]
-            z[s] = z[s] - lr * r
             if np.linalg.norm(r) <= c * lam * np.linalg.norm(d):
                 break
-        assert report[i].inner_steps == k + 1 < K
-        assert report[i].stopped_early
-        assert report[i].residual <= report[i].threshold
+            z[s] = z[s] - lr * r
+        assert 0 < k < K - 1
+        assert report[i].inner_steps == k and report[i].stopped_early
+        assert report[i].passes == k + 1 + lag
         np.testing.assert_allclose(report[i].residual, np.linalg.norm(r), rtol=1e-9)
-        expected[s] = z[s]
+        np.testing.assert_allclose(report[i].dist, np.linalg.norm(d), rtol=1e-9)
+        assert report[i].residual <= report[i].threshold == pytest.approx(c * lam * np.linalg.norm(d))
+        expected[s] = a[s] + gammas[i] * (z[s] - a[s])  # damping of the certified point
     np.testing.assert_allclose(params.flat.detach().numpy(), expected, rtol=0, atol=1e-10)
+
+
+def test_returned_points_satisfy_the_rule_over_many_random_stops():
+    """A few hundred early stops with SGD (lr up to 1.5/L), heavy ball 0.9 and Adam, random lambda and c, on
+    both backends and both host lags: at every returned point the rule holds, recomputed in float64."""
+    rng = np.random.default_rng(2026)
+    stops = {"sgd": 0, "momentum": 0, "adam": 0}
+    backends = ["reference"] + (["cpu"] if "cpu" in ops.available_backends() else [])
+    for trial in range(14):
+        q = Quadratic(seed=trial)
+        big = max(np.linalg.eigvalsh(q.A[s, s]).max() for s in q.slices)
+        for solver in stops:
+            lam = float(rng.uniform(0.2, 2.0)) * big
+            c = float(rng.uniform(0.2, 0.9))
+            lr = {"sgd": rng.uniform(0.3, 1.5) / (big + lam), "momentum": rng.uniform(0.05, 0.3) / (big + lam),
+                  "adam": rng.uniform(0.01, 0.1)}[solver]
+            cfg = AlgorithmConfig(K=150, lr=float(lr), solver=solver, momentum=0.9, accuracy_factor=c)
+            trainer, params = q.trainer(cfg, [lam] * 3, [1.0] * 3, seed=trial, backend=backends[trial % len(backends)])
+            trainer.rule_lag = trial % 2
+            for t in (1, 2, 3):
+                a = params.flat.detach().numpy().copy()
+                reports = trainer.run_round(t).blocks
+                x = params.flat.detach().numpy()
+                for rep in reports:
+                    if not rep.stopped_early:
+                        continue
+                    s = q.slices[rep.block]
+                    z = a.copy()
+                    z[s] = x[s]
+                    residual = np.linalg.norm(q.prox_grad(z, rep.block, lam, a))
+                    assert residual <= c * lam * np.linalg.norm(z[s] - a[s]) * (1 + 1e-9), (solver, trial, t)
+                    np.testing.assert_allclose(rep.residual, residual, rtol=1e-8)
+                    stops[solver] += 1
+    assert min(stops.values()) >= 80, stops  # the rule really stopped often enough to mean something
 
 
 def test_rule_disabled_runs_all_k_steps():
@@ -275,3 +374,25 @@ def test_entire_mode_matches_torch_sgd_with_momentum():
 def test_entire_mode_adam_matches_torch_adam():
     cfg = AlgorithmConfig(mode="entire", K=6, lr=0.01, solver="adam")
     entire_against_torch(cfg, 1, lambda ps: torch.optim.Adam(ps, lr=0.01))
+
+
+def test_jacobi_batchnorm_isolation_with_all_blocks_active():
+    """A BatchNorm CNN, every block active: each block's parameters and statistics after a Jacobi round equal
+    those of a round where that block alone is active (same minibatches), and every other block's statistics
+    are its anchor's."""
+    cfg = AlgorithmConfig(schedule="jacobi", K=3, lr=0.05, solver="momentum")
+    full, params, _ = digits_problem(cfg, model_name="cnn", widths=(4, 4))
+    start_buffers = params.snapshot_buffers()
+    full.run_round(1)
+    assert all(not torch.equal(b, s) for b, s in zip(params.block_buffers[0], start_buffers[0]) if b.is_floating_point())
+    for i in range(params.n_blocks):
+        alone, p_alone, _ = digits_problem(cfg, model_name="cnn", widths=(4, 4))
+        alone.active_blocks = lambda t, i=i: [i]
+        alone.run_round(1)
+        torch.testing.assert_close(p_alone.block(i), params.block(i), rtol=0, atol=0)
+        for live, solo in zip(params.block_buffers[i], p_alone.block_buffers[i]):
+            torch.testing.assert_close(live, solo, rtol=0, atol=0)
+        for j in range(params.n_blocks):
+            if j != i:
+                for solo, anchor in zip(p_alone.block_buffers[j], start_buffers[j]):
+                    torch.testing.assert_close(solo, anchor, rtol=0, atol=0)

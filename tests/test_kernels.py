@@ -144,9 +144,9 @@ class Inputs:
             ops_["out"] = self._place("out", torch.full((self.n,), float("nan"), dtype=self.dtype))
         return ops_
 
-    def call(self, fns, t):
+    def call(self, fns, t, skip=None):
         kw = self.kw
-        extra = {}
+        extra = {} if skip is None else {"skip": skip}
         if self.gamma is not None:
             extra["gamma"] = self.gamma
         if "out" in t:
@@ -193,8 +193,61 @@ def check_against_reference(fns, case, device):
     assert r2.item() > 0 and d2.item() > 0, f"{tag} norms of random inputs must be positive"
 
 
+def check_rule_against_reference(fns, case, device, holds: bool):
+    """The rule's norms pass and the predicated step against the reference: the rule state (stopped, r2, d2,
+    k), and a step given skip=rule that is not applied (state untouched; the damped write still done) when the
+    rule holds, and is the ordinary step when it does not. A rule state already stopped stays as it was."""
+    seed = _seed()
+    form, fused, dtype, n, offset = case
+    inp = Inputs(form, fused, dtype, n, offset, device, seed)
+    tag = f"[rule {_ids(case)} holds={holds} seed={seed}]"
+    probe = inp.make()
+    r2, d2 = ops.REFERENCE["sgd"](probe["x"], probe["g"], probe["a"], lr=0.0, lam=inp.kw["lam"])
+    ratio = (r2.double().sqrt() / d2.double().sqrt()).item()
+    coef = ratio * (2.0 if holds else 0.5)  # far from the boundary: both sides decide alike
+    results = []
+    for fns_ in (ops.REFERENCE, fns):
+        t = inp.make()
+        before = {k: v.clone() for k, v in t.items()}
+        rule = ops.new_rule_state(t["x"])
+        fns_["rule_check"](t["x"], t["g"], t["a"], rule, lam=inp.kw["lam"], coef=coef, step=3)
+        assert all(torch.equal(t[k], before[k], ) for k in t if k != "out"), f"{tag} the norms pass wrote"
+        inp.call(fns_, t, skip=rule)
+        stopped = rule.clone()
+        fns_["rule_check"](t["x"], t["g"], t["a"], rule, lam=inp.kw["lam"], coef=1e30, step=4)
+        if holds:
+            assert torch.equal(rule, stopped), f"{tag} a stopped rule state was changed"
+        results.append((t, before, stopped))
+    (want, want0, rule_want), (got, got0, rule_got) = results
+    assert rule_got[0].item() == rule_want[0].item() == float(holds), tag
+    assert rule_got[3].item() == rule_want[3].item() == 3.0, tag
+    assert rule_got.dtype == torch.float64 and rule_got.device == got["x"].device
+    assert_close(rule_got[1:3], rule_want[1:3], **NORM_TOL[torch.float64 if dtype == torch.float64 else
+                                                             torch.float32], msg=lambda m: f"{tag} norms: {m}")
+    for name in got:
+        tol = STATE_TOL[inp.state_dtype] if name in ("buf", "m", "v") else TOL[dtype]
+        assert_close(got[name], want[name], **tol, msg=lambda m, name=name: f"{tag} {name}: {m}")
+    if holds:  # nothing moved but the damped write
+        for name in ("buf", "m", "v", "g", "a"):
+            assert torch.equal(got[name], got0[name]), f"{tag} {name} changed by a skipped step"
+        if fused is None:
+            assert torch.equal(got["x"], got0["x"]), f"{tag} x changed by a skipped step"
+
+
+RULE_CASES = [(form, fused, dtype, n, off) for form in ("sgd", "momentum", "nesterov", "adam")
+              for fused in FUSED for dtype, n, off in ((torch.float32, 40_003, 0), (torch.bfloat16, 4095, "mixed"),
+                                                       (torch.float64, 3001, 1))]
+
+
 # ------------------------------------------------------------------------------------------------------------
 # CPU
+
+
+@needs_cpu
+@pytest.mark.parametrize("holds", [True, False])
+@pytest.mark.parametrize("case", RULE_CASES, ids=[_ids(c) for c in RULE_CASES])
+def test_cpu_rule_check_and_skip_match_reference(case, holds):
+    check_rule_against_reference(CPU, case, torch.device("cpu"), holds)
 
 @needs_cpu
 @pytest.mark.parametrize("case", CASES, ids=[_ids(c) for c in CASES])
@@ -368,3 +421,22 @@ def test_cuda_empty_tensors_and_device_mismatch():
     assert r2.item() == 0.0 and d2.item() == 0.0
     with pytest.raises(ValueError, match="device mismatch"):
         CUDA["sgd"](torch.randn(4, device="cuda"), torch.randn(4), torch.randn(4, device="cuda"), lr=0.1, lam=0.1)
+
+
+@pytest.mark.cuda
+@pytest.mark.skipif(not HAS_GPU, reason="no CUDA device")
+@needs_cuda_module
+@pytest.mark.parametrize("holds", [True, False])
+@pytest.mark.parametrize("case", RULE_CASES, ids=[_ids(c) for c in RULE_CASES])
+def test_cuda_rule_check_and_skip_match_reference(case, holds):
+    check_rule_against_reference(CUDA, case, torch.device("cuda"), holds)
+
+
+@pytest.mark.parametrize("backend", ["reference", pytest.param("cpu", marks=needs_cpu)])
+def test_rule_state_is_checked(backend):
+    fns = ops.REFERENCE if backend == "reference" else CPU
+    x, g, a = (torch.randn(5) for _ in range(3))
+    with pytest.raises(TypeError, match="rule state"):
+        fns["rule_check"](x, g, a, torch.zeros(4), lam=0.1, coef=1.0, step=0)
+    with pytest.raises(ValueError, match="rule state"):
+        fns["sgd"](x, g, a, lr=0.1, lam=0.1, skip=torch.zeros(3, dtype=torch.float64))

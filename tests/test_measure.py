@@ -436,7 +436,7 @@ class NotAUnit:
 
 
 def test_load_unit_resolves_builtins_and_dotted_paths(tmp_path):
-    assert set(BUILTIN) == {"memory", "hessian_dense", "hessian_blocks"}
+    assert set(BUILTIN) == {"memory", "hessian_dense", "hessian_blocks", "grad_norm"}
     for name, cls in BUILTIN.items():
         unit = load_unit(name)
         assert isinstance(unit, cls) and unit.name == name and isinstance(unit, Measurement)
@@ -462,3 +462,31 @@ def test_load_unit_rejects_unknown_names_clearly(unit, message):
     with pytest.raises(ValueError) as err:
         load_unit(unit)
     assert message in str(err.value) and "\n" not in str(err.value)
+
+
+# ----------------------------------------------------------------------------------------------------------
+# issue 14: the largest singular value, lambda on the training objective, grad_norm
+
+
+def test_lanczos_restart_finds_the_top_value_a_single_run_misses():
+    """The random start lies along B's second right singular vector, orthogonal to the top one: a single
+    Golub-Kahan run finds an exact invariant subspace at once and certifies sigma_2; the deflated restart
+    check (a fresh random start kept orthogonal to that Ritz vector) finds sigma_1."""
+    n_in, n_out, seed = 12, 10, 5
+    start = torch.randn(n_in, generator=torch.Generator().manual_seed(seed), dtype=torch.float64)
+    g = torch.Generator().manual_seed(99)
+    q, _ = torch.linalg.qr(torch.cat([start[:, None], torch.randn(n_in, n_out - 1, generator=g,
+                                                                   dtype=torch.float64)], 1))
+    v = torch.cat([q[:, 1:2], q[:, 0:1], q[:, 2:]], 1)  # v_1 orthogonal to the start, v_2 along it
+    u, _ = torch.linalg.qr(torch.randn(n_out, n_out, generator=g, dtype=torch.float64))
+    sigma = torch.linspace(5.0, 0.5, n_out, dtype=torch.float64)
+    b = u @ torch.diag(sigma) @ v.T
+
+    def run(checks: int) -> tuple[float, int, bool]:
+        return block_sigma_max(lambda x: b @ x, lambda y: b.T @ y, n_in, n_out,
+                               generator=torch.Generator().manual_seed(seed), tol=1e-8, checks=checks)
+
+    missed, _, claimed = run(0)  # what a single run (the old test) returns
+    assert claimed and missed == pytest.approx(float(sigma[1]), rel=1e-9)
+    top, _, converged = run(3)
+    assert converged and top == pytest.approx(float(sigma[0]), rel=1e-9)

@@ -204,6 +204,8 @@ def test_set_overrides_apply_with_toml_types(write_recipe):
     ("algoritm.K=5", "algoritm", "did you mean 'algorithm'"),
     ("model.name=mpl", "model.name", "did you mean 'mlp'"),
     ("data.n_samples=50", "data.n_samples", "digits_flat"),
+    ("algorithm.lambda_batch_size=0", "algorithm.lambda_batch_size", ">= 1"),
+    ("algorithm.lambda_batches=0", "algorithm.lambda_batches", ">= 1"),
 ])
 def test_set_values_are_validated_like_the_file(write_recipe, item, key, fragment):
     message = recipe_error(write_recipe(TINY), [item])
@@ -375,3 +377,10 @@ def test_digest_follows_content_not_order(write_recipe):
     reordered = "\n\n".join(reversed(sections)).replace("[eval]\n", "[eval]\nbatch_size = 1024\n")
     assert load_recipe(write_recipe(reordered, "c.toml")).digest() == base.digest()
     assert len(base.digest()) >= 6 and all(c in "0123456789abcdef" for c in base.digest())
+
+
+def test_measure_at_start_is_a_bool(write_recipe):
+    ok = load_recipe(write_recipe(tiny_recipe(append='\n[[measure]]\nunit = "grad_norm"\nat_start = true\n')))
+    assert ok.measure[0].unit == "grad_norm" and ok.measure[0].at_start is True
+    message = recipe_error(write_recipe(tiny_recipe(append='\n[[measure]]\nunit = "grad_norm"\nat_start = 1\n')))
+    assert "measure.at_start" in message
