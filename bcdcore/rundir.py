@@ -213,112 +213,328 @@ def lock_holder(path: Path) -> str | None:
 
 
 # ----------------------------------------------------------------------------------------------------------
-# readers
+# readers: total. Any bytes in any file of a run directory read as typed records (bcdcore.records), a skipped
+# and counted line, or a one-line reason; never an exception. (Imported here, not at the top, to keep the
+# reader half of this module in one place.)
+
+import stat  # noqa: E402
+from dataclasses import dataclass  # noqa: E402
+
+from bcdcore.records import (MAX_LINE_BYTES, MAX_STATUS_BYTES, RecordError, parse_event,  # noqa: E402
+                             parse_status)
+
+LIVE_STATES = ("queued", "running")
+CHUNK_BYTES = MAX_LINE_BYTES + 1  # the most an incremental reader takes in one read
+
+
+def os_reason(exc: OSError) -> str:
+    """An OSError as the few words a user needs ("permission denied"), without the path."""
+    return (exc.strerror or type(exc).__name__).lower()
+
+
+def _open_regular(path: Path) -> int:
+    """A read-only descriptor of a regular file. A FIFO, socket, device or directory in a file's place is
+    refused (RecordError) rather than read: opening a FIFO would block a reader forever."""
+    fd = os.open(path, os.O_RDONLY | os.O_NONBLOCK | os.O_CLOEXEC)
+    try:
+        mode = os.fstat(fd).st_mode
+    except OSError:
+        os.close(fd)
+        raise
+    if not stat.S_ISREG(mode):
+        os.close(fd)
+        raise RecordError("is a directory" if stat.S_ISDIR(mode) else "is not a regular file")
+    return fd
+
+
+def read_file_bytes(path: Path, limit: int, offset: int = 0) -> bytes:
+    """At most `limit` bytes of a regular file from `offset`. Raises OSError or RecordError."""
+    fd = _open_regular(path)
+    try:
+        return os.pread(fd, limit, offset)
+    finally:
+        os.close(fd)
+
+
+def read_status_checked(path: Path) -> tuple[dict, str]:
+    """(status, "") for a run whose status.json follows the schema, else ({}, the reason it cannot be read)."""
+    file = Path(path) / "status.json"
+    try:
+        raw = read_file_bytes(file, MAX_STATUS_BYTES + 1)
+    except FileNotFoundError:
+        return {}, "no status.json"
+    except OSError as exc:
+        return {}, f"status.json: {os_reason(exc)}"
+    except RecordError as exc:
+        return {}, f"status.json {exc}"
+    if len(raw) > MAX_STATUS_BYTES:
+        return {}, f"status.json: larger than {MAX_STATUS_BYTES} bytes"
+    if not raw.strip():
+        return {}, "status.json is empty"
+    try:
+        return parse_status(raw), ""
+    except RecordError as exc:
+        return {}, str(exc)
+
 
 def read_status(path: Path) -> dict:
-    try:
-        return json.loads((Path(path) / "status.json").read_text())
-    except (OSError, ValueError):
-        return {}
+    """The checked status, or {} when status.json is missing or does not follow the schema."""
+    return read_status_checked(path)[0]
 
 
-def _parse_lines(text: str) -> Iterator[dict]:
-    for line in text.splitlines():
-        if not line.strip():
-            continue
+class Events(list):
+    """Checked events (a list), with the count of lines skipped as bad and the first one's reason; `problem`
+    says why the file could not be read at all ("" when it could, or does not exist)."""
+
+    def __init__(self, *args) -> None:
+        super().__init__(*args)
+        self.bad_lines = 0
+        self.first_bad = ""
+        self.problem = ""
+
+    def _feed(self, raw: bytes, kind: str | None, torn_ok: bool = False) -> None:
+        if not raw.strip():
+            return
         try:
-            yield json.loads(line)
-        except ValueError:
-            continue  # a torn line (the writer was killed mid-write, or is writing it now)
+            event = parse_event(raw)
+        except RecordError as exc:
+            if not torn_ok:  # a last line without its newline is still being written: not a bad line
+                self.bad_lines += 1
+                self.first_bad = self.first_bad or str(exc)
+            return
+        if kind is None or event["kind"] == kind:
+            self.append(event)
+
+    def _skipped_long(self) -> None:
+        self.bad_lines += 1
+        self.first_bad = self.first_bad or f"a line longer than {MAX_LINE_BYTES} bytes"
+
+    @property
+    def note(self) -> str:
+        """One line about what was not read ("" when everything was)."""
+        if self.problem:
+            return self.problem
+        if self.bad_lines:
+            return f"{self.bad_lines} bad line{'s' if self.bad_lines > 1 else ''} skipped ({self.first_bad})"
+        return ""
 
 
-def read_events(path: Path, kind: str | None = None) -> list[dict]:
-    """All events of a run; a torn (partial) line is skipped."""
+def read_events(path: Path, kind: str | None = None) -> Events:
+    """All checked events of a run (of one kind if given). A bad line is skipped and counted; a torn last line
+    is skipped; a line longer than MAX_LINE_BYTES is skipped without being held in memory."""
+    out = Events()
+    file = Path(path) / "metrics.jsonl"
     try:
-        text = (Path(path) / "metrics.jsonl").read_text()
-    except OSError:
-        return []
-    return [e for e in _parse_lines(text) if kind is None or e.get("kind") == kind]
+        f = os.fdopen(_open_regular(file), "rb")
+    except FileNotFoundError:
+        return out
+    except OSError as exc:
+        out.problem = f"metrics.jsonl: {os_reason(exc)}"
+        return out
+    except RecordError as exc:
+        out.problem = f"metrics.jsonl {exc}"
+        return out
+    with f:
+        try:
+            while raw := f.readline(CHUNK_BYTES):
+                if len(raw) == CHUNK_BYTES and not raw.endswith(b"\n"):
+                    out._skipped_long()
+                    while (rest := f.readline(CHUNK_BYTES)) and not rest.endswith(b"\n"):
+                        pass
+                    continue
+                out._feed(raw, kind, torn_ok=not raw.endswith(b"\n"))
+        except OSError as exc:
+            out.problem = f"metrics.jsonl: {os_reason(exc)}"
+    return out
 
 
-def read_complete_lines(path: Path, offset: int) -> tuple[str, int]:
-    """The text of the complete lines of `path` from byte `offset` on, and the offset just past them.
+def read_complete_lines(path: Path, offset: int, limit: int = 8 << 20) -> tuple[str, int]:
+    """The text of the complete lines of `path` from byte `offset` on (at most `limit` bytes), and the offset
+    just past them.
 
-    A last line without its newline is still being written: it is left for the next read rather than torn.
-    An unreadable (e.g. not yet created) file reads as no text, with the offset unchanged. Shared by the
-    incremental readers here and in bcdtui.tailer, so that they agree on what a complete line is."""
+    A last line without its newline is still being written: it is left for the next read rather than torn
+    (unless it alone fills `limit`: then it is cut there, so that a reader never stalls). An unreadable (e.g.
+    not yet created) file reads as no text, with the offset unchanged. Invalid UTF-8 and NUL read as U+FFFD.
+    Shared by the incremental readers here and in bcdtui.tailer, so that they agree on what a line is."""
     try:
-        with open(path, "rb") as f:
-            f.seek(offset)
-            data = f.read()
-    except OSError:
+        data = read_file_bytes(path, limit, offset)
+    except (OSError, RecordError):
         return "", offset
     end = data.rfind(b"\n") + 1
-    return data[:end].decode("utf-8", errors="replace"), offset + end
+    if end == 0 and len(data) >= limit:
+        end = len(data)
+    return data[:end].decode("utf-8", errors="replace").replace("\x00", "\ufffd"), offset + end
 
 
 class EventTail:
-    """Incremental reader: each `poll()` returns only events appended since the last call, and never
-    consumes a line that is not yet complete."""
+    """Incremental reader: each `poll()` returns only the checked events appended since the last call, and
+    never consumes a line that is not yet complete. Bad lines are skipped and counted (`bad_lines`). When the
+    file is replaced or shrinks (a resume that dropped superseded events), it starts again from the top and
+    counts `restarts`: the caller then drops what it folded so far."""
 
     def __init__(self, path: Path) -> None:
         self.file = Path(path) / "metrics.jsonl"
         self.offset = 0
+        self.restarts = 0
+        self._ino: int | None = None
+        self._skipping = False  # inside a line longer than MAX_LINE_BYTES
+        self._events = Events()
+
+    @property
+    def bad_lines(self) -> int:
+        return self._events.bad_lines
+
+    @property
+    def note(self) -> str:
+        return self._events.note
 
     def poll(self) -> list[dict]:
-        text, self.offset = read_complete_lines(self.file, self.offset)
-        return list(_parse_lines(text))
+        found = self._events
+        found.clear()
+        found.problem = ""
+        while True:
+            try:
+                fd = _open_regular(self.file)
+            except FileNotFoundError:
+                return []
+            except OSError as exc:
+                found.problem = f"metrics.jsonl: {os_reason(exc)}"
+                return []
+            except RecordError as exc:
+                found.problem = f"metrics.jsonl {exc}"
+                return []
+            try:
+                st = os.fstat(fd)
+                if self._ino is not None and (st.st_ino != self._ino or st.st_size < self.offset):
+                    self.offset, self._skipping, self.restarts = 0, False, self.restarts + 1
+                    found.clear()
+                self._ino = st.st_ino
+                data = os.pread(fd, CHUNK_BYTES, self.offset)
+            except OSError as exc:
+                found.problem = f"metrics.jsonl: {os_reason(exc)}"
+                return list(found)
+            finally:
+                os.close(fd)
+            end = data.rfind(b"\n") + 1
+            if end == 0:
+                if len(data) == CHUNK_BYTES:  # one line fills the chunk: skip it to its end
+                    if not self._skipping:
+                        found._skipped_long()
+                    self._skipping = True
+                    self.offset += len(data)
+                    continue
+                return list(found)
+            lines = data[:end].split(b"\n")
+            if self._skipping:
+                lines, self._skipping = lines[1:], False  # the rest of the long line
+            for raw in lines:
+                found._feed(raw, None)
+            self.offset += end
+            if len(data) < CHUNK_BYTES:
+                return list(found)
 
 
 def _number(value: Any) -> float:
-    if value is None:
+    if value is None or isinstance(value, bool):
         return math.nan
-    return float(value)  # float("nan") / float("inf") read back the strings written for non-finite values
+    try:
+        return float(value)  # float("nan") / float("inf") read back the strings written for non-finite values
+    except (TypeError, ValueError, OverflowError):
+        return math.nan
 
 
 def metric_table(events: list[dict]) -> dict[str, list[float]]:
     """Metric events as columns (nan where a round lacks a value); one row per round, the last one wins."""
     rows: dict[int, dict] = {}
     for e in events:
-        if e.get("kind") == "metric":
-            rows[int(e["round"])] = e
+        if isinstance(e, dict) and e.get("kind") == "metric":
+            rnd = e.get("round")
+            if isinstance(rnd, int) and not isinstance(rnd, bool):
+                rows[rnd] = e
     ordered = [rows[r] for r in sorted(rows)]
     names = [c for c in CSV_COLUMNS if any(c in r for r in ordered)]
     return {name: [_number(r.get(name)) for r in ordered] for name in names}
 
 
-def list_runs(runs_dir: Path) -> list[Path]:
-    """Run directories under runs_dir, including those grouped inside sweep directories (sweep.json)."""
-    runs_dir = Path(runs_dir)
-    if not runs_dir.is_dir():
+def _is_run(path: Path) -> bool:
+    """A run directory: it has a status.json (of any kind, even a broken link: it shows as unreadable), or
+    events without one (a run whose status was lost). A new run's directory holds neither for a moment."""
+    if os.path.lexists(path / "status.json"):
+        return True
+    try:
+        return (path / "metrics.jsonl").stat().st_size > 0
+    except OSError:
+        return False
+
+
+def _subdirs(folder: Path) -> list[Path]:
+    try:
+        return [p for p in folder.iterdir() if not p.name.startswith(".") and p.is_dir()]
+    except OSError:
         return []
+
+
+def list_runs(runs_dir: Path) -> list[Path]:
+    """Run directories under runs_dir, including those grouped inside sweep directories (sweep.json, whose
+    content is not needed here). A runs directory that is missing, a file or unreadable has no runs."""
     found = []
-    for p in runs_dir.iterdir():
-        if (p / "status.json").is_file():
+    for p in _subdirs(Path(runs_dir)):
+        if _is_run(p):
             found.append(p)
-        elif (p / "sweep.json").is_file():
-            found.extend(q for q in p.iterdir() if (q / "status.json").is_file())
+        elif os.path.lexists(p / "sweep.json"):
+            found.extend(q for q in _subdirs(p) if _is_run(q))
     return sorted(found)
 
 
-def pid_alive(pid: int | None) -> bool:
-    if not pid:
-        return False
+def pid_alive(pid: Any) -> bool:
+    if isinstance(pid, bool) or not isinstance(pid, int) or not 0 < pid < 2 ** 31:
+        return False  # never kill(0) or kill(-n): those address process groups
     try:
-        os.kill(int(pid), 0)
+        os.kill(pid, 0)
     except ProcessLookupError:
         return False
     except PermissionError:
         return True
+    except OSError:
+        return False
     try:  # an exited child nobody has reaped yet still answers kill(pid, 0)
-        return Path(f"/proc/{int(pid)}/stat").read_text().rsplit(")", 1)[1].split()[0] != "Z"
-    except (OSError, IndexError):
+        return Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0] != "Z"
+    except (OSError, IndexError, ValueError):
         return True
 
 
-def effective_state(status: dict) -> str:
-    """The state a reader should show: a "running" run whose process is gone is "lost"."""
-    state = status.get("state", "unknown")
-    if state == "running" and status.get("host") == socket.gethostname() and not pid_alive(status.get("pid")):
-        return "lost"
-    return state
+@dataclass(frozen=True)
+class RunState:
+    """What a reader shows for a run: `state` (one of records.STATES, or "lost", "unreadable", "unknown"),
+    why when it is lost or unreadable, and the host:pid holding the writer lock (None when nobody does)."""
+
+    state: str
+    reason: str = ""
+    holder: str | None = None
+
+    @property
+    def label(self) -> str:
+        return f"unreadable: {self.reason}" if self.state == "unreadable" else self.state
+
+
+def run_state(status: dict, path: Path | None = None, problem: str = "") -> RunState:
+    """The one rule for a run's displayed state, from its status, its process and its writer lock.
+
+    A status that could not be read (`problem`) is "unreadable". A queued or running run whose lock nobody
+    holds and whose pid is gone on this host is "lost" (its writer died before recording an end). The lock is
+    probed (with `path`) only for live or unreadable runs: an ended run's lock tells nothing new."""
+    state = status.get("state", "unknown") if isinstance(status, dict) else "unknown"
+    holder = lock_holder(path) if path is not None and (problem or state in LIVE_STATES) else None
+    if problem:
+        return RunState("unreadable", problem, holder)
+    pid = status.get("pid")
+    if (state == "running" or (state == "queued" and pid is not None)) and holder is None \
+            and status.get("host") == socket.gethostname() and not pid_alive(pid):
+        return RunState("lost", f"its process {status.get('host')}:{pid} is gone without an end "
+                                "state and holds no writer lock")
+    return RunState(str(state), "", holder)
+
+
+def effective_state(status: dict, path: Path | None = None) -> str:
+    """The state a reader shows (see `run_state`); without `path` the lock is not consulted."""
+    return run_state(status, path).state
