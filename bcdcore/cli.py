@@ -8,7 +8,8 @@ import sys
 from pathlib import Path
 
 from bcdcore.recipe import RecipeError, expand_grid, load_recipe
-from bcdcore.rundir import default_runs_dir, effective_state, list_runs, read_events, read_status
+from bcdcore.records import printable
+from bcdcore.rundir import default_runs_dir, list_runs, os_reason, read_events, read_status_checked, run_state
 
 
 def _parser() -> argparse.ArgumentParser:
@@ -144,35 +145,63 @@ def cmd_run(args) -> int:
 
 
 def cmd_ls(args) -> int:
-    runs_dir = args.runs_dir or default_runs_dir()
+    """One row per run. A run whose status cannot be read shows as `unreadable: <reason>` with what its events
+    still tell; bad event lines are skipped and counted in the state cell. Nothing in a run directory can
+    make this raise: the readers are total (bcdcore.records)."""
+    runs_dir = Path(args.runs_dir or default_runs_dir())
+    problem = _runs_dir_problem(runs_dir)
+    if problem:
+        print(f"error: {printable(str(runs_dir))}: {problem}", file=sys.stderr)
+        return 2
     runs = list_runs(runs_dir)
     if not runs:
-        print(f"no runs in {runs_dir}")
+        print(f"no runs in {printable(str(runs_dir))}")
         return 0
     header = ("run", "state", "round", "train_loss", "val", "test")
-    rows = []
-    for path in runs:
-        status = read_status(path)
-        metrics = read_events(path, "metric")
-        last = metrics[-1] if metrics else {}
-        progress = status.get("progress") or {}
-        val = last.get("val_acc", last.get("val_loss"))
-        test = last.get("test_acc", last.get("test_loss"))
-        rows.append((path.name, effective_state(status), f"{progress.get('round', 0)}/{progress.get('rounds', 0)}",
-                     _fmt(last.get("train_loss")), _fmt(val), _fmt(test)))
+    rows = [_ls_row(path) for path in runs]
     if not sys.stdout.isatty():  # scripts get whole run ids, tab-separated
         for row in (header, *rows):
             print("\t".join(row))
         return 0
     from rich.console import Console
     from rich.table import Table
+    from rich.text import Text
 
     table = Table(*header)
     table.columns[0].no_wrap = True
     for row in rows:
-        table.add_row(*row)
+        table.add_row(*(Text(cell) for cell in row))  # Text, not markup: a run named "[/x]" is just a name
     Console().print(table)
     return 0
+
+
+def _runs_dir_problem(runs_dir: Path) -> str:
+    """Why `runs_dir` cannot be listed ("" when it can, or does not exist: then it has no runs)."""
+    try:
+        with os.scandir(runs_dir):
+            return ""
+    except FileNotFoundError:
+        return ""
+    except NotADirectoryError:
+        return "not a directory"
+    except OSError as exc:
+        return f"cannot list it ({os_reason(exc)})"
+
+
+def _ls_row(path: Path) -> tuple[str, ...]:
+    status, problem = read_status_checked(path)
+    state = run_state(status, path, problem)
+    metrics = read_events(path, "metric")
+    last = metrics[-1] if metrics else {}
+    progress = status.get("progress") or {}
+    rnd = progress.get("round", last.get("round", 0))  # an unreadable status: the events still tell the round
+    label = state.label
+    if metrics.note and not problem:
+        label += f" ({metrics.bad_lines} bad lines)" if metrics.bad_lines else f" ({metrics.note})"
+    val = last.get("val_acc", last.get("val_loss"))
+    test = last.get("test_acc", last.get("test_loss"))
+    return (printable(path.name), label, f"{rnd}/{progress.get('rounds', '?' if problem else 0)}",
+            _fmt(last.get("train_loss")), _fmt(val), _fmt(test))
 
 
 def cmd_sweep(args) -> int:
@@ -225,7 +254,9 @@ def cmd_export(args) -> int:
 
 
 def _fmt(value) -> str:
-    return f"{value:.4f}" if isinstance(value, (int, float)) else ("" if value is None else str(value))
+    if isinstance(value, bool) or value is None:
+        return ""
+    return f"{value:.4f}" if isinstance(value, (int, float)) else printable(str(value))
 
 
 if __name__ == "__main__":

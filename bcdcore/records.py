@@ -101,12 +101,28 @@ def number(finite: bool = False, lo: float = -math.inf) -> Callable[[Any], float
     return check
 
 
+def printable(value: str) -> str:
+    """Text safe to show on a terminal: control characters (an ESC could drive the terminal), format characters
+    and lone surrogates (undecodable bytes of a file name) become backslash escapes."""
+    if value.isprintable():
+        return value
+    out = []
+    for ch in value:
+        if ch.isprintable():
+            out.append(ch)
+        elif 0xDC80 <= ord(ch) <= 0xDCFF:  # os.fsdecode's escape of an undecodable byte
+            out.append(f"\\x{ord(ch) - 0xDC00:02x}")
+        else:
+            out.append(ch.encode("unicode_escape").decode("ascii"))
+    return "".join(out)
+
+
 def text(max_len: int = 4096) -> Callable[[Any], str]:
+    """A string, made printable (readers show these on terminals) and cut at max_len characters."""
     def check(value: Any) -> str:
         if not isinstance(value, str):
             raise _bad("a string", value)
-        if "\x00" in value:
-            raise RecordError("contains a NUL character")
+        value = printable(value)
         return value if len(value) <= max_len else value[:max_len - 1] + "…"
     return check
 
@@ -148,13 +164,13 @@ def plain(value: Any, depth: int = 0) -> Any:
     if depth > MAX_DEPTH:
         raise RecordError(f"nested deeper than {MAX_DEPTH} levels")
     if isinstance(value, dict):
-        return {str(k): plain(v, depth + 1) for k, v in value.items()}
+        return {printable(str(k)): plain(v, depth + 1) for k, v in value.items()}
     if isinstance(value, list):
         return [plain(v, depth + 1) for v in value]
     if isinstance(value, int) and not isinstance(value, bool) and abs(value) > MAX_INT:
         raise _bad("a number within 64 bits", value)
-    if isinstance(value, str) and "\x00" in value:
-        raise RecordError("contains a NUL character")
+    if isinstance(value, str):
+        return printable(value)
     return value
 
 

@@ -220,8 +220,13 @@ def lock_holder(path: Path) -> str | None:
 import stat  # noqa: E402
 from dataclasses import dataclass  # noqa: E402
 
+import tomllib  # noqa: E402
+
 from bcdcore.records import (MAX_LINE_BYTES, MAX_STATUS_BYTES, RecordError, parse_event,  # noqa: E402
-                             parse_status)
+                             parse_status, plain, printable)
+
+__all__ = ["printable"]  # re-exported: bcdtui reaches bcdcore's readers through this module only
+MAX_RECIPE_BYTES = 4 << 20
 
 LIVE_STATES = ("queued", "running")
 CHUNK_BYTES = MAX_LINE_BYTES + 1  # the most an incremental reader takes in one read
@@ -280,6 +285,32 @@ def read_status_checked(path: Path) -> tuple[dict, str]:
 def read_status(path: Path) -> dict:
     """The checked status, or {} when status.json is missing or does not follow the schema."""
     return read_status_checked(path)[0]
+
+
+def read_recipe_dict(path: Path) -> tuple[dict, str]:
+    """(the run's resolved recipe.toml as a dict, "") or ({}, why it cannot be read): not UTF-8, not TOML,
+    nested deeper than records.MAX_DEPTH, a directory... It is not validated as a recipe here: readers only
+    show and compare it."""
+    file = Path(path) / "recipe.toml"
+    try:
+        raw = read_file_bytes(file, MAX_RECIPE_BYTES + 1)
+    except FileNotFoundError:
+        return {}, "no recipe.toml"
+    except OSError as exc:
+        return {}, f"recipe.toml: {os_reason(exc)}"
+    except RecordError as exc:
+        return {}, f"recipe.toml {exc}"
+    if len(raw) > MAX_RECIPE_BYTES:
+        return {}, f"recipe.toml: larger than {MAX_RECIPE_BYTES} bytes"
+    try:
+        data = tomllib.loads(raw.decode("utf-8"))
+        return plain(data), ""
+    except UnicodeDecodeError as exc:
+        return {}, f"recipe.toml: not UTF-8 (bad byte at offset {exc.start})"
+    except RecursionError:
+        return {}, "recipe.toml: nested too deeply"
+    except (tomllib.TOMLDecodeError, RecordError) as exc:
+        return {}, f"recipe.toml: {printable(str(exc).splitlines()[0] if str(exc) else 'not valid TOML')}"
 
 
 class Events(list):
