@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import json
 import math
+import re
 from typing import Any, Callable
 
 EVENT_VERSION = 1
@@ -53,7 +54,8 @@ def decode_object(raw: bytes | str, what: str = "record") -> dict:
         first = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
         raise RecordError(f"{what}: not valid JSON ({first[:120]})") from None
     if not isinstance(data, dict):
-        raise RecordError(f"{what}: not a JSON object (a {_kind(data)})")
+        raise RecordError(f"{what}: not a JSON object (a {_kind(data)})" if not isinstance(data, list)
+                          else f"{what}: not a JSON object (a list)")
     return data
 
 
@@ -64,7 +66,7 @@ def _kind(value: Any) -> str:
 
 def _show(value: Any) -> str:
     if isinstance(value, (dict, list)):
-        return f"a {_kind(value)}"
+        return "an object" if isinstance(value, dict) else "a list"
     text = repr(value)
     return text if len(text) <= 40 else text[:37] + "..."
 
@@ -124,6 +126,17 @@ def text(max_len: int = 4096) -> Callable[[Any], str]:
             raise _bad("a string", value)
         value = printable(value)
         return value if len(value) <= max_len else value[:max_len - 1] + "…"
+    return check
+
+
+def name(pattern: str = r"[\w.:/+-]{1,200}") -> Callable[[Any], str]:
+    """An identifier-like string (a measurement unit, a metric name): shown in titles, so no markup or spaces."""
+    compiled = re.compile(pattern, re.ASCII)
+
+    def check(value: Any) -> str:
+        if not isinstance(value, str) or not compiled.fullmatch(value):
+            raise _bad("a plain name (letters, digits, _ . : / + -)", value)
+        return value
     return check
 
 
@@ -252,12 +265,13 @@ EVENTS: dict[str, Callable[[Any], dict]] = {
                     "stopped_early": optional(boolean), "residual": _metric_value, "threshold": _metric_value,
                     "dist": _metric_value, "lambda": _metric_value, "gamma": _metric_value},
                    required=("round", "block")),
-    "measure": table({"unit": text(200), "round": integer(), "value": measure_value, "figure": _str, "path": _str},
+    "measure": table({"unit": name(), "round": integer(), "value": measure_value, "figure": _str, "path": _str},
                      required=("unit", "round")),
     "end": table({"state": one_of(STATES), "reason": _str}, required=("state",)),
 }
 
 # the writer always stamps `t`; a reader needs only v and kind, so a line without t still reads
+_metric_name = name(r"(val|test)_\w{1,100}")
 _ENVELOPE = table({"v": integer(1, 1), "kind": text(64), "t": number(finite=True, lo=0)}, required=("v", "kind"))
 
 
@@ -277,9 +291,10 @@ def check_event(data: Any) -> dict:
         for key, value in out.items():
             if key.startswith(("val_", "test_")):
                 try:
+                    _metric_name(key)
                     out[key] = _metric_value(value)
                 except RecordError as exc:
-                    raise RecordError(f"{key} {exc}") from None
+                    raise RecordError(f"{printable(key)} {exc}") from None
     out.update(envelope)
     return out
 

@@ -225,7 +225,8 @@ import tomllib  # noqa: E402
 from bcdcore.records import (MAX_LINE_BYTES, MAX_STATUS_BYTES, RecordError, parse_event,  # noqa: E402
                              parse_status, plain, printable)
 
-__all__ = ["printable"]  # re-exported: bcdtui reaches bcdcore's readers through this module only
+# re-exported: bcdtui reaches bcdcore's readers through this module only (DESIGN.md "Module shape")
+__all__ = ["RecordError", "parse_event", "printable"]
 MAX_RECIPE_BYTES = 4 << 20
 
 LIVE_STATES = ("queued", "running")
@@ -237,7 +238,7 @@ def os_reason(exc: OSError) -> str:
     return (exc.strerror or type(exc).__name__).lower()
 
 
-def _open_regular(path: Path) -> int:
+def open_regular(path: Path) -> int:
     """A read-only descriptor of a regular file. A FIFO, socket, device or directory in a file's place is
     refused (RecordError) rather than read: opening a FIFO would block a reader forever."""
     fd = os.open(path, os.O_RDONLY | os.O_NONBLOCK | os.O_CLOEXEC)
@@ -254,7 +255,7 @@ def _open_regular(path: Path) -> int:
 
 def read_file_bytes(path: Path, limit: int, offset: int = 0) -> bytes:
     """At most `limit` bytes of a regular file from `offset`. Raises OSError or RecordError."""
-    fd = _open_regular(path)
+    fd = open_regular(path)
     try:
         return os.pread(fd, limit, offset)
     finally:
@@ -356,7 +357,7 @@ def read_events(path: Path, kind: str | None = None) -> Events:
     out = Events()
     file = Path(path) / "metrics.jsonl"
     try:
-        f = os.fdopen(_open_regular(file), "rb")
+        f = os.fdopen(open_regular(file), "rb")
     except FileNotFoundError:
         return out
     except OSError as exc:
@@ -425,7 +426,7 @@ class EventTail:
         found.problem = ""
         while True:
             try:
-                fd = _open_regular(self.file)
+                fd = open_regular(self.file)
             except FileNotFoundError:
                 return []
             except OSError as exc:
@@ -561,8 +562,8 @@ def run_state(status: dict, path: Path | None = None, problem: str = "") -> RunS
     pid = status.get("pid")
     if (state == "running" or (state == "queued" and pid is not None)) and holder is None \
             and status.get("host") == socket.gethostname() and not pid_alive(pid):
-        return RunState("lost", f"its process {status.get('host')}:{pid} is gone without an end "
-                                "state and holds no writer lock")
+        return RunState("lost", f"its process {status.get('host')}:{pid} died without an end event "
+                                "and holds no writer lock")
     return RunState(str(state), "", holder)
 
 

@@ -22,7 +22,7 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Callable, Iterable
 
-from bcdcore.rundir import effective_state, list_runs, pid_alive, read_status
+from bcdcore.rundir import list_runs, os_reason, pid_alive, read_status, read_status_checked, run_state
 
 CPU_SLOT = "cpu"
 LIVE_STATES = ("queued", "running")
@@ -413,9 +413,12 @@ class Runner:
 
     def resume(self, run_dir: Path | str, slots: list[str] | None = None) -> Job:
         path = Path(run_dir)
-        status = read_status(path)
-        if effective_state(status) in LIVE_STATES:
-            raise RunnerError(f"{path.name} is still {status.get('state')}; kill it before resuming")
+        status, problem = read_status_checked(path)
+        shown = run_state(status, path, problem)
+        if shown.holder is not None:
+            raise RunnerError(f"{path.name} is being written by {shown.holder}; kill it before resuming")
+        if shown.state in LIVE_STATES:
+            raise RunnerError(f"{path.name} is still {shown.state}; kill it before resuming")
         if not (path / "checkpoint.pt").is_file():
             raise RunnerError(f"{path.name} has no checkpoint.pt to resume from")
         return self.submit(LaunchSpec(resume=str(path), label=f"{path.name} (resume)", slots=list(slots or [])))
@@ -423,14 +426,20 @@ class Runner:
     def delete(self, run_dir: Path | str) -> None:
         """Remove a run directory. Refused while its process lives (kill it first)."""
         path = Path(run_dir).resolve()
-        if path.parent != self.runs_dir or not (path / "status.json").is_file():
+        if path.parent != self.runs_dir or not path.is_dir() or not (
+                os.path.lexists(path / "status.json") or os.path.lexists(path / "metrics.jsonl")):
             raise RunnerError(f"{path} is not a run directory of {self.runs_dir}")
         job = self.job_for(path)
-        status = read_status(path)
-        if (job is not None and job.alive) or (effective_state(status) in LIVE_STATES
-                                               and pid_alive(status.get("pid"))):
+        status, problem = read_status_checked(path)
+        shown = run_state(status, path, problem)
+        if shown.holder is not None:
+            raise RunnerError(f"{path.name} is being written by {shown.holder}; kill it before deleting")
+        if (job is not None and job.alive) or (shown.state in LIVE_STATES and pid_alive(status.get("pid"))):
             raise RunnerError(f"{path.name} is still running; kill it before deleting")
-        shutil.rmtree(path)
+        try:
+            shutil.rmtree(path)
+        except OSError as exc:
+            raise RunnerError(f"could not delete {path.name}: {os_reason(exc)}") from None
         if job is not None:
             del self.jobs[job.id]
 

@@ -20,7 +20,8 @@ from textual.widgets import (Button, ContentSwitcher, DataTable, Input, Label, L
 
 from bcdtui.charts import as_matrix
 from bcdtui.recipes import list_recipes, parse_overrides
-from bcdtui.runs import COLUMN_TITLES, COLUMNS, RunRow, fmt_duration, fmt_number, progress_bar, row_cells
+from bcdtui.runs import (COLUMN_TITLES, COLUMNS, RunRow, fmt_duration, fmt_number, printable, progress_bar,
+                         row_cells)
 from bcdtui.tailer import X_AXES, number
 from bcdtui.widgets import HeatMap, KeyBar, LineChart, RecipeEditor, StatusLines, TopBar
 from bcdtui.workstation import ActionError, Comparison
@@ -31,7 +32,8 @@ if TYPE_CHECKING:
 FOLLOW_S = 0.1  # how often an open run (or comparison) reads its new events
 
 STATE_STYLES = {"running": "bold #4fc3f7", "queued": "#b0bec5", "starting": "#b0bec5", "finished": "#81c784",
-                "failed": "bold #e57373", "error": "bold #e57373", "killed": "#ffb74d", "lost": "bold #ba68c8"}
+                "failed": "bold #e57373", "error": "bold #e57373", "killed": "#ffb74d", "lost": "bold #ba68c8",
+                "unreadable": "bold #e57373"}
 
 
 def steady_cursors(screen) -> None:
@@ -49,7 +51,7 @@ def _short(value, limit: int = 200) -> str:
 
 
 def styled_state(state: str) -> Text:
-    return Text(state, style=STATE_STYLES.get(state, ""))
+    return Text(state, style=STATE_STYLES.get(state.split(":", 1)[0], ""))  # "unreadable: <reason>" too
 
 
 class WsScreen(Screen):
@@ -157,8 +159,8 @@ class RunsScreen(WsScreen):
     def cells(self, row: RunRow) -> tuple:
         c = row_cells(row)
         run = Text(("● " if row.id in self.marked else "") + c["run"], style="bold" if row.id in self.marked else "")
-        return (run, styled_state(c["state"]), c["progress"], c["round"], c["eta"], c["train_loss"], c["val"],
-                c["gpu"], c["started"], c["recipe"])
+        # Text, never str: a DataTable reads a str as markup, and a run's recipe or GPU comes from its files
+        return (run, styled_state(c["state"]), *(Text(c[k]) for k in COLUMNS[2:]))
 
     def sync(self, ids: set[str] | None = None) -> None:
         """Bring the rows named in `ids` (default: those the refreshes marked) in line with the model."""
@@ -285,7 +287,7 @@ class RunsScreen(WsScreen):
         if run_id is None:
             return
         row = self.ws.model.rows.get(run_id)
-        what = f"the launch {row.recipe}" if row is not None and row.job_id else f"run {run_id} and all its files"
+        what = f"the launch {row.recipe}" if row is not None and row.job_id else f"run {printable(run_id)} and all its files"
         self.app.push_screen(ConfirmScreen(f"Delete {what}?"), partial(self._delete_confirmed, run_id))
 
     def _delete_confirmed(self, run_id: str, yes: bool | None) -> None:
@@ -451,7 +453,7 @@ class RunScreen(ChartAxes, WsScreen):
         self._summary = None
 
     def compose(self) -> ComposeResult:
-        yield TopBar(f"Run {self.run_id}", id="topbar")
+        yield TopBar(f"Run {printable(self.run_id)}", id="topbar")
         yield StatusLines(id="summary")
         yield LineChart(id="chart")
         with Horizontal(id="lower"):
@@ -549,7 +551,9 @@ class RunScreen(ChartAxes, WsScreen):
                         f"{start.get('n_blocks', '?')} blocks {start.get('block_sizes', '')}")
         if status.get("gpu"):
             bits.append(f"GPU {status['gpu']}")
-        if status.get("host"):
+        if row is not None and row.holder:
+            bits.append(f"writer {row.holder} (holds the lock)")
+        elif status.get("host"):
             bits.append(f"{status['host']}:{status.get('pid', '?')}")
         line1.append(" · ".join(bits), style="dim")
         last = f.last_metrics()
@@ -565,8 +569,12 @@ class RunScreen(ChartAxes, WsScreen):
                 line2.append("  ")
         lines = [line1, line2]
         error = status.get("error") or (row.error if row is not None else "")
-        if error and state in ("failed", "lost", "killed", "error"):
+        if state == "unreadable":
+            lines.append(Text(f"unreadable: {error}", style="bold #e57373"))
+        elif error and state in ("failed", "lost", "killed", "error"):
             lines.append(Text(f"error: {error}", style="bold #e57373"))
+        elif f.note:
+            lines.append(Text(f"skipped: {f.note}", style="#ffb74d"))
         elif f.end:
             lines.append(Text(f"ended {f.end.get('state', '')}: {f.end.get('reason', '')}",
                               style=STATE_STYLES.get(str(f.end.get("state")), "")))
@@ -647,7 +655,7 @@ class CompareScreen(ChartAxes, WsScreen):
         table.clear(columns=True)
         table.add_column("recipe key", key="key")
         for i, run_id in enumerate(self.comparison.run_ids):
-            table.add_column(f"{i + 1}: {run_id}", key=f"run{i}")
+            table.add_column(Text(f"{i + 1}: {printable(run_id)}"), key=f"run{i}")
         for row in self.comparison.diff:
             cells = row.cells()
             style = "bold #ffb74d" if row.differs else ""
