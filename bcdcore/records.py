@@ -29,7 +29,12 @@ MAX_LINE_BYTES = 64 << 20  # a measurement matrix can be large; a line beyond th
 
 
 class RecordError(ValueError):
-    """A record that does not follow the schema; the message is one line naming the field."""
+    """A record that does not follow the schema; the message is one line naming the field (dotted when nested:
+    `progress.round must be an integer >= 0, got '7'`)."""
+
+    def __init__(self, message: str, field: str = "", detail: str = "") -> None:
+        super().__init__(message)
+        self.field, self.detail = field, detail
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -207,13 +212,15 @@ def table(spec: dict[str, Callable[[Any], Any]], required: tuple[str, ...] = ())
         out = {}
         for key in required:
             if key not in value:
-                raise RecordError(f"{key} is missing")
+                raise RecordError(f"{key} is missing", key, "is missing")
         for key, v in value.items():
             rule = spec.get(key, plain)
             try:
                 out[key] = rule(v)
             except RecordError as exc:
-                raise RecordError(f"{key} {exc}") from None
+                field = f"{printable(key)}.{exc.field}" if exc.field else printable(key)
+                detail = exc.detail if exc.field else str(exc)
+                raise RecordError(f"{field} {detail}", field, detail) from None
         return out
     return check
 

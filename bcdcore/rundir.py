@@ -268,7 +268,7 @@ def read_status_checked(path: Path) -> tuple[dict, str]:
     try:
         raw = read_file_bytes(file, MAX_STATUS_BYTES + 1)
     except FileNotFoundError:
-        return {}, "no status.json"
+        return {}, "status.json is a broken symbolic link" if os.path.islink(file) else "no status.json"
     except OSError as exc:
         return {}, f"status.json: {os_reason(exc)}"
     except RecordError as exc:

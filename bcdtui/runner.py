@@ -239,17 +239,20 @@ class Runner:
             self.messages.append(f"could not save the launch queue: {exc}")
 
     def _load_queue(self) -> None:
+        """The saved queue; an entry that is not what `_save_queue` writes is dropped (any bytes may be there)."""
         try:
-            data = json.loads(self.queue_file.read_text())
-        except (OSError, ValueError):
+            data = json.loads(self.queue_file.read_bytes().decode("utf-8"))
+        except (OSError, ValueError, RecursionError):
             return
         for item in data if isinstance(data, list) else []:
-            try:
-                spec = LaunchSpec(**item["spec"])
-            except (KeyError, TypeError):
+            spec = _queued_spec(item)
+            if spec is None:
                 continue
             spec.slots = [s for s in spec.slots if self.slot(s) is not None]
-            self.jobs[item["id"]] = Job(id=item["id"], spec=spec, submitted=item.get("submitted", 0.0))
+            submitted = item.get("submitted")
+            submitted = float(submitted) if isinstance(submitted, (int, float)) and not isinstance(
+                submitted, bool) and abs(submitted) < 1e12 else 0.0
+            self.jobs[item["id"]] = Job(id=item["id"], spec=spec, submitted=submitted)
 
     # --- capacity
     def usage(self, runs: Iterable[tuple[str, str]] = ()) -> dict[str, int]:
@@ -463,6 +466,21 @@ class Runner:
 
 # ----------------------------------------------------------------------------------------------------------
 # helpers
+
+def _queued_spec(item) -> LaunchSpec | None:
+    """The LaunchSpec of one saved queue entry, or None when it is not one (strings and lists of strings)."""
+    if not isinstance(item, dict) or not isinstance(item.get("id"), str) or not isinstance(item.get("spec"), dict):
+        return None
+    spec = item["spec"]
+    kinds = {"recipe": str, "resume": str, "label": str, "overrides": list, "slots": list}
+    if set(spec) - set(kinds) or not all(isinstance(spec[k], kinds[k]) for k in spec):
+        return None
+    if not all(isinstance(v, str) and "\x00" not in v for k in ("overrides", "slots") for v in spec.get(k, [])):
+        return None
+    if any("\x00" in spec.get(k, "") for k in ("recipe", "resume")) or not (spec.get("recipe") or spec.get("resume")):
+        return None
+    return LaunchSpec(**spec)
+
 
 def read_launch_run_dir(out_path: Path, cwd: Path) -> Path | None:
     """The run directory from a launch file's first line `run directory: PATH` (None until written)."""

@@ -19,7 +19,7 @@ from textual.widgets import (Button, ContentSwitcher, DataTable, Input, Label, L
                              TextArea, Tree)
 
 from bcdtui.charts import as_matrix
-from bcdtui.recipes import list_recipes, parse_overrides
+from bcdtui.recipes import RecipeError, list_recipes, parse_overrides, read_recipe_text
 from bcdtui.runs import (COLUMN_TITLES, COLUMNS, RunRow, fmt_duration, fmt_number, printable, progress_bar,
                          row_cells)
 from bcdtui.tailer import X_AXES, number
@@ -537,7 +537,7 @@ class RunScreen(ChartAxes, WsScreen):
         status = f.status
         state = row.state if row else status.get("state", "unknown")
         progress = status.get("progress") or {}
-        rnd, rounds = int(number(progress.get("round")) or 0), int(number(progress.get("rounds")) or 0)
+        rnd, rounds = progress.get("round", 0), progress.get("rounds", 0)  # checked ints (bcdcore.records)
         line1 = styled_state(state)
         line1.append("  ")
         if rounds:
@@ -753,8 +753,8 @@ class RecipesScreen(WsScreen):
 
     def load(self, path: Path) -> None:
         try:
-            text = path.read_text()
-        except OSError as exc:
+            text = read_recipe_text(path)
+        except RecipeError as exc:
             self.fail(exc)
             return
         self.path, self.saved_text = path, text

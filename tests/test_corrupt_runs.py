@@ -1,0 +1,94 @@
+"""Issue 11's done-when line: a runs directory of 1,000 runs, 100 of them randomly corrupted, lists the 900
+healthy runs as usual, with the rest marked `unreadable: <reason>`, in `bcdcore ls` (a real subprocess) and in
+the TUI's runs table (a Textual pilot). The runs are plain file writes (tests/run_corpus.py), no training."""
+from __future__ import annotations
+
+import json
+
+import pytest
+from textual.widgets import DataTable
+
+from bcdtui.app import BcdApp
+from bcdtui.runner import Slot
+from conftest import cli_env, run_cli
+from run_corpus import corrupted_runs_dir
+
+N_RUNS, N_BAD = 1000, 100
+
+
+@pytest.fixture(scope="module")
+def runs(tmp_path_factory):
+    """(runs dir, healthy paths, {corrupted path: how}); made once for both tests (about a second)."""
+    runs_dir = tmp_path_factory.mktemp("corrupt") / "runs"
+    healthy, bad = corrupted_runs_dir(runs_dir, N_RUNS, N_BAD, seed=11)
+    assert len(healthy) == N_RUNS - N_BAD and len(bad) == N_BAD
+    return runs_dir, healthy, bad
+
+
+def expected_row(path) -> tuple[str, str]:
+    """(state, round/rounds) of a healthy run, from what was written."""
+    status = json.loads((path / "status.json").read_text())
+    return status["state"], f"{status['progress']['round']}/{status['progress']['rounds']}"
+
+
+def test_ls_lists_the_healthy_runs_and_marks_the_corrupted(runs):
+    runs_dir, healthy, bad = runs
+    proc = run_cli("ls", "--runs-dir", str(runs_dir), cwd=runs_dir.parent, env=cli_env(), timeout=120)
+    assert proc.returncode == 0, proc.stderr
+    assert proc.stderr == ""
+    header, *lines = proc.stdout.splitlines()
+    assert header.split("\t") == ["run", "state", "round", "train_loss", "val", "test"]
+    rows = {line.split("\t")[0]: line.split("\t") for line in lines}
+    assert len(lines) == len(rows) == N_RUNS
+    for path in healthy:
+        state, progress = expected_row(path)
+        row = rows[path.name]
+        assert row[1:3] == [state, progress], (path.name, row)
+        assert float(row[3]) > 0  # the final train_loss, read from its events
+    reasons = set()
+    for path, how in bad.items():
+        row = rows[path.name]
+        assert row[1].startswith("unreadable: "), (how, row)
+        reason = row[1].removeprefix("unreadable: ")
+        assert reason and "Traceback" not in reason and len(reason) < 200, (how, reason)
+        reasons.add(reason.split(":")[0])
+    assert len(reasons) > 3  # the corruptions are of many kinds, each with its own reason
+
+
+async def test_tui_shows_the_healthy_runs_and_marks_the_corrupted(runs, monkeypatch):
+    runs_dir, healthy, bad = runs
+    monkeypatch.chdir(runs_dir.parent)
+    app = BcdApp(runs_dir, runs_dir.parent / "recipes", slots=[Slot("cpu", "CPU", "")], refresh_s=0.25)
+    async with app.run_test(size=(200, 50)) as pilot:
+        await pilot.pause()
+        table = app.runs_screen.query_one("#runs", DataTable)
+        assert table.row_count == N_RUNS
+
+        def cell(path, column: str) -> str:
+            return str(table.get_cell(path.name, column))
+
+        for path in healthy:
+            state, progress = expected_row(path)
+            assert (cell(path, "state"), cell(path, "round")) == (state, progress), path.name
+            assert cell(path, "train_loss")
+        for path, how in bad.items():
+            assert cell(path, "state").startswith("unreadable: "), (how, cell(path, "state"))
+            row = app.ws.model.rows[path.name]
+            assert row.state == "unreadable" and row.error, how
+        assert f"{N_BAD} unreadable" in app.status_line()
+        # the problems filter shows the unreadable runs among the failed, killed and lost ones
+        await pilot.press("f", "f", "f")
+        assert app.ws.model.state_filter == "problems"
+        await pilot.pause()
+        assert all(app.ws.model.rows[str(k.value)].state != "finished" for k in table.rows)
+        assert sum(app.ws.model.rows[str(k.value)].state == "unreadable" for k in table.rows) == N_BAD
+        # opening an unreadable run shows its reason instead of failing
+        target = sorted(bad)[0]
+        await pilot.press("f")
+        await pilot.pause()
+        table.move_cursor(row=table.get_row_index(target.name))
+        await pilot.press("enter")
+        await pilot.pause()
+        summary = app.screen.query_one("#summary")
+        text = " ".join(line.plain for line in summary.text_lines)
+        assert "unreadable: " in text, text
