@@ -226,7 +226,7 @@ from bcdcore.records import (MAX_LINE_BYTES, MAX_STATUS_BYTES, RecordError, pars
                              parse_status, plain, printable)
 
 # re-exported: bcdtui reaches bcdcore's readers through this module only (DESIGN.md "Module shape")
-__all__ = ["RecordError", "parse_event", "printable"]
+__all__ = ["RecordError", "parse_event", "plain", "printable"]
 MAX_RECIPE_BYTES = 4 << 20
 
 LIVE_STATES = ("queued", "running")

@@ -14,7 +14,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from bcdcore.recipe import Recipe, RecipeError, expand_grid, parse_recipe, to_toml
-from bcdcore.rundir import RecordError, os_reason, printable, read_file_bytes
+from bcdcore.rundir import RecordError, os_reason, plain, printable, read_file_bytes
 
 from bcdtui.runner import format_override_value
 
@@ -108,9 +108,9 @@ def validate_text(text: str, source: str = "<recipe>", overrides: list[str] | tu
     """Validate editor text as `bcdcore check` does before it builds the model (the full check, which also
     counts the model's blocks for per-block lists, is `full_check`)."""
     try:
-        raw = tomllib.loads(text)
-    except RecursionError:
-        return Validation(False, f"{source}: not valid TOML: nested too deeply")
+        raw = plain(tomllib.loads(text))  # plain: bounded nesting, so nothing after this can recurse too deep
+    except (RecursionError, RecordError):
+        return Validation(False, f"{source}: not a recipe: nested too deeply")
     except tomllib.TOMLDecodeError as exc:
         msg = str(exc)
         m = _TOML_LINE.search(msg)
