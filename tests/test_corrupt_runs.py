@@ -10,6 +10,7 @@ from textual.widgets import DataTable
 
 from bcdtui.app import BcdApp
 from bcdtui.runner import Slot
+from bcdtui.screens import RunScreen
 from conftest import cli_env, run_cli
 from run_corpus import corrupted_runs_dir
 
@@ -88,7 +89,10 @@ async def test_tui_shows_the_healthy_runs_and_marks_the_corrupted(runs, monkeypa
         await pilot.pause()
         table.move_cursor(row=table.get_row_index(target.name))
         await pilot.press("enter")
-        await pilot.pause()
-        summary = app.screen.query_one("#summary")
-        text = " ".join(line.plain for line in summary.text_lines)
+        for _ in range(100):  # a loaded machine may take a few frames to open the screen
+            if isinstance(app.screen, RunScreen) and app.screen.query_one("#summary").text_lines:
+                break
+            await pilot.pause(0.05)
+        assert isinstance(app.screen, RunScreen) and app.screen.run_id == target.name
+        text = " ".join(line.plain for line in app.screen.query_one("#summary").text_lines)
         assert "unreadable: " in text, text

@@ -19,7 +19,7 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from bcdcore import rundir as rd
+from bcdcore import runfiles
 from bcdcore.cli import cmd_ls
 from bcdcore.records import STATES, check_event, check_status
 from bcdcore.rundir import (EventTail, list_runs, metric_table, read_events, read_recipe_dict, read_status,
@@ -325,7 +325,7 @@ def test_a_file_that_is_not_a_regular_file(tmp_path, capsys, name, what):
 
 
 def test_a_line_longer_than_the_limit_is_skipped_and_counted(tmp_path, monkeypatch):
-    monkeypatch.setattr(rd, "CHUNK_BYTES", 4096)
+    monkeypatch.setattr(runfiles, "CHUNK_BYTES", 4096)
     good = b'{"v": 1, "kind": "metric", "round": 1, "train_loss": 0.5}\n'
     long = b'{"v": 1, "kind": "metric", "round": 2, "pad": "' + b"x" * 20_000 + b'"}\n'
     (tmp_path / "metrics.jsonl").write_bytes(good + long + good.replace(b"\"round\": 1", b"\"round\": 3"))

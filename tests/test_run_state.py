@@ -12,6 +12,7 @@ from bcdcore.rundir import RunLock, read_status_checked, run_state
 from bcdtui.app import BcdApp
 from bcdtui.runner import Runner, RunnerError, Slot
 from bcdtui.runs import RunsModel
+from bcdtui.screens import RunScreen
 from bcdtui.synthetic import DEAD_PID, write_run
 
 HOST = socket.gethostname()
@@ -96,7 +97,10 @@ async def test_the_run_screen_names_the_writer_holding_the_lock(tmp_path, lock, 
     async with app.run_test(size=(160, 40)) as pilot:
         await pilot.pause()
         await pilot.press("enter")
-        await pilot.pause()
+        for _ in range(100):  # a loaded machine may take a few frames to open the screen
+            if isinstance(app.screen, RunScreen) and app.screen.query_one("#summary").text_lines:
+                break
+            await pilot.pause(0.05)
         text = " ".join(line.plain for line in app.screen.query_one("#summary").text_lines)
         assert f"writer {ME} (holds the lock)" in text, text
         assert text.startswith("running")
