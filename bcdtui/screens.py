@@ -573,11 +573,16 @@ class RunScreen(ChartAxes, WsScreen):
             lines.append(Text(f"unreadable: {error}", style="bold #e57373"))
         elif error and state in ("failed", "lost", "killed", "error"):
             lines.append(Text(f"error: {error}", style="bold #e57373"))
-        elif f.note:
-            lines.append(Text(f"skipped: {f.note}", style="#ffb74d"))
         elif f.end:
-            lines.append(Text(f"ended {f.end.get('state', '')}: {f.end.get('reason', '')}",
+            lines.append(Text(f"ended {f.end.get('state', '')}: {f.end.get('reason') or ''}",
                               style=STATE_STYLES.get(str(f.end.get("state")), "")))
+        if f.note:  # bad event lines skipped: said on the third line, after what it already says
+            note = Text(f"skipped: {f.note}", style="#ffb74d")
+            if len(lines) > 2:
+                lines[2].append("  ")
+                lines[2].append_text(note)
+            else:
+                lines.append(note)
         self.query_one("#summary", StatusLines).set_lines(lines)
 
     # --- actions

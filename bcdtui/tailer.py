@@ -13,7 +13,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from bcdcore.rundir import (EventTail, RecordError, open_regular, parse_event, read_complete_lines,
+from bcdcore.rundir import (EventTail, RecordError, open_regular, parse_event, printable, read_complete_lines,
                             read_status_checked)
 
 X_AXES = ("round", "grad_evals", "wall_s", "samples")
@@ -48,7 +48,8 @@ class TextTail:
                 return []  # no log yet (or a FIFO, a directory...): decide where to start once there is one
             self._first = False
         text, self.offset = read_complete_lines(self.path, self.offset)
-        return text.splitlines()
+        # printable: an ESC in a log line must not reach the terminal (the log is any bytes, like every file)
+        return [printable(line.expandtabs()) for line in text.splitlines()]
 
     def _first_offset(self) -> int:
         """0, or for a huge log the start of the first whole line of its last max_initial_bytes."""

@@ -394,3 +394,26 @@ def test_names_and_strings_from_files_are_shown_printable(tmp_path, capsys):
     (row,) = model.rows.values()
     assert all(c.isprintable() for c in row_cells(row).values())
     assert math.isfinite(row.train_loss)
+
+
+def test_bad_lines_are_skipped_and_counted_by_every_reader(tmp_path, capsys):
+    runs = tmp_path / "runs"
+    path = healthy_run(runs, 0)
+    good = read_events(path)
+    with open(path / "metrics.jsonl", "ab") as f:
+        f.write(b"\n".join(BAD_LINES[:5]) + b"\n")
+    with open(path / "metrics.jsonl", "rb+") as f:  # and one bad line first
+        data = f.read()
+        f.seek(0)
+        f.write(b"garbage\n" + data)
+    n = 6
+    events = read_events(path)
+    assert events == good and events.bad_lines == n and events.note.startswith(f"{n} bad lines skipped (event: ")
+    tail = EventTail(path)
+    assert tail.poll() == list(good) and tail.bad_lines == n
+    follower = RunFollower(path)
+    follower.poll()
+    assert follower.note == events.note and follower.columns["round"] == [1, 2, 3, 4]
+    assert read_tail(path).bad_lines >= 1 and read_tail(path).round == 4
+    assert cmd_ls(argparse.Namespace(runs_dir=runs)) == 0
+    assert f"\tfinished ({n} bad lines)\t4/4\t" in capsys.readouterr().out
