@@ -41,7 +41,8 @@ def read_file_bytes(path: Path, limit: int, offset: int = 0) -> bytes:
     """At most `limit` bytes of a regular file from `offset`. Raises OSError or RecordError."""
     fd = open_regular(path)
     try:
-        return os.pread(fd, limit, offset)
+        # not `limit` at once: pread allocates what it is asked for, and limits are far above typical sizes
+        return os.pread(fd, min(limit, max(0, os.fstat(fd).st_size - offset) + 4096), offset)
     finally:
         os.close(fd)
 
@@ -219,8 +220,9 @@ class EventTail:
                 if self._ino is not None and (st.st_ino != self._ino or st.st_size < self.offset):
                     self.offset, self._skipping, self.restarts = 0, False, self.restarts + 1
                     found.clear()
+                    found.bad_lines, found.first_bad = 0, ""  # the new stream's bad lines are counted anew
                 self._ino = st.st_ino
-                data = os.pread(fd, CHUNK_BYTES, self.offset)
+                data = os.pread(fd, min(CHUNK_BYTES, max(0, st.st_size - self.offset) + 4096), self.offset)
             except OSError as exc:
                 found.problem = f"metrics.jsonl: {os_reason(exc)}"
                 return list(found)
