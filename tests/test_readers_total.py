@@ -27,7 +27,7 @@ from bcdcore.rundir import (EventTail, list_runs, metric_table, read_events, rea
 from bcdcore.sweep import sweep_summary
 from bcdtui.diff import diff_runs
 from bcdtui.recipes import validate_text
-from bcdtui.runner import cpu_slot
+from bcdtui.runner import Runner, RunnerError, cpu_slot
 from bcdtui.runs import STATE_ORDER, RunsModel, row_cells
 from bcdtui.tailer import RunFollower, read_tail
 from bcdtui.workstation import Workstation
@@ -197,6 +197,13 @@ def check_tui_readers(runs: Path, path: Path, healthy: Path) -> None:
     read_tail(path)
     for row in diff_runs([path, healthy]):
         assert all(isinstance(c, str) for c in row.cells())
+    # resume only queues `bcdcore run --resume` (whose checkpoint loading is weights_only): nothing in this
+    # process reads checkpoint.pt, whatever bytes it holds
+    runner = Runner(runs, slots=[cpu_slot()], restore_queue=False)
+    try:
+        assert runner.resume(path).spec.resume == str(path.resolve())
+    except RunnerError as exc:
+        assert one_line(str(exc))
     ws = Workstation(runs, runs.parent / "recipes", slots=[cpu_slot()])
     ws.model.refresh()
     comparison = ws.compare([path.name, healthy.name])
@@ -417,3 +424,20 @@ def test_bad_lines_are_skipped_and_counted_by_every_reader(tmp_path, capsys):
     assert read_tail(path).bad_lines >= 1 and read_tail(path).round == 4
     assert cmd_ls(argparse.Namespace(runs_dir=runs)) == 0
     assert f"\tfinished ({n} bad lines)\t4/4\t" in capsys.readouterr().out
+
+
+@given(st.one_of(st.binary(max_size=300),
+                 st.builds(lambda v: json.dumps(v).encode("utf-8", errors="surrogatepass"), json_values),
+                 st.builds(lambda spec: json.dumps([{"id": "a1", "submitted": 1.0, "spec": spec}]).encode(),
+                           st.dictionaries(st.sampled_from(["recipe", "resume", "label", "overrides", "slots",
+                                                            "other"]), json_values, max_size=5))))
+@settings(max_examples=100, deadline=None)
+def test_a_saved_launch_queue_of_any_bytes_restores_or_is_dropped(data):
+    """<runs>/.bcdtui/queue.json is read at start-up: what is not a queue entry is dropped, never raised."""
+    with tempfile.TemporaryDirectory() as tmp:
+        (Path(tmp) / ".bcdtui").mkdir()
+        (Path(tmp) / ".bcdtui" / "queue.json").write_bytes(data)
+        runner = Runner(Path(tmp), slots=[cpu_slot()])
+        for job in runner.jobs.values():
+            assert isinstance(job.spec.recipe, str) and all(isinstance(o, str) for o in job.spec.overrides)
+            assert job.state == "queued" and set(job.spec.slots) <= {"cpu"} and (job.spec.recipe or job.spec.resume)
