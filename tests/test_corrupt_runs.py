@@ -12,7 +12,7 @@ from bcdtui.app import BcdApp
 from bcdtui.runner import Slot
 from bcdtui.screens import RunScreen
 from conftest import cli_env, run_cli
-from run_corpus import corrupted_runs_dir
+from run_corpus import STATUS_CORRUPTIONS, corrupted_runs_dir
 
 N_RUNS, N_BAD = 1000, 100
 
@@ -23,6 +23,7 @@ def runs(tmp_path_factory):
     runs_dir = tmp_path_factory.mktemp("corrupt") / "runs"
     healthy, bad = corrupted_runs_dir(runs_dir, N_RUNS, N_BAD, seed=11)
     assert len(healthy) == N_RUNS - N_BAD and len(bad) == N_BAD
+    assert set(bad.values()) == set(STATUS_CORRUPTIONS)  # every kind of corruption is among the 100
     return runs_dir, healthy, bad
 
 
