@@ -4,6 +4,7 @@ the TUI's runs table (a Textual pilot). The runs are plain file writes (tests/ru
 from __future__ import annotations
 
 import json
+import os
 
 import pytest
 from textual.widgets import DataTable
@@ -97,3 +98,57 @@ async def test_tui_shows_the_healthy_runs_and_marks_the_corrupted(runs, monkeypa
         assert isinstance(app.screen, RunScreen) and app.screen.run_id == target.name
         text = " ".join(line.plain for line in app.screen.query_one("#summary").text_lines)
         assert "unreadable: " in text, text
+
+
+async def test_every_screen_over_broken_runs_and_recipes(tmp_path, monkeypatch):
+    """Compare an unreadable run with a healthy one, open a broken run's screen, and load recipe files that
+    are not UTF-8, not TOML, nested too deep or a FIFO: each shows its one line, nothing raises."""
+    from bcdtui.screens import CompareScreen, RecipesScreen
+    from run_corpus import STATUS_CORRUPTIONS, healthy_run
+
+    monkeypatch.chdir(tmp_path)
+    runs, recipes = tmp_path / "runs", tmp_path / "recipes"
+    broken = healthy_run(runs, 0)
+    healthy_run(runs, 1)
+    STATUS_CORRUPTIONS["deep nesting"](broken, None)
+    (broken / "recipe.toml").write_bytes(b"\xff\xfe[run]")
+    recipes.mkdir()
+    (recipes / "latin1.toml").write_bytes(b'[run]\nname = "caf\xe9"\n')
+    (recipes / "deep.toml").write_bytes(b"a = " + b"[" * 5000 + b"]" * 5000)
+    (recipes / "dotted.toml").write_bytes(b"[" + b".".join([b"k"] * 3000) + b"]\nx = 1\n")
+    os.mkfifo(recipes / "fifo.toml")
+    app = BcdApp(runs, recipes, slots=[Slot("cpu", "CPU", "")], refresh_s=0.25)
+    async with app.run_test(size=(160, 48)) as pilot:
+        await pilot.pause()
+        table = app.runs_screen.query_one("#runs", DataTable)
+        for row in range(2):
+            table.move_cursor(row=row)
+            await pilot.press("space")
+        await pilot.press("c")
+        for _ in range(100):
+            if isinstance(app.screen, CompareScreen):
+                break
+            await pilot.pause(0.05)
+        assert isinstance(app.screen, CompareScreen)
+        await pilot.press("d")
+        await pilot.pause()
+        await pilot.press("escape")
+        await pilot.press("f3")
+        for _ in range(100):
+            if isinstance(app.screen, RecipesScreen):
+                break
+            await pilot.pause(0.05)
+        screen = app.screen
+        assert isinstance(screen, RecipesScreen)
+        messages = []
+        monkeypatch.setattr(screen, "fail", lambda exc: messages.append(str(exc)))
+        for name in ("latin1.toml", "fifo.toml"):
+            screen.load(recipes / name)
+            await pilot.pause()
+        for name in ("deep.toml", "dotted.toml"):
+            screen.load(recipes / name)
+            await pilot.pause()
+            result = screen.validate_now()
+            assert not result.ok and "nested too deeply" in result.message, result.message
+        assert any("not UTF-8" in m for m in messages) and any("not a regular file" in m for m in messages)
+        assert len(messages) == 2 and all("\n" not in m for m in messages)

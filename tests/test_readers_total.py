@@ -441,3 +441,19 @@ def test_a_saved_launch_queue_of_any_bytes_restores_or_is_dropped(data):
         for job in runner.jobs.values():
             assert isinstance(job.spec.recipe, str) and all(isinstance(o, str) for o in job.spec.overrides)
             assert job.state == "queued" and set(job.spec.slots) <= {"cpu"} and (job.spec.recipe or job.spec.resume)
+
+
+def test_a_runs_directory_that_cannot_be_listed(tmp_path, capsys, monkeypatch):
+    """(The tests run as root, whom permissions do not stop: the OS error is injected.)"""
+    import bcdcore.cli as cli
+
+    def denied(path):
+        raise PermissionError(13, "Permission denied", str(path))
+
+    monkeypatch.setattr(cli.os, "scandir", denied)
+    assert cmd_ls(argparse.Namespace(runs_dir=tmp_path)) == 2
+    out, err = capsys.readouterr()
+    assert out == "" and err == f"error: {tmp_path}: cannot list it (permission denied)\n"
+    monkeypatch.undo()
+    monkeypatch.setattr(Path, "iterdir", lambda self: denied(self))
+    assert list_runs(tmp_path) == []
