@@ -23,6 +23,7 @@ EVENT_KINDS = ("start", "metric", "block", "measure", "end")
 NONFINITE = {"nan": math.nan, "inf": math.inf, "-inf": -math.inf}
 MAX_INT = 2 ** 63 - 1  # what the writer can produce (and numpy can hold)
 MAX_PID = 2 ** 31 - 1
+MAX_TIME = 253402300799.0  # unix seconds of 9999-12-31: what a datetime (and every reader's clock) can show
 MAX_DEPTH = 16  # nesting of any value; deeper JSON is a bad record, never a RecursionError later
 MAX_STATUS_BYTES = 1 << 20  # a real status.json is a few hundred bytes
 MAX_LINE_BYTES = 64 << 20  # a measurement matrix can be large; a line beyond this is skipped unparsed
@@ -91,7 +92,7 @@ def integer(lo: int = 0, hi: int = MAX_INT) -> Callable[[Any], int]:
     return check
 
 
-def number(finite: bool = False, lo: float = -math.inf) -> Callable[[Any], float | int]:
+def number(finite: bool = False, lo: float = -math.inf, hi: float = math.inf) -> Callable[[Any], float | int]:
     """A JSON number (int kept as int), or with finite=False also the writer's "nan"/"inf"/"-inf" strings."""
     def check(value: Any) -> float | int:
         if isinstance(value, str) and not finite and value in NONFINITE:
@@ -102,8 +103,8 @@ def number(finite: bool = False, lo: float = -math.inf) -> Callable[[Any], float
             raise _bad("a number within 64 bits", value)  # float() of a longer int would overflow later
         if finite and not math.isfinite(value):
             raise _bad("a finite number", value)
-        if value < lo:  # nan compares false: a nan loss passes
-            raise _bad(f"a number >= {lo:g}", value)
+        if value < lo or value > hi:  # nan compares false: a nan loss passes
+            raise _bad(f"a number >= {lo:g}" if hi == math.inf else f"a number in [{lo:g}, {hi:g}]", value)
         return value
     return check
 
@@ -228,7 +229,7 @@ def table(spec: dict[str, Callable[[Any], Any]], required: tuple[str, ...] = ())
 # ----------------------------------------------------------------------------------------------------------
 # status.json
 
-_time = optional(number(finite=True, lo=0))
+_time = optional(number(finite=True, lo=0, hi=MAX_TIME))
 _str = optional(text())
 
 STATUS = table({
@@ -279,7 +280,8 @@ EVENTS: dict[str, Callable[[Any], dict]] = {
 
 # the writer always stamps `t`; a reader needs only v and kind, so a line without t still reads
 _metric_name = name(r"(val|test)_\w{1,100}")
-_ENVELOPE = table({"v": integer(1, 1), "kind": text(64), "t": number(finite=True, lo=0)}, required=("v", "kind"))
+_ENVELOPE = table({"v": integer(1, 1), "kind": text(64), "t": number(finite=True, lo=0, hi=MAX_TIME)},
+                  required=("v", "kind"))
 
 
 def check_event(data: Any) -> dict:

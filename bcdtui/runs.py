@@ -108,7 +108,10 @@ def fmt_duration(seconds: float) -> str:
 def fmt_time(t: float) -> str:
     if t is None or not math.isfinite(t):
         return ""
-    return datetime.fromtimestamp(t, tz=timezone.utc).strftime("%m-%d %H:%M")
+    try:
+        return datetime.fromtimestamp(t, tz=timezone.utc).strftime("%m-%d %H:%M")
+    except (OverflowError, ValueError, OSError):  # a time past what a datetime holds
+        return ""
 
 
 def progress_bar(fraction: float, width: int = 8) -> str:

@@ -25,6 +25,7 @@ from bcdcore.records import STATES, check_event, check_status
 from bcdcore.rundir import (EventTail, list_runs, metric_table, read_events, read_recipe_dict, read_status,
                             read_status_checked, run_state)
 from bcdcore.sweep import sweep_summary
+from bcdtui.charts import Series, as_matrix, heat_map, line_chart, sparkline
 from bcdtui.diff import diff_runs
 from bcdtui.recipes import validate_text
 from bcdtui.runner import Runner, RunnerError, cpu_slot
@@ -43,9 +44,11 @@ FILES = ("status.json", "metrics.jsonl", "recipe.toml", "log.txt", "checkpoint.p
 # ----------------------------------------------------------------------------------------------------------
 # strategies
 
+EXTREMES = [1e308, -1e308, 1.7976931348623157e308, 5e-324, -0.0, 1e20, 2 ** 63 - 1, 2 ** 63, -2 ** 63,
+            253402300800.0, 2 ** 31, 0, -1]
 json_values = st.recursive(
     st.none() | st.booleans() | st.integers() | st.integers(min_value=-2 ** 70, max_value=2 ** 70)
-    | st.floats(allow_nan=True, allow_infinity=True) | st.text(max_size=12)
+    | st.floats(allow_nan=True, allow_infinity=True) | st.sampled_from(EXTREMES) | st.text(max_size=12)
     | st.sampled_from(["nan", "inf", "-inf", "[/x]", "\x1b[31m", "\x00", "\ud800", "finished", "running"]),
     lambda inner: st.lists(inner, max_size=4) | st.dictionaries(st.text(max_size=6), inner, max_size=4),
     max_leaves=12)
@@ -193,6 +196,13 @@ def check_tui_readers(runs: Path, path: Path, healthy: Path) -> None:
         follower.series(name, "wall_s")
     follower.last_metrics()
     follower.block_rows()
+    for name in follower.metric_names():  # what the run screen draws
+        for log_y in (False, True):
+            line_chart([Series(name, *follower.series(name))], 60, 12, log_y=log_y)
+    for measure in follower.measures.values():
+        matrix = as_matrix(measure.value)
+        if matrix is not None:
+            heat_map(matrix, 30, 8)
     assert follower.note == "" or one_line(follower.note)
     read_tail(path)
     for row in diff_runs([path, healthy]):
@@ -457,3 +467,18 @@ def test_a_runs_directory_that_cannot_be_listed(tmp_path, capsys, monkeypatch):
     monkeypatch.undo()
     monkeypatch.setattr(Path, "iterdir", lambda self: denied(self))
     assert list_runs(tmp_path) == []
+
+
+finite_or_not = st.floats(allow_nan=True, allow_infinity=True) | st.sampled_from(EXTREMES).map(float)
+
+
+@given(st.lists(st.tuples(finite_or_not, finite_or_not), max_size=30), st.booleans(),
+       st.integers(1, 200), st.integers(1, 60))
+@settings(max_examples=300, deadline=None)
+def test_charts_draw_any_numbers(points, log_y, width, height):
+    """A diverged run's 1e308 or 5e-324 is valid data: the charts draw it (clipped), never raise."""
+    xs, ys = [p[0] for p in points], [p[1] for p in points]
+    lines = line_chart([Series("a", xs, ys), Series("b", ys, xs)], width, height, log_y=log_y)
+    assert len(lines) <= max(4, height)
+    heat_map([ys[:5], xs[:7]] if points else [[]], width, height)
+    sparkline(ys, width)
