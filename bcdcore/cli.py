@@ -197,7 +197,8 @@ def _ls_row(path: Path) -> tuple[str, ...]:
     rnd = progress.get("round", last.get("round", 0))  # an unreadable status: the events still tell the round
     label = state.label
     if metrics.note and not problem:
-        label += f" ({metrics.bad_lines} bad lines)" if metrics.bad_lines else f" ({metrics.note})"
+        n = metrics.bad_lines
+        label += f" ({n} bad line{'s' if n > 1 else ''})" if n else f" ({metrics.note})"
     val = last.get("val_acc", last.get("val_loss"))
     test = last.get("test_acc", last.get("test_loss"))
     return (printable(path.name), label, f"{rnd}/{progress.get('rounds', '?' if problem else 0)}",

@@ -240,7 +240,8 @@ class TailSummary:
 
     @property
     def note(self) -> str:
-        return f"{self.bad_lines} bad lines in the last events" if self.bad_lines else ""
+        n = self.bad_lines
+        return f"{n} bad line{'s' if n > 1 else ''} in the last events" if n else ""
 
 
 RATE_EVENTS = 8  # metric events (newest first) that the ETA's seconds-per-round is taken over
