@@ -104,7 +104,7 @@ def number(finite: bool = False, lo: float = -math.inf, hi: float = math.inf) ->
         if finite and not math.isfinite(value):
             raise _bad("a finite number", value)
         if value < lo or value > hi:  # nan compares false: a nan loss passes
-            raise _bad(f"a number >= {lo:g}" if hi == math.inf else f"a number in [{lo:g}, {hi:g}]", value)
+            raise _bad(f"a number >= {_g(lo)}" if hi == math.inf else f"a number in [{_g(lo)}, {_g(hi)}]", value)
         return value
     return check
 
@@ -123,6 +123,16 @@ def printable(value: str) -> str:
         else:
             out.append(ch.encode("unicode_escape").decode("ascii"))
     return "".join(out)
+
+
+def _g(value: float) -> str:
+    return f"{value:.0f}" if float(value).is_integer() and abs(value) < 1e15 else f"{value:g}"
+
+
+def version(value: Any) -> int:
+    if value != EVENT_VERSION or isinstance(value, bool) or not isinstance(value, int):
+        raise RecordError(f"has version {_show(value)}; this reader reads version {EVENT_VERSION}")
+    return value
 
 
 def text(max_len: int = 4096) -> Callable[[Any], str]:
@@ -275,12 +285,13 @@ EVENTS: dict[str, Callable[[Any], dict]] = {
                    required=("round", "block")),
     "measure": table({"unit": name(), "round": integer(), "value": measure_value, "figure": _str, "path": _str},
                      required=("unit", "round")),
-    "end": table({"state": one_of(STATES), "reason": _str}, required=("state",)),
+    # an end event's state is only shown (status.json's state is what readers act on): any plain name reads
+    "end": table({"state": name(r"[a-z_]{1,32}"), "reason": _str}, required=("state",)),
 }
 
 # the writer always stamps `t`; a reader needs only v and kind, so a line without t still reads
 _metric_name = name(r"(val|test)_\w{1,100}")
-_ENVELOPE = table({"v": integer(1, 1), "kind": text(64), "t": number(finite=True, lo=0, hi=MAX_TIME)},
+_ENVELOPE = table({"v": version, "kind": text(64), "t": number(finite=True, lo=0, hi=MAX_TIME)},
                   required=("v", "kind"))
 
 

@@ -6,32 +6,22 @@ None may raise; a run whose status cannot be read shows `unreadable: <reason>` (
 event a reader returns follows the schema; a bad line is counted."""
 from __future__ import annotations
 
-import argparse
 import json
-import math
-import os
-import signal
 import tempfile
 from contextlib import contextmanager
 from pathlib import Path
 
-import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from bcdcore import runfiles
-from bcdcore.cli import cmd_ls
-from bcdcore.records import STATES, check_event, check_status
-from bcdcore.rundir import (EventTail, list_runs, metric_table, read_events, read_recipe_dict, read_status,
-                            read_status_checked, run_state)
+from bcdcore.records import check_event, check_status
+from bcdcore.rundir import EventTail, read_events, read_status
 from bcdcore.sweep import sweep_summary
-from bcdtui.charts import Series, as_matrix, heat_map, line_chart, sparkline
-from bcdtui.diff import diff_runs
+from bcdtui.charts import Series, heat_map, line_chart, sparkline
 from bcdtui.recipes import validate_text
-from bcdtui.runner import Runner, RunnerError, cpu_slot
-from bcdtui.runs import STATE_ORDER, RunsModel, row_cells
-from bcdtui.tailer import RunFollower, read_tail
-from bcdtui.workstation import Workstation
+from bcdtui.runner import Runner, cpu_slot
+from bcdtui.runs import RunsModel
+from reader_checks import check_engine_readers, check_ls, check_tui_readers, one_line
 from run_corpus import BAD_LINES, healthy_run
 
 SEED_DIR = Path(tempfile.mkdtemp(prefix="bcd-seed-"))
@@ -118,10 +108,6 @@ def run_dir(files: dict[str, bytes]):
         yield runs, path, healthy_run(runs, 1, rounds=3)
 
 
-def one_line(text: str) -> bool:
-    return bool(text) and text.isprintable() and len(text) < 400
-
-
 # ----------------------------------------------------------------------------------------------------------
 # the schema
 
@@ -139,86 +125,6 @@ def test_schema_is_total_and_idempotent(value):
         again = check(record)
         assert json.dumps(again, sort_keys=True, default=str) == json.dumps(record, sort_keys=True, default=str)
 
-
-# ----------------------------------------------------------------------------------------------------------
-# every reader over one run of random files
-
-def check_engine_readers(runs: Path, path: Path) -> None:
-    status, problem = read_status_checked(path)
-    if problem:
-        assert status == {} and one_line(problem), problem
-    else:
-        assert status["state"] in STATES and check_status(status) == status
-    assert read_status(path) == status
-    shown = run_state(status, path, problem)
-    assert shown.state in (*STATES, "lost", "unreadable") and (shown.state == "unreadable") == bool(problem)
-
-    events = read_events(path)
-    file = path / "metrics.jsonl"
-    if file.is_file() and not file.is_symlink():  # (never read a FIFO or /dev/zero here)
-        assert len(events) + events.bad_lines <= len(file.read_bytes().split(b"\n"))
-    for event in events:
-        assert check_event(event)["kind"] == event["kind"]
-    table = metric_table(events)
-    assert len({len(column) for column in table.values()}) <= 1
-    assert all(isinstance(v, float) for column in table.values() for v in column)
-    recipe, recipe_problem = read_recipe_dict(path)
-    assert isinstance(recipe, dict) and (recipe_problem == "" or one_line(recipe_problem))
-    assert path in list_runs(runs)
-
-
-def check_ls(runs: Path, path: Path, capsys) -> None:
-    capsys.readouterr()
-    assert cmd_ls(argparse.Namespace(runs_dir=runs)) == 0
-    out, err = capsys.readouterr()
-    assert err == ""
-    rows = {line.split("\t")[0]: line.split("\t") for line in out.splitlines()[1:]}
-    assert len(rows) == 2 and all(len(r) == 6 for r in rows.values())
-    status, problem = read_status_checked(path)
-    assert rows[path.name][1].startswith("unreadable: ") == bool(problem)
-    assert out.isprintable() or all(line.isprintable() for line in out.replace("\t", " ").splitlines())
-
-
-def check_tui_readers(runs: Path, path: Path, healthy: Path) -> None:
-    model = RunsModel(runs)
-    model.refresh()
-    assert set(model.rows) == {path.name, healthy.name}
-    for row in model.view():
-        assert row.state in STATE_ORDER
-        cells = row_cells(row)
-        assert all(isinstance(c, str) and c.replace("\t", " ").isprintable() for c in cells.values()), cells
-    assert (model.rows[path.name].state == "unreadable") == bool(read_status_checked(path)[1])
-    follower = RunFollower(path)
-    follower.poll()
-    follower.metric_names()
-    for name in follower.columns:
-        follower.series(name)
-        follower.series(name, "wall_s")
-    follower.last_metrics()
-    follower.block_rows()
-    for name in follower.metric_names():  # what the run screen draws
-        for log_y in (False, True):
-            line_chart([Series(name, *follower.series(name))], 60, 12, log_y=log_y)
-    for measure in follower.measures.values():
-        matrix = as_matrix(measure.value)
-        if matrix is not None:
-            heat_map(matrix, 30, 8)
-    assert follower.note == "" or one_line(follower.note)
-    read_tail(path)
-    for row in diff_runs([path, healthy]):
-        assert all(isinstance(c, str) for c in row.cells())
-    # resume only queues `bcdcore run --resume` (whose checkpoint loading is weights_only): nothing in this
-    # process reads checkpoint.pt, whatever bytes it holds
-    runner = Runner(runs, slots=[cpu_slot()], restore_queue=False)
-    try:
-        assert runner.resume(path).spec.resume == str(path.resolve())
-    except RunnerError as exc:
-        assert one_line(str(exc))
-    ws = Workstation(runs, runs.parent / "recipes", slots=[cpu_slot()])
-    ws.model.refresh()
-    comparison = ws.compare([path.name, healthy.name])
-    for metric in comparison.metric_names():
-        comparison.series(metric)
 
 
 @SETTINGS
@@ -291,151 +197,6 @@ def test_recipe_validation_in_the_editor_is_total(data):
     assert result.ok or one_line(result.message.splitlines()[0])
 
 
-# ----------------------------------------------------------------------------------------------------------
-# files that are not files
-
-@contextmanager
-def no_hang(seconds: int = 20):
-    """A reader that blocks (a FIFO opened for reading) fails the test instead of hanging the suite."""
-    def alarm(signum, frame):
-        raise AssertionError(f"a reader blocked for {seconds} s")
-
-    old = signal.signal(signal.SIGALRM, alarm)
-    signal.alarm(seconds)
-    try:
-        yield
-    finally:
-        signal.alarm(0)
-        signal.signal(signal.SIGALRM, old)
-
-
-ODD = {
-    "a directory": lambda p: p.mkdir(),
-    "a symlink loop": lambda p: os.symlink(p.name, p),
-    "a dangling symlink": lambda p: os.symlink("nowhere", p),
-    "a FIFO": lambda p: os.mkfifo(p),
-    "/dev/zero": lambda p: os.symlink("/dev/zero", p),
-}
-
-
-@pytest.mark.parametrize("what", sorted(ODD))
-@pytest.mark.parametrize("name", FILES)
-def test_a_file_that_is_not_a_regular_file(tmp_path, capsys, name, what):
-    runs = tmp_path / "runs"
-    path = healthy_run(runs, 0)
-    healthy = healthy_run(runs, 1)
-    (path / name).unlink(missing_ok=True)
-    ODD[what](path / name)
-    with no_hang():
-        check_engine_readers(runs, path)
-        check_ls(runs, path, capsys)
-        check_tui_readers(runs, path, healthy)
-        tail = RunFollower(path)
-        tail.poll()
-    status, problem = read_status_checked(path)
-    if name == "status.json":
-        assert problem.startswith("status.json") and status == {}
-    else:
-        assert status["state"] == "finished" and problem == ""
-    if name == "metrics.jsonl" and what in ("a directory", "a FIFO", "/dev/zero"):
-        assert read_events(path).problem.startswith("metrics.jsonl")
-
-
-def test_a_line_longer_than_the_limit_is_skipped_and_counted(tmp_path, monkeypatch):
-    monkeypatch.setattr(runfiles, "CHUNK_BYTES", 4096)
-    good = b'{"v": 1, "kind": "metric", "round": 1, "train_loss": 0.5}\n'
-    long = b'{"v": 1, "kind": "metric", "round": 2, "pad": "' + b"x" * 20_000 + b'"}\n'
-    (tmp_path / "metrics.jsonl").write_bytes(good + long + good.replace(b"\"round\": 1", b"\"round\": 3"))
-    events = read_events(tmp_path)
-    assert [e["round"] for e in events] == [1, 3] and events.bad_lines == 1
-    tail = EventTail(tmp_path)
-    assert [e["round"] for e in tail.poll()] == [1, 3] and tail.bad_lines == 1
-
-
-def test_a_rewritten_stream_restarts_the_tail(tmp_path):
-    """A resume that drops superseded events rewrites metrics.jsonl: the tail starts again from the top and
-    the follower drops what it folded (no round twice)."""
-    lines = [json.dumps({"v": 1, "kind": "metric", "t": 1.0, "round": r, "train_loss": 1.0 / r}) + "\n"
-             for r in range(1, 6)]
-    file = tmp_path / "metrics.jsonl"
-    file.write_text("".join(lines))
-    follower = RunFollower(tmp_path)
-    follower.poll()
-    assert follower.columns["round"] == [1, 2, 3, 4, 5]
-    tmp = tmp_path / "new"
-    tmp.write_text("".join(lines[:2]))
-    os.replace(tmp, file)
-    follower.poll()
-    assert follower.columns["round"] == [1, 2]
-
-
-def test_a_runs_directory_that_is_a_file_or_missing(tmp_path, capsys):
-    file = tmp_path / "runs"
-    file.write_text("not a directory")
-    assert list_runs(file) == []
-    assert cmd_ls(argparse.Namespace(runs_dir=file)) == 2
-    out, err = capsys.readouterr()
-    assert out == "" and err.strip().startswith("error: ") and "not a directory" in err and err.count("\n") == 1
-    model = RunsModel(file)
-    assert not model.refresh().any
-    assert cmd_ls(argparse.Namespace(runs_dir=tmp_path / "missing")) == 0
-    assert "no runs" in capsys.readouterr().out
-
-
-def test_sweep_runs_are_listed_whatever_sweep_json_holds(tmp_path):
-    sweep = tmp_path / "runs" / "grid-sweep-20261126-040000-abcdef"
-    inside = healthy_run(sweep, 0)
-    for content in (b"\xff\xfe garbage", b"[]", b""):
-        (sweep / "sweep.json").write_bytes(content)
-        assert list_runs(tmp_path / "runs") == [inside]
-    (sweep / "sweep.json").unlink()
-    (sweep / "sweep.json").mkdir()
-    assert list_runs(tmp_path / "runs") == [inside]
-    assert sweep_summary(sweep)["problem"] == "sweep.json is a directory"
-
-
-def test_names_and_strings_from_files_are_shown_printable(tmp_path, capsys):
-    """A run directory named with control characters or undecodable bytes, and strings with an ESC or markup,
-    reach the terminal escaped: nothing in a run directory can drive the terminal or break a table."""
-    runs = tmp_path / "runs"
-    path = healthy_run(runs, 0)
-    odd = path.rename(runs / os.fsdecode(b"evil\x1b[2J\xff[b]-20261126-040000-abcdef"))
-    status = json.loads((odd / "status.json").read_text())
-    status["recipe"], status["error"] = "[/x]\x1b]0;pwned\x07", "line\nbreak"
-    (odd / "status.json").write_text(json.dumps(status))
-    assert cmd_ls(argparse.Namespace(runs_dir=runs)) == 0
-    out = capsys.readouterr().out
-    assert "\x1b" not in out and "\\x1b[2J\\xff[b]" in out
-    model = RunsModel(runs)
-    model.refresh()
-    (row,) = model.rows.values()
-    assert all(c.isprintable() for c in row_cells(row).values())
-    assert math.isfinite(row.train_loss)
-
-
-def test_bad_lines_are_skipped_and_counted_by_every_reader(tmp_path, capsys):
-    runs = tmp_path / "runs"
-    path = healthy_run(runs, 0)
-    good = read_events(path)
-    with open(path / "metrics.jsonl", "ab") as f:
-        f.write(b"\n".join(BAD_LINES[:5]) + b"\n")
-    with open(path / "metrics.jsonl", "rb+") as f:  # and one bad line first
-        data = f.read()
-        f.seek(0)
-        f.write(b"garbage\n" + data)
-    n = 6
-    events = read_events(path)
-    assert events == good and events.bad_lines == n and events.note.startswith(f"{n} bad lines skipped (event: ")
-    tail = EventTail(path)
-    assert tail.poll() == list(good) and tail.bad_lines == n
-    follower = RunFollower(path)
-    follower.poll()
-    assert follower.note == events.note and follower.columns["round"] == [1, 2, 3, 4]
-    assert read_tail(path).bad_lines >= 1 and read_tail(path).round == 4
-    assert cmd_ls(argparse.Namespace(runs_dir=runs)) == 0
-    assert f"\tfinished ({n} bad lines)\t4/4\t" in capsys.readouterr().out
-
-
 @given(st.one_of(st.binary(max_size=300),
                  st.builds(lambda v: json.dumps(v).encode("utf-8", errors="surrogatepass"), json_values),
                  st.builds(lambda spec: json.dumps([{"id": "a1", "submitted": 1.0, "spec": spec}]).encode(),
@@ -451,22 +212,6 @@ def test_a_saved_launch_queue_of_any_bytes_restores_or_is_dropped(data):
         for job in runner.jobs.values():
             assert isinstance(job.spec.recipe, str) and all(isinstance(o, str) for o in job.spec.overrides)
             assert job.state == "queued" and set(job.spec.slots) <= {"cpu"} and (job.spec.recipe or job.spec.resume)
-
-
-def test_a_runs_directory_that_cannot_be_listed(tmp_path, capsys, monkeypatch):
-    """(The tests run as root, whom permissions do not stop: the OS error is injected.)"""
-    import bcdcore.cli as cli
-
-    def denied(path):
-        raise PermissionError(13, "Permission denied", str(path))
-
-    monkeypatch.setattr(cli.os, "scandir", denied)
-    assert cmd_ls(argparse.Namespace(runs_dir=tmp_path)) == 2
-    out, err = capsys.readouterr()
-    assert out == "" and err == f"error: {tmp_path}: cannot list it (permission denied)\n"
-    monkeypatch.undo()
-    monkeypatch.setattr(Path, "iterdir", lambda self: denied(self))
-    assert list_runs(tmp_path) == []
 
 
 finite_or_not = st.floats(allow_nan=True, allow_infinity=True) | st.sampled_from(EXTREMES).map(float)
