@@ -8,8 +8,7 @@ import sys
 from pathlib import Path
 
 from bcdcore.recipe import RecipeError, expand_grid, load_recipe
-from bcdcore.records import printable
-from bcdcore.rundir import default_runs_dir, list_runs, os_reason, read_events, read_status_checked, run_state
+from bcdcore.rundir import default_runs_dir, effective_state, list_runs, read_events, read_status
 
 
 def _parser() -> argparse.ArgumentParser:
@@ -148,6 +147,8 @@ def cmd_ls(args) -> int:
     """One row per run. A run whose status cannot be read shows as `unreadable: <reason>` with what its events
     still tell; bad event lines are skipped and counted in the state cell. Nothing in a run directory can
     make this raise: the readers are total (bcdcore.records)."""
+    from bcdcore.rundir import printable
+
     runs_dir = Path(args.runs_dir or default_runs_dir())
     problem = _runs_dir_problem(runs_dir)
     if problem:
@@ -177,6 +178,8 @@ def cmd_ls(args) -> int:
 
 def _runs_dir_problem(runs_dir: Path) -> str:
     """Why `runs_dir` cannot be listed ("" when it can, or does not exist: then it has no runs)."""
+    from bcdcore.rundir import os_reason
+
     try:
         with os.scandir(runs_dir):
             return ""
@@ -189,6 +192,8 @@ def _runs_dir_problem(runs_dir: Path) -> str:
 
 
 def _ls_row(path: Path) -> tuple[str, ...]:
+    from bcdcore.rundir import printable, read_status_checked, run_state
+
     status, problem = read_status_checked(path)
     state = run_state(status, path, problem)
     metrics = read_events(path, "metric")
@@ -255,6 +260,8 @@ def cmd_export(args) -> int:
 
 
 def _fmt(value) -> str:
+    from bcdcore.rundir import printable
+
     if isinstance(value, bool) or value is None:
         return ""
     return f"{value:.4f}" if isinstance(value, (int, float)) else printable(str(value))
