@@ -33,6 +33,8 @@ def _parser() -> argparse.ArgumentParser:
 
     ls = sub.add_parser("ls", help="list runs with state and final metrics")
     ls.add_argument("--runs-dir", type=Path, default=None)
+    ls.add_argument("--json", action="store_true",
+                    help="one JSON object per run (state, reason, writer lock holder, metrics, bad lines)")
 
     sweep = sub.add_parser("sweep", help="run a recipe's [sweep] grid over device slots")
     sweep.add_argument("recipe")
@@ -158,8 +160,14 @@ def cmd_ls(args) -> int:
     if not runs:
         print(f"no runs in {printable(str(runs_dir))}")
         return 0
+    records = [_ls_record(path) for path in runs]
+    if getattr(args, "json", False):
+        import json
+
+        print(json.dumps(_plain_json(records), indent=1))
+        return 0
     header = ("run", "state", "round", "train_loss", "val", "test")
-    rows = [_ls_row(path) for path in runs]
+    rows = [_ls_row(record) for record in records]
     if not sys.stdout.isatty():  # scripts get whole run ids, tab-separated
         for row in (header, *rows):
             print("\t".join(row))
@@ -191,7 +199,8 @@ def _runs_dir_problem(runs_dir: Path) -> str:
         return f"cannot list it ({os_reason(exc)})"
 
 
-def _ls_row(path: Path) -> tuple[str, ...]:
+def _ls_record(path: Path) -> dict:
+    """What `ls` knows of one run: its displayed state (bcdcore.rundir.run_state) and its last metrics."""
     from bcdcore.rundir import printable, read_status_checked, run_state
 
     status, problem = read_status_checked(path)
@@ -199,15 +208,43 @@ def _ls_row(path: Path) -> tuple[str, ...]:
     metrics = read_events(path, "metric")
     last = metrics[-1] if metrics else {}
     progress = status.get("progress") or {}
-    rnd = progress.get("round", last.get("round", 0))  # an unreadable status: the events still tell the round
-    label = state.label
-    if metrics.note and not problem:
-        n = metrics.bad_lines
-        label += f" ({n} bad line{'s' if n > 1 else ''})" if n else f" ({metrics.note})"
-    val = last.get("val_acc", last.get("val_loss"))
-    test = last.get("test_acc", last.get("test_loss"))
-    return (printable(path.name), label, f"{rnd}/{progress.get('rounds', '?' if problem else 0)}",
-            _fmt(last.get("train_loss")), _fmt(val), _fmt(test))
+    val = next((k for k in ("val_acc", "val_loss") if k in last), None)
+    test = next((k for k in ("test_acc", "test_loss") if k in last), None)
+    return {"run": printable(path.name), "path": printable(str(path)), "state": state.state,
+            "reason": state.reason, "holder": state.holder,
+            "round": progress.get("round", last.get("round", 0)),  # unreadable status: the events still tell
+            "rounds": progress.get("rounds"), "train_loss": last.get("train_loss"),
+            "val": {"name": val, "value": last[val]} if val else None,
+            "test": {"name": test, "value": last[test]} if test else None,
+            "bad_lines": metrics.bad_lines, "note": metrics.note}
+
+
+def _plain_json(value):
+    """Non-finite floats as the strings "nan", "inf", "-inf" (as in metrics.jsonl): JSON has no such numbers."""
+    if isinstance(value, float) and (value != value or abs(value) == float("inf")):
+        return str(value)
+    if isinstance(value, dict):
+        return {k: _plain_json(v) for k, v in value.items()}
+    if isinstance(value, list):
+        return [_plain_json(v) for v in value]
+    return value
+
+
+def _ls_row(record: dict) -> tuple[str, ...]:
+    label = _state_cell(record)
+    rounds = record["rounds"] if record["rounds"] is not None else "?"
+    return (record["run"], label, f"{record['round']}/{rounds}", _fmt(record["train_loss"]),
+            _fmt((record["val"] or {}).get("value")), _fmt((record["test"] or {}).get("value")))
+
+
+def _state_cell(record: dict) -> str:
+    """The state cell: `unreadable: <reason>` or the state, with the bad lines skipped when there were any."""
+    if record["state"] == "unreadable":
+        return f"unreadable: {record['reason']}"
+    n = record["bad_lines"]
+    if n:
+        return f"{record['state']} ({n} bad line{'s' if n > 1 else ''})"
+    return f"{record['state']} ({record['note']})" if record["note"] else record["state"]
 
 
 def cmd_sweep(args) -> int:

@@ -104,3 +104,24 @@ async def test_the_run_screen_names_the_writer_holding_the_lock(tmp_path, lock, 
         text = " ".join(line.plain for line in app.screen.query_one("#summary").text_lines)
         assert f"writer {ME} (holds the lock)" in text, text
         assert text.startswith("running")
+
+
+def test_ls_json_gives_the_state_the_reason_and_the_lock_holder(tmp_path, lock, capsys):
+    import argparse
+
+    from bcdcore.cli import cmd_ls
+
+    held = make(tmp_path, "running")
+    lock(held)
+    lost = make(tmp_path, "running", run_id="l-20261126-040000-abcdef")
+    broken = make(tmp_path, "finished", run_id="b-20261126-040000-abcdef")
+    (broken / "status.json").write_text("[]")
+    with open(broken / "metrics.jsonl", "a") as f:
+        f.write('{"v": 1, "kind": "metric", "round": 9, "train_loss": "nan"}\n')
+    assert cmd_ls(argparse.Namespace(runs_dir=tmp_path / "runs", json=True)) == 0
+    records = {r["run"]: r for r in json.loads(capsys.readouterr().out)}
+    assert (records[held.name]["state"], records[held.name]["holder"]) == ("running", ME)
+    assert records[lost.name]["state"] == "lost" and "no writer lock" in records[lost.name]["reason"]
+    assert records[broken.name]["state"] == "unreadable"
+    assert records[broken.name]["reason"] == "status.json: not a JSON object (a list)"
+    assert (records[broken.name]["round"], records[broken.name]["train_loss"]) == (9, "nan")
