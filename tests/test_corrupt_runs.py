@@ -152,3 +152,73 @@ async def test_every_screen_over_broken_runs_and_recipes(tmp_path, monkeypatch):
             assert not result.ok and "nested too deeply" in result.message, result.message
         assert any("not UTF-8" in m for m in messages) and any("not a regular file" in m for m in messages)
         assert len(messages) == 2 and all("\n" not in m for m in messages)
+
+
+def extreme_run(runs, i: int):
+    """A readable run whose events hold what a diverged or odd run may write: 1e308, "-inf", nan, huge
+    rounds, ragged and empty measurement matrices, unknown kinds, a time of year 9999."""
+    from run_corpus import healthy_run
+
+    path = healthy_run(runs, i)
+    lines = [
+        {"kind": "metric", "t": 253402300799.0, "round": 5, "train_loss": 1e308, "val_loss": "-inf",
+         "val_acc": "nan", "grad_evals": 1.7976931348623157e308, "wall_s": 1e300, "samples": 2 ** 63 - 1},
+        {"kind": "metric", "t": 0.0, "round": 2 ** 62, "train_loss": -1e308, "test_acc": 5e-324},
+        {"kind": "block", "round": 2 ** 62, "block": 0, "residual": "inf", "threshold": "nan", "lambda": 1e308},
+        {"kind": "measure", "round": 3, "unit": "ragged", "value": [[1e308, None], [], [-1e308, 2, 3]]},
+        {"kind": "measure", "round": 3, "unit": "empty", "value": []},
+        {"kind": "measure", "round": 4, "unit": "scalar", "value": "nan", "note": {"deep": [[["x"]]]}},
+        {"kind": "future_kind", "payload": [1, 2, 3]},
+        {"kind": "end", "state": "lost", "reason": "\x1b[2J" * 3},
+    ]
+    with open(path / "metrics.jsonl", "a") as f:
+        for line in lines:
+            f.write(json.dumps({"v": 1, **line}) + "\n")
+    return path
+
+
+async def test_every_run_screen_over_broken_and_extreme_runs(tmp_path, monkeypatch):
+    """Open each run of a directory of broken and extreme runs, cycle its chart (metric, x axis, log y) and its
+    side panel through every measurement, then compare them all: nothing raises."""
+    import random
+
+    from run_corpus import EVENT_CORRUPTIONS, STATUS_CORRUPTIONS, healthy_run
+
+    monkeypatch.chdir(tmp_path)
+    runs = tmp_path / "runs"
+    rng = random.Random(5)
+    paths = [extreme_run(runs, 0), extreme_run(runs, 1)]
+    for i, name in enumerate(sorted(STATUS_CORRUPTIONS)[::3]):
+        path = healthy_run(runs, 10 + i)
+        STATUS_CORRUPTIONS[name](path, rng)
+        paths.append(path)
+    for i, how in enumerate(EVENT_CORRUPTIONS.values()):
+        path = healthy_run(runs, 50 + i)
+        how(path, rng)
+        paths.append(path)
+    app = BcdApp(runs, tmp_path / "recipes", slots=[Slot("cpu", "CPU", "")], refresh_s=0.25)
+    async with app.run_test(size=(120, 36)) as pilot:
+        await pilot.pause()
+        table = app.runs_screen.query_one("#runs", DataTable)
+        assert table.row_count == len(paths)
+        for path in paths:
+            table.move_cursor(row=table.get_row_index(path.name))
+            await pilot.press("enter")
+            for _ in range(100):
+                if isinstance(app.screen, RunScreen):
+                    break
+                await pilot.pause(0.05)
+            assert isinstance(app.screen, RunScreen) and app.screen.run_id == path.name
+            for key in ("y", "y", "y", "x", "x", "g", "m", "m", "m", "m", "g"):
+                await pilot.press(key)
+            await pilot.pause()
+            await pilot.press("escape")
+            await pilot.pause()
+        for row in range(len(paths)):
+            table.move_cursor(row=row)
+            await pilot.press("space")
+        await pilot.press("c")
+        await pilot.pause()
+        for key in ("y", "x", "g", "d", "d"):
+            await pilot.press(key)
+        await pilot.pause()
