@@ -217,6 +217,7 @@ def lock_holder(path: Path) -> str | None:
 # and counted line, or a one-line reason; never an exception. The byte-level reading is bcdcore.runfiles
 # (imported here, not at the top, to keep the reader half of this module in one place).
 
+import stat  # noqa: E402
 from dataclasses import dataclass  # noqa: E402
 
 # re-exported (noqa: F401): bcdtui reaches bcdcore's readers through this module only (DESIGN.md "Module shape")
@@ -315,6 +316,18 @@ class RunState:
         return f"unreadable: {self.reason}" if self.state == "unreadable" else self.state
 
 
+def _writer(path: Path) -> str | None:
+    """`lock_holder`, safe for readers of any run directory: only a regular lock file is probed (opening a
+    FIFO named `lock` would block), and the holder as written in the file is shown printable and short."""
+    try:
+        if not stat.S_ISREG(os.lstat(Path(path) / LOCK_FILE).st_mode):
+            return None
+    except OSError:
+        return None
+    holder = lock_holder(path)
+    return None if holder is None else printable(holder)[:120]
+
+
 def run_state(status: dict, path: Path | None = None, problem: str = "") -> RunState:
     """The one rule for a run's displayed state, from its status, its process and its writer lock.
 
@@ -322,7 +335,7 @@ def run_state(status: dict, path: Path | None = None, problem: str = "") -> RunS
     holds and whose pid is gone on this host is "lost" (its writer died before recording an end). The lock is
     probed (with `path`) only for live or unreadable runs: an ended run's lock tells nothing new."""
     state = status.get("state", "unknown") if isinstance(status, dict) else "unknown"
-    holder = lock_holder(path) if path is not None and (problem or state in LIVE_STATES) else None
+    holder = _writer(path) if path is not None and (problem or state in LIVE_STATES) else None
     if problem:
         return RunState("unreadable", problem, holder)
     pid = status.get("pid")

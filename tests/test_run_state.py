@@ -125,3 +125,24 @@ def test_ls_json_gives_the_state_the_reason_and_the_lock_holder(tmp_path, lock, 
     assert records[broken.name]["state"] == "unreadable"
     assert records[broken.name]["reason"] == "status.json: not a JSON object (a list)"
     assert (records[broken.name]["round"], records[broken.name]["train_loss"]) == (9, "nan")
+
+
+@pytest.mark.parametrize("kind", ["fifo", "directory", "symlink loop", "garbage holder"])
+def test_an_odd_lock_file_never_blocks_or_leaks_to_the_terminal(tmp_path, kind):
+    path = make(tmp_path, "running", pid=os.getpid())
+    lock_file = path / "lock"
+    if kind == "fifo":
+        os.mkfifo(lock_file)  # opening it to probe would block forever
+    elif kind == "directory":
+        lock_file.mkdir()
+    elif kind == "symlink loop":
+        os.symlink("lock", lock_file)
+    else:
+        held = RunLock(path).acquire()
+        os.pwrite(held._fd, b"\x1b]0;pwned\x07" + b"x" * 500, 0)
+    state = shown(path)
+    if kind == "garbage holder":
+        held.release()
+        assert state.holder.startswith("\\x1b]0;pwned\\x07") and len(state.holder) <= 120
+    else:
+        assert (state.state, state.holder) == ("running", None)  # our own pid: alive
