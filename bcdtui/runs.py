@@ -131,16 +131,16 @@ def row_cells(row: RunRow) -> dict[str, str]:
     if state == "unreadable":  # the reason in full is in the run's detail and in the filter's haystack
         state = f"unreadable: {row.error}" if len(row.error) <= 40 else f"unreadable: {row.error[:39]}…"
     return {
-        "run": f"⧗ {row.recipe}" if row.job_id else printable(row.id),
+        "run": printable(f"⧗ {row.recipe}" if row.job_id else row.id),
         "state": state,
         "progress": progress_bar(row.progress) if row.rounds else "",
         "round": f"{row.round}/{row.rounds}" if row.rounds else "",
         "eta": fmt_duration(row.eta_s) if row.state == "running" else "",
         "train_loss": fmt_number(row.train_loss),
         "val": val,
-        "gpu": row.gpu or ("cpu" if row.path is not None and row.state != "unknown" else ""),
+        "gpu": printable(row.gpu) or ("cpu" if row.path is not None and row.state != "unknown" else ""),
         "started": fmt_time(row.started),
-        "recipe": row.recipe,
+        "recipe": printable(row.recipe),  # from status.json, or a saved launch's label: shown, never obeyed
     }
 
 
