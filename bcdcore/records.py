@@ -1,8 +1,8 @@
 """The schema of a run directory's records: status.json and every event kind of metrics.jsonl (version 1).
 
-Every reader (bcdcore ls/plot/export/resume, sweeps, every bcdtui screen) takes records through here, so that
-what a reader sees is typed: a round is an int >= 0, a loss is a float (nan/inf included), a pid is a positive
-int. Anything else is rejected with `RecordError`, whose message is the one line a user sees ("status.json:
+Every reader (bcdcore ls, plot, --resume's check, sweeps, the launcher's end of a run, every bcdtui screen)
+takes records through here (by way of bcdcore.runfiles and bcdcore.rundir), so that what a reader sees is
+typed: a round is an int >= 0, a loss is a float (nan/inf included), a pid is a positive int. Anything else is rejected with `RecordError`, whose message is the one line a user sees ("status.json:
 progress.round must be an integer >= 0, got 'x'"). A bad event line is skipped and counted by the caller; a bad
 status.json makes the run `unreadable: <reason>`.
 
@@ -60,8 +60,8 @@ def decode_object(raw: bytes | str, what: str = "record") -> dict:
         first = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
         raise RecordError(f"{what}: not valid JSON ({first[:120]})") from None
     if not isinstance(data, dict):
-        raise RecordError(f"{what}: not a JSON object (a {_kind(data)})" if not isinstance(data, list)
-                          else f"{what}: not a JSON object (a list)")
+        kind = _kind(data)
+        raise RecordError(f"{what}: not a JSON object ({kind if data is None else 'a ' + kind})")
     return data
 
 
