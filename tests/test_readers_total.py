@@ -92,7 +92,7 @@ run_files = st.fixed_dictionaries({
     "status.json": status_bytes, "metrics.jsonl": metrics_bytes, "recipe.toml": recipe_bytes,
     "log.txt": st.binary(max_size=100), "checkpoint.pt": st.binary(max_size=100)})
 
-SETTINGS = settings(max_examples=120, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture,
+SETTINGS = settings(max_examples=300, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture,
                                                                             HealthCheck.too_slow])
 
 
