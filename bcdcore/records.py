@@ -2,13 +2,15 @@
 
 Every reader (bcdcore ls, plot, --resume's check, sweeps, the launcher's end of a run, every bcdtui screen)
 takes records through here (by way of bcdcore.runfiles and bcdcore.rundir), so that what a reader sees is
-typed: a round is an int >= 0, a loss is a float (nan/inf included), a pid is a positive int. Anything else is rejected with `RecordError`, whose message is the one line a user sees ("status.json:
-progress.round must be an integer >= 0, got 'x'"). A bad event line is skipped and counted by the caller; a bad
-status.json makes the run `unreadable: <reason>`.
+typed: a round is an int >= 0, a loss is a float (nan/inf included), a pid is a positive int. Anything else is
+rejected with `RecordError`, whose message is the one line a user sees ("status.json: progress.round must be
+an integer >= 0, got 'x'"). A bad event line is skipped and counted by the caller; a bad status.json makes the
+run `unreadable: <reason>`.
 
 The writer stores non-finite floats as the strings "nan", "inf", "-inf" (JSON has no such numbers); they read
 back as floats here. Fields a version-1 reader does not know are kept when they are plain JSON of bounded depth
-(plugins add their own), so that a newer writer's records still read. No torch, no numpy: the TUI imports this.
+(plugins add their own), so that a newer writer's records still read. Strings are made printable (a terminal
+shows them). No torch, no numpy: the TUI imports this.
 """
 from __future__ import annotations
 

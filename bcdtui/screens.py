@@ -287,7 +287,8 @@ class RunsScreen(WsScreen):
         if run_id is None:
             return
         row = self.ws.model.rows.get(run_id)
-        what = f"the launch {row.recipe}" if row is not None and row.job_id else f"run {printable(run_id)} and all its files"
+        what = (f"the launch {row.recipe}" if row is not None and row.job_id
+                else f"run {printable(run_id)} and all its files")
         self.app.push_screen(ConfirmScreen(f"Delete {what}?"), partial(self._delete_confirmed, run_id))
 
     def _delete_confirmed(self, run_id: str, yes: bool | None) -> None:
