@@ -30,6 +30,7 @@ if TYPE_CHECKING:
     from bcdtui.workstation import Workstation
 
 FOLLOW_S = 0.1  # how often an open run (or comparison) reads its new events
+NO_CHOICE = getattr(Select, "NULL", Select.BLANK)  # an empty Select's value (Textual 8 renamed BLANK to NULL)
 
 STATE_STYLES = {"running": "bold #4fc3f7", "queued": "#b0bec5", "starting": "#b0bec5", "finished": "#81c784",
                 "failed": "bold #e57373", "error": "bold #e57373", "killed": "#ffb74d", "lost": "bold #ba68c8",
@@ -963,7 +964,7 @@ class LaunchScreen(ModalScreen):
         if self.recipe is not None and all(p.resolve() != Path(self.recipe).resolve() for p in files):
             options.insert(0, (ws.recipe_source(self.recipe), Path(self.recipe)))
         value = next((p for _, p in options if self.recipe is not None
-                      and p.resolve() == Path(self.recipe).resolve()), options[0][1] if options else Select.BLANK)
+                      and p.resolve() == Path(self.recipe).resolve()), options[0][1] if options else NO_CHOICE)
         usage = ws.slot_usage()
         with Vertical(id="dialog"):
             yield Label("[b]Launch[/b]  (ctrl+l starts, escape cancels)")
@@ -995,7 +996,7 @@ class LaunchScreen(ModalScreen):
 
     def choices(self) -> tuple[Path | None, list[str], list[str], int]:
         recipe = self.query_one("#recipe", Select).value
-        recipe = None if recipe is Select.BLANK else Path(recipe)
+        recipe = None if recipe is NO_CHOICE or recipe is Select.BLANK else Path(recipe)
         overrides = parse_overrides(self.query_one("#overrides", Input).value)
         slots = [str(s) for s in self.query_one("#slots", SelectionList).selected]
         raw = self.query_one("#per-slot", Input).value.strip()

@@ -222,3 +222,25 @@ async def test_every_run_screen_over_broken_and_extreme_runs(tmp_path, monkeypat
         for key in ("y", "x", "g", "d", "d"):
             await pilot.press(key)
         await pilot.pause()
+
+
+async def test_a_runs_directory_that_is_a_file_and_no_recipes(tmp_path, monkeypatch):
+    """The app starts over a runs "directory" that is a file, and its launch dialog opens with no recipes at
+    all (an empty Select once failed to mount)."""
+    from bcdtui.screens import LaunchScreen
+
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "runs").write_text("not a directory")
+    app = BcdApp(tmp_path / "runs", tmp_path / "no-recipes", slots=[Slot("cpu", "CPU", "")], refresh_s=0.25)
+    async with app.run_test(size=(100, 30)) as pilot:
+        await pilot.pause(0.3)
+        assert app.runs_screen.query_one("#runs", DataTable).row_count == 0
+        await pilot.press("l")
+        for _ in range(100):
+            if isinstance(app.screen, LaunchScreen):
+                break
+            await pilot.pause(0.05)
+        assert isinstance(app.screen, LaunchScreen)
+        assert app.screen.choices()[0] is None
+        await pilot.press("escape")
+        await pilot.pause()
