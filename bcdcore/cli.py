@@ -201,22 +201,25 @@ def _runs_dir_problem(runs_dir: Path) -> str:
 
 def _ls_record(path: Path) -> dict:
     """What `ls` knows of one run: its displayed state (bcdcore.rundir.run_state) and its last metrics."""
-    from bcdcore.rundir import printable, read_status_checked, run_state
+    from bcdcore.rundir import lost_reason, printable, read_status_checked, run_state
 
     status, problem = read_status_checked(path)
     state = run_state(status, path, problem)
-    metrics = read_events(path, "metric")
+    events = read_events(path)
+    metrics = [e for e in events if e["kind"] == "metric"]
+    starts = [i for i, e in enumerate(events) if e["kind"] == "start"]
+    ends = [e for e in events[starts[-1] if starts else 0:] if e["kind"] == "end"]  # of the last segment only
     last = metrics[-1] if metrics else {}
     progress = status.get("progress") or {}
     val = next((k for k in ("val_acc", "val_loss") if k in last), None)
     test = next((k for k in ("test_acc", "test_loss") if k in last), None)
     return {"run": printable(path.name), "path": printable(str(path)), "state": state.state,
-            "reason": state.reason, "holder": state.holder,
+            "reason": lost_reason(state, ends[-1] if ends else None), "holder": state.holder,
             "round": progress.get("round", last.get("round", 0)),  # unreadable status: the events still tell
             "rounds": progress.get("rounds"), "train_loss": last.get("train_loss"),
             "val": {"name": val, "value": last[val]} if val else None,
             "test": {"name": test, "value": last[test]} if test else None,
-            "bad_lines": metrics.bad_lines, "note": metrics.note}
+            "bad_lines": events.bad_lines, "note": events.note}
 
 
 def _plain_json(value):

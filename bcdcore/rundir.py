@@ -346,6 +346,15 @@ def run_state(status: dict, path: Path | None = None, problem: str = "") -> RunS
     return RunState(str(state), "", holder)
 
 
+def lost_reason(shown: RunState, end: dict | None) -> str:
+    """A lost run's reason, with what its last end event says when the writer got that far (a full disk can
+    take the final status.json write but not the event before it)."""
+    if shown.state != "lost" or not end:
+        return shown.reason
+    said = f"{end.get('state')}: {end['reason']}" if end.get("reason") else str(end.get("state"))
+    return f"{shown.reason}; its last event says {said}"
+
+
 def effective_state(status: dict, path: Path | None = None) -> str:
     """The state a reader shows (see `run_state`); without `path` the lock is not consulted."""
     return run_state(status, path).state

@@ -17,7 +17,7 @@ from datetime import datetime, timezone
 from pathlib import Path
 from typing import Callable
 
-from bcdcore.rundir import RunState, printable, read_status_checked, run_state
+from bcdcore.rundir import RunState, lost_reason, printable, read_status_checked, run_state
 
 from bcdtui.runner import Job, is_zombie, reap_pid
 from bcdtui.tailer import TailSummary, number, read_tail
@@ -286,6 +286,8 @@ class RunsModel:
             if math.isfinite(per):
                 eta = per * max(0, rounds - rnd)
         error = shown.reason if state in ("unreadable", "lost") else (status.get("error") or "")
+        if state == "lost" and tail.ended:
+            error = lost_reason(shown, {"state": tail.ended, "reason": tail.end_reason})
         return RunRow(
             id=name, path=path, recipe=str(status.get("recipe") or name.rsplit("-", 3)[0]), state=state,
             round=rnd, rounds=rounds, eta_s=eta, train_loss=tail.train_loss, val_name=tail.val_name,

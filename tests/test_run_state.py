@@ -146,3 +146,31 @@ def test_an_odd_lock_file_never_blocks_or_leaks_to_the_terminal(tmp_path, kind):
         assert state.holder.startswith("\\x1b]0;pwned\\x07") and len(state.holder) <= 120
     else:
         assert (state.state, state.holder) == ("running", None)  # our own pid: alive
+
+
+def test_a_lost_run_says_what_its_last_end_event_says(tmp_path, capsys):
+    """A full disk can refuse the final status.json after the end event went out: readers show the run lost,
+    with the end the writer recorded."""
+    import argparse
+
+    from bcdcore.cli import cmd_ls
+
+    path = make(tmp_path, "running")
+    with open(path / "metrics.jsonl", "a") as f:
+        f.write(json.dumps({"v": 1, "kind": "end", "t": 2.0, "state": "failed",
+                            "reason": "no space left on device"}) + "\n")
+    assert cmd_ls(argparse.Namespace(runs_dir=tmp_path / "runs", json=True)) == 0
+    (record,) = json.loads(capsys.readouterr().out)
+    assert record["state"] == "lost"
+    assert record["reason"].endswith("; its last event says failed: no space left on device")
+    model = RunsModel(tmp_path / "runs")
+    model.refresh()
+    assert model.rows[path.name].error == record["reason"]
+    # resumed since (a start event after that end), then killed -9: the old end says nothing of this segment
+    with open(path / "metrics.jsonl", "a") as f:
+        f.write(json.dumps({"v": 1, "kind": "start", "t": 3.0, "resumed_from_round": 2}) + "\n")
+    assert cmd_ls(argparse.Namespace(runs_dir=tmp_path / "runs", json=True)) == 0
+    (record,) = json.loads(capsys.readouterr().out)
+    assert record["state"] == "lost" and "last event" not in record["reason"]
+    model.refresh()
+    assert model.rows[path.name].error == record["reason"]
