@@ -34,6 +34,8 @@ def _parser() -> argparse.ArgumentParser:
 
     ls = sub.add_parser("ls", help="list runs with state and final metrics")
     ls.add_argument("--runs-dir", type=Path, default=None)
+    ls.add_argument("--json", action="store_true",
+                    help="one JSON object per run (state, reason, writer lock holder, metrics, bad lines)")
 
     sweep = sub.add_parser("sweep", help="run a recipe's [sweep] grid over device slots")
     sweep.add_argument("recipe")
@@ -178,35 +180,108 @@ def cmd_run(args) -> int:
 
 
 def cmd_ls(args) -> int:
-    runs_dir = args.runs_dir or default_runs_dir()
+    """One row per run. A run whose status cannot be read shows as `unreadable: <reason>` with what its events
+    still tell; bad event lines are skipped and counted in the state cell. Nothing in a run directory can
+    make this raise: the readers are total (bcdcore.records)."""
+    from bcdcore.rundir import printable
+
+    runs_dir = Path(args.runs_dir or default_runs_dir())
+    problem = _runs_dir_problem(runs_dir)
+    if problem:
+        print(f"error: {printable(str(runs_dir))}: {problem}", file=sys.stderr)
+        return 2
     runs = list_runs(runs_dir)
     if not runs:
-        print(f"no runs in {runs_dir}")
+        print(f"no runs in {printable(str(runs_dir))}")
+        return 0
+    records = [_ls_record(path) for path in runs]
+    if getattr(args, "json", False):
+        import json
+
+        print(json.dumps(_plain_json(records), indent=1))
         return 0
     header = ("run", "state", "round", "train_loss", "val", "test")
-    rows = []
-    for path in runs:
-        status = read_status(path)
-        metrics = read_events(path, "metric")
-        last = metrics[-1] if metrics else {}
-        progress = status.get("progress") or {}
-        val = last.get("val_acc", last.get("val_loss"))
-        test = last.get("test_acc", last.get("test_loss"))
-        rows.append((path.name, effective_state(status), f"{progress.get('round', 0)}/{progress.get('rounds', 0)}",
-                     _fmt(last.get("train_loss")), _fmt(val), _fmt(test)))
+    rows = [_ls_row(record) for record in records]
     if not sys.stdout.isatty():  # scripts get whole run ids, tab-separated
         for row in (header, *rows):
             print("\t".join(row))
         return 0
     from rich.console import Console
     from rich.table import Table
+    from rich.text import Text
 
     table = Table(*header)
     table.columns[0].no_wrap = True
     for row in rows:
-        table.add_row(*row)
+        table.add_row(*(Text(cell) for cell in row))  # Text, not markup: a run named "[/x]" is just a name
     Console().print(table)
     return 0
+
+
+def _runs_dir_problem(runs_dir: Path) -> str:
+    """Why `runs_dir` cannot be listed ("" when it can, or does not exist: then it has no runs)."""
+    from bcdcore.rundir import os_reason
+
+    try:
+        with os.scandir(runs_dir):
+            return ""
+    except FileNotFoundError:
+        return ""
+    except NotADirectoryError:
+        return "not a directory"
+    except OSError as exc:
+        return f"cannot list it ({os_reason(exc)})"
+
+
+def _ls_record(path: Path) -> dict:
+    """What `ls` knows of one run: its displayed state (bcdcore.rundir.run_state) and its last metrics."""
+    from bcdcore.rundir import lost_reason, printable, read_status_checked, run_state
+
+    status, problem = read_status_checked(path)
+    state = run_state(status, path, problem)
+    events = read_events(path)
+    metrics = [e for e in events if e["kind"] == "metric"]
+    starts = [i for i, e in enumerate(events) if e["kind"] == "start"]
+    ends = [e for e in events[starts[-1] if starts else 0:] if e["kind"] == "end"]  # of the last segment only
+    last = metrics[-1] if metrics else {}
+    progress = status.get("progress") or {}
+    val = next((k for k in ("val_acc", "val_loss") if k in last), None)
+    test = next((k for k in ("test_acc", "test_loss") if k in last), None)
+    return {"run": printable(path.name), "path": printable(str(path)), "state": state.state,
+            "reason": lost_reason(state, ends[-1] if ends else None), "holder": state.holder,
+            "round": progress.get("round", last.get("round", 0)),  # unreadable status: the events still tell
+            "rounds": progress.get("rounds"), "train_loss": last.get("train_loss"),
+            "val": {"name": val, "value": last[val]} if val else None,
+            "test": {"name": test, "value": last[test]} if test else None,
+            "bad_lines": events.bad_lines, "note": events.note}
+
+
+def _plain_json(value):
+    """Non-finite floats as the strings "nan", "inf", "-inf" (as in metrics.jsonl): JSON has no such numbers."""
+    if isinstance(value, float) and (value != value or abs(value) == float("inf")):
+        return str(value)
+    if isinstance(value, dict):
+        return {k: _plain_json(v) for k, v in value.items()}
+    if isinstance(value, list):
+        return [_plain_json(v) for v in value]
+    return value
+
+
+def _ls_row(record: dict) -> tuple[str, ...]:
+    label = _state_cell(record)
+    rounds = record["rounds"] if record["rounds"] is not None else "?"
+    return (record["run"], label, f"{record['round']}/{rounds}", _fmt(record["train_loss"]),
+            _fmt((record["val"] or {}).get("value")), _fmt((record["test"] or {}).get("value")))
+
+
+def _state_cell(record: dict) -> str:
+    """The state cell: `unreadable: <reason>` or the state, with the bad lines skipped when there were any."""
+    if record["state"] == "unreadable":
+        return f"unreadable: {record['reason']}"
+    n = record["bad_lines"]
+    if n:
+        return f"{record['state']} ({n} bad line{'s' if n > 1 else ''})"
+    return f"{record['state']} ({record['note']})" if record["note"] else record["state"]
 
 
 def cmd_sweep(args) -> int:
@@ -259,7 +334,11 @@ def cmd_export(args) -> int:
 
 
 def _fmt(value) -> str:
-    return f"{value:.4f}" if isinstance(value, (int, float)) else ("" if value is None else str(value))
+    from bcdcore.rundir import printable
+
+    if isinstance(value, bool) or value is None:
+        return ""
+    return f"{value:.4f}" if isinstance(value, (int, float)) else printable(str(value))
 
 
 if __name__ == "__main__":

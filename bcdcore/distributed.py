@@ -319,7 +319,7 @@ def _finish(run_dir: Path, failure: str | None, code: int | None) -> tuple[int, 
         rd.close()
         return 1, f"failed: {reason}"
     ends = read_events(run_dir, "end")
-    reason = ends[-1].get("reason", "") if ends else ""
+    reason = (ends[-1].get("reason") or "") if ends else ""  # checked events: reason may be null
     exit_code = status.get("exit_code")
     if exit_code is None:
         exit_code = {"finished": 0, "failed": 1}.get(state, code or 1)

@@ -4,12 +4,11 @@ Colours follow the paper convention: black, red, blue, brown, purple, green, the
 """
 from __future__ import annotations
 
-import tomllib
 from pathlib import Path
 
 import numpy as np
 
-from bcdcore.rundir import metric_table, read_events
+from bcdcore.rundir import metric_table, printable, read_events, read_recipe_dict
 
 PAPER_COLOURS = ["black", "red", "blue", "brown", "purple", "green"]
 X_AXES = ("grad_evals", "flops", "samples", "wall_s", "round", "bytes_comm", "sim_time_s")
@@ -28,11 +27,11 @@ def colours(n: int) -> list:
 
 
 def _recipe_without_seed(run: Path) -> dict:
-    try:
-        recipe = tomllib.loads((run / "recipe.toml").read_text())
-    except (OSError, tomllib.TOMLDecodeError) as exc:
-        raise PlotError(f"{run}: cannot read recipe.toml ({exc}); is it a run directory?") from None
-    recipe.get("run", {}).pop("seed", None)
+    recipe, problem = read_recipe_dict(run)
+    if problem:
+        raise PlotError(f"{printable(str(run))}: cannot read its recipe ({problem}); is it a run directory?")
+    if isinstance(recipe.get("run"), dict):
+        recipe["run"].pop("seed", None)
     return recipe
 
 
@@ -67,19 +66,25 @@ def _labels(groups: list[list[Path]]) -> list[str]:
         if not keys and len(groups) > 1:
             text = group[0].name
         text = text if len(text) <= 60 else text[:57] + "..."
+        text = printable(text).replace("$", r"\$")  # a "$" from a name or value must not start mathtext
         labels.append(text + (f" (n={len(group)})" if len(group) > 1 else ""))
     return labels
 
 
 def series(run: Path, x: str, y: str) -> tuple[np.ndarray, np.ndarray]:
-    table = metric_table(read_events(run))
+    """The finite (x, y) points of one run; bad event lines are skipped (and named when nothing is left)."""
+    events = read_events(run)
+    table = metric_table(events)
+    name = printable(str(run))
+    skipped = f"; {events.note}" if events.note else ""
     if y not in table:
         known = ", ".join(k for k in table if k not in X_AXES) or "none"
-        raise PlotError(f"{run}: no metric {y!r} in its events (it has: {known})")
+        raise PlotError(f"{name}: no metric {y!r} in its events (it has: {known}){skipped}")
     if x not in table:
-        raise PlotError(f"{run}: no {x!r} in its events (sim_time_s and bytes_comm come from distributed runs)")
+        raise PlotError(f"{name}: no {x!r} in its events (sim_time_s and bytes_comm come from distributed runs)"
+                        f"{skipped}")
     xs, ys = np.asarray(table[x]), np.asarray(table[y])
-    keep = np.isfinite(ys)
+    keep = np.isfinite(ys) & np.isfinite(xs)
     return xs[keep], ys[keep]
 
 
@@ -98,16 +103,18 @@ def plot_runs(runs: list[Path], x: str = "grad_evals", y: str = "train_loss", ou
     runs = [Path(r) for r in runs]
     for r in runs:
         if not (r / "metrics.jsonl").is_file():
-            raise PlotError(f"{r}: not a run directory (no metrics.jsonl)")
+            raise PlotError(f"{printable(str(r))}: not a run directory (no metrics.jsonl)")
     groups = group_by_seed(runs)
     fig, ax = plt.subplots(figsize=(6, 4))
     for group, colour, label in zip(groups, colours(len(groups)), _labels(groups)):
         curves = [series(r, x, y) for r in group]
-        if len(curves) == 1:
-            ax.plot(*curves[0], color=colour, label=label, linewidth=1.5)
+        drawn = [c for c in curves if len(c[0])]  # a run without finite points adds nothing to a band
+        if len(drawn) <= 1:
+            ax.plot(*(drawn or curves)[0], color=colour, label=label, linewidth=1.5)
             continue
+        curves = [(cx[order], cy[order]) for cx, cy in drawn for order in [np.argsort(cx, kind="stable")]]
         # mean +/- std over seeds on a common x grid (the shortest run bounds it)
-        end = min(c[0][-1] for c in curves if len(c[0]))
+        end = min(c[0][-1] for c in curves)
         grid = np.unique(np.concatenate([c[0][c[0] <= end] for c in curves]))
         stack = np.stack([np.interp(grid, cx, cy) for cx, cy in curves])
         mean, std = stack.mean(0), stack.std(0)

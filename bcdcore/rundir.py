@@ -332,112 +332,148 @@ def lock_holder(path: Path) -> str | None:
 
 
 # ----------------------------------------------------------------------------------------------------------
-# readers
+# readers: total. Any bytes in any file of a run directory read as typed records (bcdcore.records), a skipped
+# and counted line, or a one-line reason; never an exception. The byte-level reading is bcdcore.runfiles
+# (imported here, not at the top, to keep the reader half of this module in one place).
+
+import stat  # noqa: E402
+from dataclasses import dataclass  # noqa: E402
+
+# re-exported (noqa: F401): bcdtui reaches bcdcore's readers through this module only (DESIGN.md "Module shape")
+from bcdcore.records import RecordError, parse_event, plain, printable  # noqa: E402,F401
+from bcdcore.runfiles import (EventTail, Events, open_regular, os_reason, read_complete_lines,  # noqa: E402,F401
+                              read_events, read_file_bytes, read_recipe_dict, read_status_checked)
+
+LIVE_STATES = ("queued", "running")
+
 
 def read_status(path: Path) -> dict:
-    try:
-        return json.loads((Path(path) / "status.json").read_text())
-    except (OSError, ValueError):
-        return {}
-
-
-def _parse_lines(text: str) -> Iterator[dict]:
-    for line in text.splitlines():
-        if not line.strip():
-            continue
-        try:
-            yield json.loads(line)
-        except ValueError:
-            continue  # a torn line (the writer was killed mid-write, or is writing it now)
-
-
-def read_events(path: Path, kind: str | None = None) -> list[dict]:
-    """All events of a run; a torn (partial) line is skipped."""
-    try:
-        text = (Path(path) / "metrics.jsonl").read_text()
-    except OSError:
-        return []
-    return [e for e in _parse_lines(text) if kind is None or e.get("kind") == kind]
-
-
-def read_complete_lines(path: Path, offset: int) -> tuple[str, int]:
-    """The text of the complete lines of `path` from byte `offset` on, and the offset just past them.
-
-    A last line without its newline is still being written: it is left for the next read rather than torn.
-    An unreadable (e.g. not yet created) file reads as no text, with the offset unchanged. Shared by the
-    incremental readers here and in bcdtui.tailer, so that they agree on what a complete line is."""
-    try:
-        with open(path, "rb") as f:
-            f.seek(offset)
-            data = f.read()
-    except OSError:
-        return "", offset
-    end = data.rfind(b"\n") + 1
-    return data[:end].decode("utf-8", errors="replace"), offset + end
-
-
-class EventTail:
-    """Incremental reader: each `poll()` returns only events appended since the last call, and never
-    consumes a line that is not yet complete."""
-
-    def __init__(self, path: Path) -> None:
-        self.file = Path(path) / "metrics.jsonl"
-        self.offset = 0
-
-    def poll(self) -> list[dict]:
-        text, self.offset = read_complete_lines(self.file, self.offset)
-        return list(_parse_lines(text))
+    """The checked status, or {} when status.json is missing or does not follow the schema."""
+    return read_status_checked(path)[0]
 
 
 def _number(value: Any) -> float:
-    if value is None:
+    if value is None or isinstance(value, bool):
         return math.nan
-    return float(value)  # float("nan") / float("inf") read back the strings written for non-finite values
+    try:
+        return float(value)  # float("nan") / float("inf") read back the strings written for non-finite values
+    except (TypeError, ValueError, OverflowError):
+        return math.nan
 
 
 def metric_table(events: list[dict]) -> dict[str, list[float]]:
     """Metric events as columns (nan where a round lacks a value); one row per round, the last one wins."""
     rows: dict[int, dict] = {}
     for e in events:
-        if e.get("kind") == "metric":
-            rows[int(e["round"])] = e
+        if isinstance(e, dict) and e.get("kind") == "metric":
+            rnd = e.get("round")
+            if isinstance(rnd, int) and not isinstance(rnd, bool):
+                rows[rnd] = e
     ordered = [rows[r] for r in sorted(rows)]
     names = [c for c in CSV_COLUMNS if any(c in r for r in ordered)]
     return {name: [_number(r.get(name)) for r in ordered] for name in names}
 
 
-def list_runs(runs_dir: Path) -> list[Path]:
-    """Run directories under runs_dir, including those grouped inside sweep directories (sweep.json)."""
-    runs_dir = Path(runs_dir)
-    if not runs_dir.is_dir():
+def _is_run(path: Path) -> bool:
+    """A run directory: it has a status.json (of any kind, even a broken link: it shows as unreadable), or
+    events without one (a run whose status was lost). A new run's directory holds neither for a moment."""
+    if os.path.lexists(path / "status.json"):
+        return True
+    try:
+        return (path / "metrics.jsonl").stat().st_size > 0
+    except OSError:
+        return False
+
+
+def _subdirs(folder: Path) -> list[Path]:
+    try:
+        return [p for p in folder.iterdir() if not p.name.startswith(".") and p.is_dir()]
+    except OSError:
         return []
+
+
+def list_runs(runs_dir: Path) -> list[Path]:
+    """Run directories under runs_dir, including those grouped inside sweep directories (sweep.json, whose
+    content is not needed here). A runs directory that is missing, a file or unreadable has no runs."""
     found = []
-    for p in runs_dir.iterdir():
-        if (p / "status.json").is_file():
+    for p in _subdirs(Path(runs_dir)):
+        if _is_run(p):
             found.append(p)
-        elif (p / "sweep.json").is_file():
-            found.extend(q for q in p.iterdir() if (q / "status.json").is_file())
+        elif os.path.lexists(p / "sweep.json"):
+            found.extend(q for q in _subdirs(p) if _is_run(q))
     return sorted(found)
 
 
-def pid_alive(pid: int | None) -> bool:
-    if not pid:
-        return False
+def pid_alive(pid: Any) -> bool:
+    if isinstance(pid, bool) or not isinstance(pid, int) or not 0 < pid < 2 ** 31:
+        return False  # never kill(0) or kill(-n): those address process groups
     try:
-        os.kill(int(pid), 0)
+        os.kill(pid, 0)
     except ProcessLookupError:
         return False
     except PermissionError:
         return True
+    except OSError:
+        return False
     try:  # an exited child nobody has reaped yet still answers kill(pid, 0)
-        return Path(f"/proc/{int(pid)}/stat").read_text().rsplit(")", 1)[1].split()[0] != "Z"
-    except (OSError, IndexError):
+        return Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0] != "Z"
+    except (OSError, IndexError, ValueError):
         return True
 
 
-def effective_state(status: dict) -> str:
-    """The state a reader should show: a "running" run whose process is gone is "lost"."""
-    state = status.get("state", "unknown")
-    if state == "running" and status.get("host") == socket.gethostname() and not pid_alive(status.get("pid")):
-        return "lost"
-    return state
+@dataclass(frozen=True)
+class RunState:
+    """What a reader shows for a run: `state` (one of records.STATES, or "lost", "unreadable", "unknown"),
+    why when it is lost or unreadable, and the host:pid holding the writer lock (None when nobody does)."""
+
+    state: str
+    reason: str = ""
+    holder: str | None = None
+
+    @property
+    def label(self) -> str:
+        return f"unreadable: {self.reason}" if self.state == "unreadable" else self.state
+
+
+def _writer(path: Path) -> str | None:
+    """`lock_holder`, safe for readers of any run directory: only a regular lock file is probed (opening a
+    FIFO named `lock` would block), and the holder as written in the file is shown printable and short."""
+    try:
+        if not stat.S_ISREG(os.lstat(Path(path) / LOCK_FILE).st_mode):
+            return None
+    except OSError:
+        return None
+    holder = lock_holder(path)
+    return None if holder is None else printable(holder)[:120]
+
+
+def run_state(status: dict, path: Path | None = None, problem: str = "") -> RunState:
+    """The one rule for a run's displayed state, from its status, its process and its writer lock.
+
+    A status that could not be read (`problem`) is "unreadable". A queued or running run whose lock nobody
+    holds and whose pid is gone on this host is "lost" (its writer died before recording an end). The lock is
+    probed (with `path`) only for live or unreadable runs: an ended run's lock tells nothing new."""
+    state = status.get("state", "unknown") if isinstance(status, dict) else "unknown"
+    holder = _writer(path) if path is not None and (problem or state in LIVE_STATES) else None
+    if problem:
+        return RunState("unreadable", problem, holder)
+    pid = status.get("pid")
+    if (state == "running" or (state == "queued" and pid is not None)) and holder is None \
+            and status.get("host") == socket.gethostname() and not pid_alive(pid):
+        return RunState("lost", f"its process {status.get('host')}:{pid} died without an end event "
+                                "and holds no writer lock")
+    return RunState(str(state), "", holder)
+
+
+def lost_reason(shown: RunState, end: dict | None) -> str:
+    """A lost run's reason, with what its last end event says when the writer got that far (a full disk can
+    take the final status.json write but not the event before it)."""
+    if shown.state != "lost" or not end:
+        return shown.reason
+    said = f"{end.get('state')}: {end['reason']}" if end.get("reason") else str(end.get("state"))
+    return f"{shown.reason}; its last event says {said}"
+
+
+def effective_state(status: dict, path: Path | None = None) -> str:
+    """The state a reader shows (see `run_state`); without `path` the lock is not consulted."""
+    return run_state(status, path).state

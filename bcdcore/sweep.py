@@ -76,7 +76,10 @@ class Sweep:
     def _collect(self, point: Point) -> None:
         point.exit_code = point.process.returncode
         point.state, point.ended = "done", time.time()
-        log = (self.dir / "logs" / f"point-{point.index}.out").read_text(errors="replace")
+        try:
+            log = (self.dir / "logs" / f"point-{point.index}.out").read_text(errors="replace")
+        except OSError:
+            log = ""  # the point's log went missing: the point still ends, without a run directory
         for line in log.splitlines():
             if line.startswith("run directory: "):
                 point.run_dir = line.removeprefix("run directory: ").strip()
@@ -165,4 +168,25 @@ def detect_gpus() -> list[str]:
 
 
 def sweep_summary(sweep_dir: Path) -> dict:
-    return json.loads((Path(sweep_dir) / "sweep.json").read_text())
+    """sweep.json, total: its plain fields, `points` (only well-formed ones), each with `run_state` (the label
+    a reader shows for its run: running, lost, unreadable: ...); `problem` says why sweep.json itself could
+    not be read (then `points` is empty). Never raises on content."""
+    from bcdcore.records import RecordError, decode_object, plain
+    from bcdcore.rundir import os_reason, read_file_bytes, read_status_checked, run_state
+
+    try:
+        data = plain(decode_object(read_file_bytes(Path(sweep_dir) / "sweep.json", 64 << 20), "sweep.json"))
+    except OSError as exc:
+        return {"problem": f"sweep.json: {os_reason(exc)}", "points": []}
+    except RecordError as exc:
+        return {"problem": str(exc) if str(exc).startswith("sweep.json") else f"sweep.json {exc}", "points": []}
+    points = data.get("points") if isinstance(data.get("points"), list) else []
+    data["points"] = [p for p in points if isinstance(p, dict)]
+    for point in data["points"]:
+        run_dir = point.get("run_dir")
+        if isinstance(run_dir, str) and run_dir:
+            status, problem = read_status_checked(Path(run_dir))
+            point["run_state"] = run_state(status, Path(run_dir), problem).label
+        else:
+            point["run_state"] = str(point.get("state", "pending"))
+    return data

@@ -16,7 +16,7 @@ from textual.app import App, SystemCommand
 from textual.binding import Binding
 from textual.screen import Screen
 
-from bcdcore.rundir import default_runs_dir
+from bcdcore.rundir import default_runs_dir, printable
 
 from bcdtui.runner import Slot, cpu_slot, detect_slots
 from bcdtui.screens import ConfirmScreen, HelpScreen, RecipesScreen, RunsScreen, WsScreen
@@ -62,6 +62,11 @@ class BcdApp(App):
         for callback in self.first_paint_callbacks:
             self.call_after_refresh(callback)
 
+    def notify(self, message: str, *, markup: bool = False, **kwargs) -> None:
+        """Messages carry run names, file contents and OS errors: plain printable text, never markup (a run
+        named "[/x]" or an ESC in an error must not break the toast or the terminal)."""
+        super().notify(printable(str(message)), markup=markup, **kwargs)
+
     # --- the periodic step
     def tick(self) -> None:
         if not self.screen_stack:  # starting up or shutting down
@@ -82,7 +87,8 @@ class BcdApp(App):
 
     def status_line(self) -> str:
         counts = self.ws.model.counts()
-        parts = [f"{counts[s]} {s}" for s in ("running", "starting", "queued", "lost", "failed") if counts.get(s)]
+        parts = [f"{counts[s]} {s}" for s in ("running", "starting", "queued", "lost", "failed", "unreadable")
+                 if counts.get(s)]
         usage = self.ws.slot_usage()
         per = self.ws.runner.per_slot
         parts.append(" ".join(f"{s.key} {usage.get(s.key, 0)}/{per}" for s in self.ws.slots))

@@ -22,6 +22,17 @@ class Series:
     color: str = PALETTE[0]
 
 
+LIMIT = 1e300  # values are clipped here: spans of finite float64 values (a diverged loss) must not overflow
+
+
+def _clip(value: float) -> float:
+    return max(-LIMIT, min(LIMIT, value))
+
+
+def _exp10(value: float) -> float:
+    return 10.0 ** value if value < 308 else math.inf
+
+
 def nice_number(value: float, width: int = 8) -> str:
     if not math.isfinite(value):
         return str(value)
@@ -63,7 +74,7 @@ def line_chart(series: Sequence[Series], width: int, height: int, *, log_y: bool
     width, height = max(20, width), max(4, height)
     clean: list[tuple[Series, list[float], list[float]]] = []
     for s in series:
-        pts = [(float(x), float(y)) for x, y in zip(s.xs, s.ys)
+        pts = [(_clip(float(x)), _clip(float(y))) for x, y in zip(s.xs, s.ys)
                if x is not None and y is not None and math.isfinite(x) and math.isfinite(y)
                and (not log_y or y > 0)]
         clean.append((s, [p[0] for p in pts], [math.log10(p[1]) if log_y else p[1] for p in pts]))
@@ -81,11 +92,12 @@ def line_chart(series: Sequence[Series], width: int, height: int, *, log_y: bool
     x0, x1 = min(all_x), max(all_x)
     y0, y1 = min(all_y), max(all_y)
     if x1 == x0:
-        x0, x1 = x0 - 0.5, x1 + 0.5
+        pad = abs(x0) * 0.05 or 0.5  # relative: x0 +- 0.5 is x0 again for a huge x0
+        x0, x1 = x0 - pad, x1 + pad
     if y1 == y0:
         pad = abs(y0) * 0.05 or 0.5
         y0, y1 = y0 - pad, y1 + pad
-    label_w = max(len(nice_number(10 ** v if log_y else v)) for v in (y0, y1, (y0 + y1) / 2)) + 1
+    label_w = max(len(nice_number(_exp10(v) if log_y else v)) for v in (y0, y1, (y0 + y1) / 2)) + 1
     label_w = min(max(label_w, 5), 10)
     cols = width - label_w - 1
     px_w, px_h = cols * 2, rows * 4
@@ -122,7 +134,7 @@ def line_chart(series: Sequence[Series], width: int, height: int, *, log_y: bool
         ticks[(rows - 1) // 2] = (y0 + y1) / 2
     for r in range(rows):
         line = Text()
-        label = nice_number(10 ** ticks[r] if log_y else ticks[r], label_w - 1) if r in ticks else ""
+        label = nice_number(_exp10(ticks[r]) if log_y else ticks[r], label_w - 1) if r in ticks else ""
         line.append(label.rjust(label_w - 1) + " ", style="dim")
         line.append("┤" if r in ticks else "│", style="dim")
         run_color, run = None, []
@@ -204,6 +216,7 @@ def heat_map(matrix: list[list[float]], width: int, height: int) -> list[Text]:
     rows_n, cols_n = len(matrix), max((len(r) for r in matrix), default=0)
     if not rows_n or not cols_n or height < 2:
         return [Text("no data")]
+    matrix = [[_clip(v) if math.isfinite(v) else math.nan for v in r] for r in matrix]
     finite = [v for r in matrix for v in r if math.isfinite(v)]
     lo, hi = (min(finite), max(finite)) if finite else (0.0, 1.0)
     span = (hi - lo) or 1.0
@@ -233,7 +246,7 @@ def heat_map(matrix: list[list[float]], width: int, height: int) -> list[Text]:
 
 
 def sparkline(values: Sequence[float], width: int) -> str:
-    vals = [v for v in values if math.isfinite(v)][-width:]
+    vals = [_clip(v) for v in values if math.isfinite(v)][-width:]
     if not vals:
         return ""
     lo, hi = min(vals), max(vals)

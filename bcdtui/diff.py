@@ -3,10 +3,11 @@
 from __future__ import annotations
 
 import math
-import tomllib
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
+
+from bcdcore.rundir import printable, read_recipe_dict
 
 MISSING = object()
 
@@ -26,11 +27,9 @@ def flatten(data: Any, prefix: str = "") -> dict[str, Any]:
 
 
 def load_recipe_dict(run_dir: Path) -> dict:
-    """A run's resolved recipe as a dict ({} when it is missing or unreadable)."""
-    try:
-        return tomllib.loads((Path(run_dir) / "recipe.toml").read_text())
-    except (OSError, tomllib.TOMLDecodeError):
-        return {}
+    """A run's resolved recipe as a dict ({} when it is missing or unreadable: any bytes, see
+    bcdcore.rundir.read_recipe_dict; its nesting is bounded, so `flatten` cannot recurse too deep)."""
+    return read_recipe_dict(Path(run_dir))[0]
 
 
 def _same(a: Any, b: Any) -> bool:
@@ -47,10 +46,10 @@ def show_value(value: Any) -> str:
     if isinstance(value, bool):
         return "true" if value else "false"
     if isinstance(value, str):
-        return f'"{value}"'
+        return f'"{printable(value)}"'
     if isinstance(value, list):
         return "[" + ", ".join(show_value(v) for v in value) + "]"
-    return str(value)
+    return printable(str(value))
 
 
 @dataclass

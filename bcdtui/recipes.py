@@ -14,6 +14,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from bcdcore.recipe import Recipe, RecipeError, expand_grid, parse_recipe, to_toml
+from bcdcore.rundir import RecordError, os_reason, plain, printable, read_file_bytes
 
 from bcdtui.runner import format_override_value
 
@@ -107,7 +108,9 @@ def validate_text(text: str, source: str = "<recipe>", overrides: list[str] | tu
     """Validate editor text as `bcdcore check` does before it builds the model (the full check, which also
     counts the model's blocks for per-block lists, is `full_check`)."""
     try:
-        raw = tomllib.loads(text)
+        raw = plain(tomllib.loads(text))  # plain: bounded nesting, so nothing after this can recurse too deep
+    except (RecursionError, RecordError):
+        return Validation(False, f"{source}: not a recipe: nested too deeply")
     except tomllib.TOMLDecodeError as exc:
         msg = str(exc)
         m = _TOML_LINE.search(msg)
@@ -200,16 +203,34 @@ class LaunchPlan:
         return lines
 
 
+MAX_RECIPE_BYTES = 4 << 20
+
+
+def read_recipe_text(path: Path) -> str:
+    """A recipe file's text; RecipeError with one line when it cannot be (not UTF-8, a directory or FIFO,
+    too large, unreadable). Never blocks on a FIFO (bcdcore.rundir.read_file_bytes)."""
+    path = Path(path)
+    try:
+        raw = read_file_bytes(path, MAX_RECIPE_BYTES + 1)
+    except OSError as exc:
+        raise RecipeError(f"{printable(str(path))}: cannot read ({os_reason(exc)})") from None
+    except RecordError as exc:
+        raise RecipeError(f"{printable(str(path))}: cannot read (it {exc})") from None
+    if len(raw) > MAX_RECIPE_BYTES:
+        raise RecipeError(f"{printable(str(path))}: larger than {MAX_RECIPE_BYTES} bytes; not a recipe")
+    try:
+        return raw.decode("utf-8")
+    except UnicodeDecodeError as exc:
+        raise RecipeError(f"{printable(str(path))}: not UTF-8 text (bad byte at offset {exc.start})") from None
+
+
 def plan_launch(path: Path, overrides: list[str] | tuple[str, ...] = (), work_dir: Path | None = None,
                 source: str | None = None) -> LaunchPlan:
     """Validate `path` with `overrides` and expand its sweep. A recipe with a [sweep] table is run point by
     point (`bcdcore run` refuses sweeps): the table is dropped into a copy under `work_dir` and each point
     becomes `--set` overrides. Raises RecipeError with the validator's line."""
     path = Path(path)
-    try:
-        text = path.read_text()
-    except OSError as exc:
-        raise RecipeError(f"{path}: cannot read ({exc.strerror})") from None
+    text = read_recipe_text(path)
     check = validate_text(text, source or str(path), overrides)
     if not check.ok:
         raise RecipeError(check.message)

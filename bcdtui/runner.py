@@ -22,7 +22,7 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Callable, Iterable
 
-from bcdcore.rundir import effective_state, list_runs, pid_alive, read_status
+from bcdcore.rundir import list_runs, os_reason, pid_alive, read_status, read_status_checked, run_state
 
 CPU_SLOT = "cpu"
 LIVE_STATES = ("queued", "running")
@@ -239,17 +239,20 @@ class Runner:
             self.messages.append(f"could not save the launch queue: {exc}")
 
     def _load_queue(self) -> None:
+        """The saved queue; an entry that is not what `_save_queue` writes is dropped (any bytes may be there)."""
         try:
-            data = json.loads(self.queue_file.read_text())
-        except (OSError, ValueError):
+            data = json.loads(self.queue_file.read_bytes().decode("utf-8"))
+        except (OSError, ValueError, RecursionError):
             return
         for item in data if isinstance(data, list) else []:
-            try:
-                spec = LaunchSpec(**item["spec"])
-            except (KeyError, TypeError):
+            spec = _queued_spec(item)
+            if spec is None:
                 continue
             spec.slots = [s for s in spec.slots if self.slot(s) is not None]
-            self.jobs[item["id"]] = Job(id=item["id"], spec=spec, submitted=item.get("submitted", 0.0))
+            submitted = item.get("submitted")
+            submitted = float(submitted) if isinstance(submitted, (int, float)) and not isinstance(
+                submitted, bool) and abs(submitted) < 1e12 else 0.0
+            self.jobs[item["id"]] = Job(id=item["id"], spec=spec, submitted=submitted)
 
     # --- capacity
     def usage(self, runs: Iterable[tuple[str, str]] = ()) -> dict[str, int]:
@@ -413,9 +416,12 @@ class Runner:
 
     def resume(self, run_dir: Path | str, slots: list[str] | None = None) -> Job:
         path = Path(run_dir)
-        status = read_status(path)
-        if effective_state(status) in LIVE_STATES:
-            raise RunnerError(f"{path.name} is still {status.get('state')}; kill it before resuming")
+        status, problem = read_status_checked(path)
+        shown = run_state(status, path, problem)
+        if shown.holder is not None:
+            raise RunnerError(f"{path.name} is being written by {shown.holder}; kill it before resuming")
+        if shown.state in LIVE_STATES:
+            raise RunnerError(f"{path.name} is still {shown.state}; kill it before resuming")
         if not (path / "checkpoint.pt").is_file():
             raise RunnerError(f"{path.name} has no checkpoint.pt to resume from")
         return self.submit(LaunchSpec(resume=str(path), label=f"{path.name} (resume)", slots=list(slots or [])))
@@ -423,14 +429,20 @@ class Runner:
     def delete(self, run_dir: Path | str) -> None:
         """Remove a run directory. Refused while its process lives (kill it first)."""
         path = Path(run_dir).resolve()
-        if path.parent != self.runs_dir or not (path / "status.json").is_file():
+        if path.parent != self.runs_dir or not path.is_dir() or not (
+                os.path.lexists(path / "status.json") or os.path.lexists(path / "metrics.jsonl")):
             raise RunnerError(f"{path} is not a run directory of {self.runs_dir}")
         job = self.job_for(path)
-        status = read_status(path)
-        if (job is not None and job.alive) or (effective_state(status) in LIVE_STATES
-                                               and pid_alive(status.get("pid"))):
+        status, problem = read_status_checked(path)
+        shown = run_state(status, path, problem)
+        if shown.holder is not None:
+            raise RunnerError(f"{path.name} is being written by {shown.holder}; kill it before deleting")
+        if (job is not None and job.alive) or (shown.state in LIVE_STATES and pid_alive(status.get("pid"))):
             raise RunnerError(f"{path.name} is still running; kill it before deleting")
-        shutil.rmtree(path)
+        try:
+            shutil.rmtree(path)
+        except OSError as exc:
+            raise RunnerError(f"could not delete {path.name}: {os_reason(exc)}") from None
         if job is not None:
             del self.jobs[job.id]
 
@@ -454,6 +466,21 @@ class Runner:
 
 # ----------------------------------------------------------------------------------------------------------
 # helpers
+
+def _queued_spec(item) -> LaunchSpec | None:
+    """The LaunchSpec of one saved queue entry, or None when it is not one (strings and lists of strings)."""
+    if not isinstance(item, dict) or not isinstance(item.get("id"), str) or not isinstance(item.get("spec"), dict):
+        return None
+    spec = item["spec"]
+    kinds = {"recipe": str, "resume": str, "label": str, "overrides": list, "slots": list}
+    if set(spec) - set(kinds) or not all(isinstance(spec[k], kinds[k]) for k in spec):
+        return None
+    if not all(isinstance(v, str) and "\x00" not in v for k in ("overrides", "slots") for v in spec.get(k, [])):
+        return None
+    if any("\x00" in spec.get(k, "") for k in ("recipe", "resume")) or not (spec.get("recipe") or spec.get("resume")):
+        return None
+    return LaunchSpec(**spec)
+
 
 def read_launch_run_dir(out_path: Path, cwd: Path) -> Path | None:
     """The run directory from a launch file's first line `run directory: PATH` (None until written)."""

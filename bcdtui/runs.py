@@ -3,7 +3,8 @@ incrementally, sorted and filtered. The DataTable on the runs screen only mirror
 
 A refresh stats each run's status.json and metrics.jsonl and re-reads only what changed: status.json (a few
 hundred bytes) and the last few KiB of metrics.jsonl (`tailer.read_tail`). A run whose status says running but
-whose process is gone (on this host) is "lost" (bcdcore.rundir.effective_state).
+whose process is gone (on this host) and holds no writer lock is "lost"; a run whose status.json cannot be read
+is "unreadable" with the reason (bcdcore.rundir.run_state: one rule for every reader).
 """
 from __future__ import annotations
 
@@ -16,15 +17,15 @@ from datetime import datetime, timezone
 from pathlib import Path
 from typing import Callable
 
-from bcdcore.rundir import effective_state, read_status
+from bcdcore.rundir import RunState, lost_reason, printable, read_status_checked, run_state
 
 from bcdtui.runner import Job, is_zombie, reap_pid
 from bcdtui.tailer import TailSummary, number, read_tail
 
-STATE_ORDER = {"starting": 0, "queued": 1, "running": 2, "lost": 3, "error": 4, "failed": 5, "killed": 6,
-               "finished": 7, "unknown": 8}
+STATE_ORDER = {"starting": 0, "queued": 1, "running": 2, "lost": 3, "error": 4, "unreadable": 5, "failed": 6,
+               "killed": 7, "finished": 8, "unknown": 9}
 ACTIVE = frozenset({"queued", "starting", "running"})
-PROBLEMS = frozenset({"failed", "killed", "lost", "error"})
+PROBLEMS = frozenset({"failed", "killed", "lost", "error", "unreadable"})
 # name -> the states it shows (None = all); `f` on the runs screen cycles through them in this order
 STATE_FILTERS: dict[str, frozenset | None] = {
     "all": None, "active": ACTIVE, "finished": frozenset({"finished"}), "problems": PROBLEMS}
@@ -58,6 +59,8 @@ class RunRow:
     error: str = ""
     exit_code: int | None = None
     job_id: str = ""  # a launch without a run directory yet
+    holder: str = ""  # host:pid holding the run's writer lock ("" when nobody does)
+    note: str = ""  # what was skipped reading it (bad event lines in the window read)
 
     @property
     def progress(self) -> float:
@@ -105,7 +108,10 @@ def fmt_duration(seconds: float) -> str:
 def fmt_time(t: float) -> str:
     if t is None or not math.isfinite(t):
         return ""
-    return datetime.fromtimestamp(t, tz=timezone.utc).strftime("%m-%d %H:%M")
+    try:
+        return datetime.fromtimestamp(t, tz=timezone.utc).strftime("%m-%d %H:%M")
+    except (OverflowError, ValueError, OSError):  # a time past what a datetime holds
+        return ""
 
 
 def progress_bar(fraction: float, width: int = 8) -> str:
@@ -121,17 +127,20 @@ def row_cells(row: RunRow) -> dict[str, str]:
     val = ""
     if row.val_name:
         val = f"{row.val_name.removeprefix('val_')} {fmt_number(row.val_value)}"
+    state = row.state
+    if state == "unreadable":  # the reason in full is in the run's detail and in the filter's haystack
+        state = f"unreadable: {row.error}" if len(row.error) <= 40 else f"unreadable: {row.error[:39]}…"
     return {
-        "run": f"⧗ {row.recipe}" if row.job_id else row.id,
-        "state": row.state,
+        "run": printable(f"⧗ {row.recipe}" if row.job_id else row.id),
+        "state": state,
         "progress": progress_bar(row.progress) if row.rounds else "",
         "round": f"{row.round}/{row.rounds}" if row.rounds else "",
         "eta": fmt_duration(row.eta_s) if row.state == "running" else "",
         "train_loss": fmt_number(row.train_loss),
         "val": val,
-        "gpu": row.gpu or ("cpu" if row.path is not None and row.state != "unknown" else ""),
+        "gpu": printable(row.gpu) or ("cpu" if row.path is not None and row.state != "unknown" else ""),
         "started": fmt_time(row.started),
-        "recipe": row.recipe,
+        "recipe": printable(row.recipe),  # from status.json, or a saved launch's label: shown, never obeyed
     }
 
 
@@ -143,15 +152,29 @@ class _Seen:
     status_sig: tuple = ()
     metrics_sig: tuple = ()
     status: dict = field(default_factory=dict)
+    problem: str = ""  # why status.json cannot be read ("" when it can)
     tail: TailSummary = field(default_factory=TailSummary)
 
 
 def _sig(path: str) -> tuple:
     try:
         st = os.stat(path)
-    except OSError:
+    except FileNotFoundError:
         return ()
+    except OSError:  # there but not statable (a link loop...): a run whose status shows as unreadable
+        try:
+            st = os.lstat(path)
+        except OSError:
+            return ()
+        return ("broken", st.st_mtime_ns, st.st_ino)
     return (st.st_mtime_ns, st.st_size, st.st_ino)
+
+
+def _events_only(base: str) -> tuple:
+    """A directory with events but no status.json: a run whose status was lost (it shows as unreadable).
+    An empty stream is a run being created (its status comes a moment later): not shown yet."""
+    sig = _sig(base + "metrics.jsonl")
+    return ("no status",) if sig and sig[0] != "broken" and sig[1] > 0 else ()
 
 
 @dataclass
@@ -197,7 +220,7 @@ class RunsModel:
             if name.startswith("."):
                 continue
             base = entry.path + sep  # plain strings: this loop runs for every run four times a second
-            status_sig = _sig(base + "status.json")
+            status_sig = _sig(base + "status.json") or _events_only(base)
             if not status_sig:
                 continue  # not a run directory (or not yet)
             present.add(name)
@@ -212,11 +235,12 @@ class RunsModel:
             row = self.rows.get(name)
             path = row.path if row is not None and row.path is not None else Path(entry.path)
             if status_sig != seen.status_sig:
-                seen.status_sig, seen.status, dirty = status_sig, read_status(path), True
+                seen.status, seen.problem = read_status_checked(path)
+                seen.status_sig, dirty = status_sig, True
             if metrics_sig != seen.metrics_sig:
                 seen.metrics_sig, seen.tail, dirty = metrics_sig, read_tail(path), True
-            state = self._state(seen.status, name)
-            if row is None or dirty or row.state != state:
+            state = self._state(seen.status, name, path, seen.problem)
+            if row is None or dirty or row.state != state.state or row.holder != (state.holder or ""):
                 new = self._row(name, path, seen, state)
                 if row is None:
                     result.added.add(name)
@@ -234,24 +258,20 @@ class RunsModel:
     def _mark_exited(self, jobs: list[Job] | None) -> None:
         self._exited = {Path(j.run_dir).name for j in jobs or () if j.run_dir and j.state == "exited"}
 
-    def _state(self, status: dict, name: str = "") -> str:
-        state = effective_state(status)
-        if state in ("queued", "running") and name in self._exited:
-            return "lost"  # our own launch exited without writing its end state
+    def _state(self, status: dict, name: str = "", path: Path | None = None, problem: str = "") -> RunState:
+        shown = run_state(status, path, problem)
+        state = shown.state
+        if state in ("queued", "running") and name in self._exited and shown.holder is None:
+            return RunState("lost", "our launch exited without writing its end state")
         if state == "running" and status.get("host") == self._host and is_zombie(status.get("pid")):
             reap_pid(status.get("pid"))  # our own exited child: collect it, then it reads as gone
-            state = effective_state(status)
-            if state == "running" and is_zombie(status.get("pid")):
-                state = "lost"
-        if state == "queued" and status.get("pid") and status.get("host") == self._host:
-            from bcdcore.rundir import pid_alive
+            shown = run_state(status, path, problem)
+            if shown.state == "running" and is_zombie(status.get("pid")) and shown.holder is None:
+                return RunState("lost", "its process exited without writing its end state")
+        return shown
 
-            if not pid_alive(status.get("pid")):
-                state = "lost"
-        return state
-
-    def _row(self, name: str, path: Path, seen: _Seen, state: str) -> RunRow:
-        status, tail = seen.status, seen.tail
+    def _row(self, name: str, path: Path, seen: _Seen, shown: RunState) -> RunRow:
+        status, tail, state = seen.status, seen.tail, shown.state
         progress = status.get("progress") or {}
         rnd = int(number(progress.get("round")) or 0) if progress.get("round") is not None else 0
         if tail.round is not None and tail.round > rnd:
@@ -265,16 +285,16 @@ class RunsModel:
                 per = (tail.last_t - started) / rnd
             if math.isfinite(per):
                 eta = per * max(0, rounds - rnd)
-        error = status.get("error") or ""
-        if not error and state == "lost":
-            error = "the process died without an end event"
+        error = shown.reason if state in ("unreadable", "lost") else (status.get("error") or "")
+        if state == "lost" and tail.ended:
+            error = lost_reason(shown, {"state": tail.ended, "reason": tail.end_reason})
         return RunRow(
             id=name, path=path, recipe=str(status.get("recipe") or name.rsplit("-", 3)[0]), state=state,
             round=rnd, rounds=rounds, eta_s=eta, train_loss=tail.train_loss, val_name=tail.val_name,
             val_value=tail.val_value, test_name=tail.test_name, test_value=tail.test_value,
             gpu=str(status.get("gpu") or ""), started=number(status.get("started")), ended=number(status.get("ended")),
             pid=status.get("pid"), host=str(status.get("host") or ""), error=str(error),
-            exit_code=status.get("exit_code"))
+            exit_code=status.get("exit_code"), holder=shown.holder or "", note=tail.note)
 
     def _merge_jobs(self, jobs: list[Job], result: RefreshResult) -> None:
         wanted: dict[str, RunRow] = {}

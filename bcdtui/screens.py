@@ -19,8 +19,9 @@ from textual.widgets import (Button, ContentSwitcher, DataTable, Input, Label, L
                              TextArea, Tree)
 
 from bcdtui.charts import as_matrix
-from bcdtui.recipes import list_recipes, parse_overrides
-from bcdtui.runs import COLUMN_TITLES, COLUMNS, RunRow, fmt_duration, fmt_number, progress_bar, row_cells
+from bcdtui.recipes import RecipeError, list_recipes, parse_overrides, read_recipe_text
+from bcdtui.runs import (COLUMN_TITLES, COLUMNS, RunRow, fmt_duration, fmt_number, printable, progress_bar,
+                         row_cells)
 from bcdtui.tailer import X_AXES, number
 from bcdtui.widgets import HeatMap, KeyBar, LineChart, RecipeEditor, StatusLines, TopBar
 from bcdtui.workstation import ActionError, Comparison
@@ -29,9 +30,11 @@ if TYPE_CHECKING:
     from bcdtui.workstation import Workstation
 
 FOLLOW_S = 0.1  # how often an open run (or comparison) reads its new events
+NO_CHOICE = getattr(Select, "NULL", Select.BLANK)  # an empty Select's value (Textual 8 renamed BLANK to NULL)
 
 STATE_STYLES = {"running": "bold #4fc3f7", "queued": "#b0bec5", "starting": "#b0bec5", "finished": "#81c784",
-                "failed": "bold #e57373", "error": "bold #e57373", "killed": "#ffb74d", "lost": "bold #ba68c8"}
+                "failed": "bold #e57373", "error": "bold #e57373", "killed": "#ffb74d", "lost": "bold #ba68c8",
+                "unreadable": "bold #e57373"}
 
 
 def steady_cursors(screen) -> None:
@@ -49,7 +52,7 @@ def _short(value, limit: int = 200) -> str:
 
 
 def styled_state(state: str) -> Text:
-    return Text(state, style=STATE_STYLES.get(state, ""))
+    return Text(state, style=STATE_STYLES.get(state.split(":", 1)[0], ""))  # "unreadable: <reason>" too
 
 
 class WsScreen(Screen):
@@ -157,8 +160,8 @@ class RunsScreen(WsScreen):
     def cells(self, row: RunRow) -> tuple:
         c = row_cells(row)
         run = Text(("● " if row.id in self.marked else "") + c["run"], style="bold" if row.id in self.marked else "")
-        return (run, styled_state(c["state"]), c["progress"], c["round"], c["eta"], c["train_loss"], c["val"],
-                c["gpu"], c["started"], c["recipe"])
+        # Text, never str: a DataTable reads a str as markup, and a run's recipe or GPU comes from its files
+        return (run, styled_state(c["state"]), *(Text(c[k]) for k in COLUMNS[2:]))
 
     def sync(self, ids: set[str] | None = None) -> None:
         """Bring the rows named in `ids` (default: those the refreshes marked) in line with the model."""
@@ -285,7 +288,8 @@ class RunsScreen(WsScreen):
         if run_id is None:
             return
         row = self.ws.model.rows.get(run_id)
-        what = f"the launch {row.recipe}" if row is not None and row.job_id else f"run {run_id} and all its files"
+        what = (f"the launch {row.recipe}" if row is not None and row.job_id
+                else f"run {printable(run_id)} and all its files")
         self.app.push_screen(ConfirmScreen(f"Delete {what}?"), partial(self._delete_confirmed, run_id))
 
     def _delete_confirmed(self, run_id: str, yes: bool | None) -> None:
@@ -451,7 +455,7 @@ class RunScreen(ChartAxes, WsScreen):
         self._summary = None
 
     def compose(self) -> ComposeResult:
-        yield TopBar(f"Run {self.run_id}", id="topbar")
+        yield TopBar(f"Run {printable(self.run_id)}", id="topbar")
         yield StatusLines(id="summary")
         yield LineChart(id="chart")
         with Horizontal(id="lower"):
@@ -535,7 +539,7 @@ class RunScreen(ChartAxes, WsScreen):
         status = f.status
         state = row.state if row else status.get("state", "unknown")
         progress = status.get("progress") or {}
-        rnd, rounds = int(number(progress.get("round")) or 0), int(number(progress.get("rounds")) or 0)
+        rnd, rounds = progress.get("round", 0), progress.get("rounds", 0)  # checked ints (bcdcore.records)
         line1 = styled_state(state)
         line1.append("  ")
         if rounds:
@@ -549,7 +553,9 @@ class RunScreen(ChartAxes, WsScreen):
                         f"{start.get('n_blocks', '?')} blocks {start.get('block_sizes', '')}")
         if status.get("gpu"):
             bits.append(f"GPU {status['gpu']}")
-        if status.get("host"):
+        if row is not None and row.holder:
+            bits.append(f"writer {row.holder} (holds the lock)")
+        elif status.get("host"):
             bits.append(f"{status['host']}:{status.get('pid', '?')}")
         line1.append(" · ".join(bits), style="dim")
         last = f.last_metrics()
@@ -565,11 +571,20 @@ class RunScreen(ChartAxes, WsScreen):
                 line2.append("  ")
         lines = [line1, line2]
         error = status.get("error") or (row.error if row is not None else "")
-        if error and state in ("failed", "lost", "killed", "error"):
+        if state == "unreadable":
+            lines.append(Text(f"unreadable: {error}", style="bold #e57373"))
+        elif error and state in ("failed", "lost", "killed", "error"):
             lines.append(Text(f"error: {error}", style="bold #e57373"))
         elif f.end:
-            lines.append(Text(f"ended {f.end.get('state', '')}: {f.end.get('reason', '')}",
+            lines.append(Text(f"ended {f.end.get('state', '')}: {f.end.get('reason') or ''}",
                               style=STATE_STYLES.get(str(f.end.get("state")), "")))
+        if f.note:  # bad event lines skipped: said on the third line, after what it already says
+            note = Text(f"skipped: {f.note}", style="#ffb74d")
+            if len(lines) > 2:
+                lines[2].append("  ")
+                lines[2].append_text(note)
+            else:
+                lines.append(note)
         self.query_one("#summary", StatusLines).set_lines(lines)
 
     # --- actions
@@ -647,7 +662,7 @@ class CompareScreen(ChartAxes, WsScreen):
         table.clear(columns=True)
         table.add_column("recipe key", key="key")
         for i, run_id in enumerate(self.comparison.run_ids):
-            table.add_column(f"{i + 1}: {run_id}", key=f"run{i}")
+            table.add_column(Text(f"{i + 1}: {printable(run_id)}"), key=f"run{i}")
         for row in self.comparison.diff:
             cells = row.cells()
             style = "bold #ffb74d" if row.differs else ""
@@ -745,8 +760,8 @@ class RecipesScreen(WsScreen):
 
     def load(self, path: Path) -> None:
         try:
-            text = path.read_text()
-        except OSError as exc:
+            text = read_recipe_text(path)
+        except RecipeError as exc:
             self.fail(exc)
             return
         self.path, self.saved_text = path, text
@@ -949,7 +964,7 @@ class LaunchScreen(ModalScreen):
         if self.recipe is not None and all(p.resolve() != Path(self.recipe).resolve() for p in files):
             options.insert(0, (ws.recipe_source(self.recipe), Path(self.recipe)))
         value = next((p for _, p in options if self.recipe is not None
-                      and p.resolve() == Path(self.recipe).resolve()), options[0][1] if options else Select.BLANK)
+                      and p.resolve() == Path(self.recipe).resolve()), options[0][1] if options else NO_CHOICE)
         usage = ws.slot_usage()
         with Vertical(id="dialog"):
             yield Label("[b]Launch[/b]  (ctrl+l starts, escape cancels)")
@@ -981,7 +996,7 @@ class LaunchScreen(ModalScreen):
 
     def choices(self) -> tuple[Path | None, list[str], list[str], int]:
         recipe = self.query_one("#recipe", Select).value
-        recipe = None if recipe is Select.BLANK else Path(recipe)
+        recipe = None if recipe is NO_CHOICE or recipe is Select.BLANK else Path(recipe)
         overrides = parse_overrides(self.query_one("#overrides", Input).value)
         slots = [str(s) for s in self.query_one("#slots", SelectionList).selected]
         raw = self.query_one("#per-slot", Input).value.strip()

@@ -7,14 +7,14 @@ into columns, the latest round's block events and the latest measurements. Nothi
 """
 from __future__ import annotations
 
-import json
 import math
 import os
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from bcdcore.rundir import EventTail, read_complete_lines, read_status
+from bcdcore.rundir import (EventTail, RecordError, open_regular, parse_event, printable, read_complete_lines,
+                            read_status_checked)
 
 X_AXES = ("round", "grad_evals", "wall_s", "samples", "flops")
 METRIC_COLUMNS = ("round", "grad_evals", "flops", "samples", "bytes_comm", "wall_s", "train_loss", "val_loss", "val_acc",
@@ -27,7 +27,7 @@ def number(value: Any) -> float:
         return math.nan
     try:
         return float(value)
-    except (TypeError, ValueError):
+    except (TypeError, ValueError, OverflowError):
         return math.nan
 
 
@@ -44,15 +44,16 @@ class TextTail:
         if self._first:
             try:
                 self.offset = self._first_offset()
-            except OSError:
-                return []  # no log yet: decide where to start once there is one
+            except (OSError, RecordError):
+                return []  # no log yet (or a FIFO, a directory...): decide where to start once there is one
             self._first = False
         text, self.offset = read_complete_lines(self.path, self.offset)
-        return text.splitlines()
+        # printable: an ESC in a log line must not reach the terminal (the log is any bytes, like every file)
+        return [printable(line.expandtabs()) for line in text.splitlines()]
 
     def _first_offset(self) -> int:
         """0, or for a huge log the start of the first whole line of its last max_initial_bytes."""
-        with open(self.path, "rb") as f:
+        with os.fdopen(open_regular(self.path), "rb") as f:
             size = os.fstat(f.fileno()).st_size
             if size <= self.max_initial_bytes:
                 return 0
@@ -103,11 +104,19 @@ class RunFollower:
         self.measures: dict[str, Measurement] = {}  # unit -> latest measurement
         self.log_lines: list[str] = []
         self.status: dict = {}
+        self.status_problem = ""  # why status.json cannot be read ("" when it can)
         self.last_event_t = 0.0
+        self._restarts = 0
 
     def poll(self) -> PollResult:
         result = PollResult()
-        for event in self.events.poll():
+        events = self.events.poll()
+        if self.events.restarts != self._restarts:  # the stream was rewritten (a resume dropped events)
+            self._restarts = self.events.restarts
+            self.rows, self._columns, self._last_round = {}, None, 0
+            self.blocks_round, self.blocks, self.measures, self.start, self.end = 0, {}, {}, {}, {}
+            result.metrics = result.blocks = result.measures = True
+        for event in events:
             result.events += 1
             kind = event.get("kind")
             self.last_event_t = number(event.get("t")) or self.last_event_t
@@ -146,8 +155,13 @@ class RunFollower:
             del self.log_lines[:-self.max_log_lines]
             result.log_lines = lines
         if result.changed or not self.status:
-            self.status = read_status(self.path)
+            self.refresh_status()
         return result
+
+    @property
+    def note(self) -> str:
+        """What could not be read: bad event lines skipped, or why the stream cannot be read ("" if none)."""
+        return self.events.note
 
     def _add_row(self, rnd: int, row: dict[str, float]) -> None:
         """Keep the columns current: a new last round is appended in place (the common, live case); a repeated
@@ -162,7 +176,7 @@ class RunFollower:
         self._last_round = max(self._last_round, rnd) if self.rows else rnd
 
     def refresh_status(self) -> dict:
-        self.status = read_status(self.path)
+        self.status, self.status_problem = read_status_checked(self.path)
         return self.status
 
     @property
@@ -222,6 +236,12 @@ class TailSummary:
     last_t: float = math.nan
     ended: str = ""  # the end event's state, when the window holds it
     end_reason: str = ""
+    bad_lines: int = 0  # lines in the window read that are not valid events (skipped)
+
+    @property
+    def note(self) -> str:
+        n = self.bad_lines
+        return f"{n} bad line{'s' if n > 1 else ''} in the last events" if n else ""
 
 
 RATE_EVENTS = 8  # metric events (newest first) that the ETA's seconds-per-round is taken over
@@ -235,8 +255,8 @@ def read_tail(path: Path, window: int = 8192, max_window: int = 262144) -> TailS
     file = Path(path) / "metrics.jsonl"
     summary = TailSummary()
     try:
-        f = open(file, "rb")
-    except OSError:
+        f = os.fdopen(open_regular(file), "rb")
+    except (OSError, RecordError):
         return summary
     with f:
         size = os.fstat(f.fileno()).st_size
@@ -245,18 +265,20 @@ def read_tail(path: Path, window: int = 8192, max_window: int = 262144) -> TailS
             f.seek(start)
             data = f.read(size - start)
             lines = data.split(b"\n")
+            last_piece = lines[-1]  # empty, or a line still being written: not a bad line when it fails
             if start > 0:
                 lines = lines[1:]  # the first line of the window is cut
-            summary, metrics, done = TailSummary(), [], False
+            summary, metrics, done, bad = TailSummary(), [], False, 0
             boundary = False  # a start event: older metrics belong to an earlier segment (before a resume)
             for raw in reversed(lines):
                 is_metric = b'"metric"' in raw
                 if not is_metric and b'"end"' not in raw and b'"start"' not in raw:
                     continue
                 try:
-                    event = json.loads(raw)
-                except ValueError:
-                    continue  # torn line
+                    event = parse_event(raw)
+                except RecordError:
+                    bad += raw is not last_piece
+                    continue
                 kind = event.get("kind")
                 if kind == "metric" and not boundary:
                     metrics.append(event)
@@ -280,6 +302,7 @@ def read_tail(path: Path, window: int = 8192, max_window: int = 262144) -> TailS
                     continue
                 break
             window *= 4
+    summary.bad_lines = bad
     if not metrics:
         return summary
     last = metrics[0]

@@ -16,6 +16,7 @@ from pathlib import Path
 from typing import Callable
 
 from bcdcore.recipe import RecipeError
+from bcdcore.rundir import printable
 
 from bcdtui.charts import PALETTE, Series
 from bcdtui.diff import DiffRow, diff_runs
@@ -48,7 +49,7 @@ class Comparison:
         out = []
         for i, (run_id, f) in enumerate(zip(self.run_ids, self.followers)):
             xs, ys = f.series(metric, x)
-            out.append(Series(f"{i + 1}: {run_id}", xs, ys, PALETTE[i % len(PALETTE)]))
+            out.append(Series(f"{i + 1}: {printable(run_id)}", xs, ys, PALETTE[i % len(PALETTE)]))
         return out
 
 
