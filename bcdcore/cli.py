@@ -9,7 +9,7 @@ import sys
 from pathlib import Path
 
 from bcdcore.recipe import RecipeError, expand_grid, load_recipe, os_reason
-from bcdcore.rundir import RunLockedError, default_runs_dir, effective_state, list_runs, read_events, read_status
+from bcdcore.rundir import RunLockedError, default_runs_dir, list_runs
 
 
 def _parser() -> argparse.ArgumentParser:
@@ -220,7 +220,6 @@ def cmd_ls(args) -> int:
 
 def _runs_dir_problem(runs_dir: Path) -> str:
     """Why `runs_dir` cannot be listed ("" when it can, or does not exist: then it has no runs)."""
-    from bcdcore.rundir import os_reason
 
     try:
         with os.scandir(runs_dir):
@@ -230,12 +229,12 @@ def _runs_dir_problem(runs_dir: Path) -> str:
     except NotADirectoryError:
         return "not a directory"
     except OSError as exc:
-        return f"cannot list it ({os_reason(exc)})"
+        return f"cannot list it ({os_reason(exc, with_path=False)})"
 
 
 def _ls_record(path: Path) -> dict:
     """What `ls` knows of one run: its displayed state (bcdcore.rundir.run_state) and its last metrics."""
-    from bcdcore.rundir import lost_reason, printable, read_status_checked, run_state
+    from bcdcore.rundir import lost_reason, printable, read_events, read_status_checked, run_state
 
     status, problem = read_status_checked(path)
     state = run_state(status, path, problem)

@@ -366,11 +366,12 @@ def parse_toml(text: str, source: str) -> dict:
     return raw
 
 
-def os_reason(exc: OSError) -> str:
-    """An OSError as the words a user needs: 'no space left on device', 'permission denied: PATH'."""
+def os_reason(exc: OSError, with_path: bool = True) -> str:
+    """An OSError as the words a user needs: 'no space left on device', 'permission denied: PATH' (the path
+    left out where the caller names the file already)."""
     words = (exc.strerror or str(exc) or type(exc).__name__).strip()
     words = words[:1].lower() + words[1:]
-    return f"{words}: {exc.filename}" if exc.filename else words
+    return f"{words}: {exc.filename}" if exc.filename and with_path else words
 
 
 def parse_recipe(raw: dict, source: str = "<recipe>", text: str = "",

@@ -32,7 +32,7 @@ from bcdcore.params import FlatParams
 from bcdcore.resources import check_model_fits, is_out_of_memory
 from bcdcore.recipe import (CLASSIFICATION, Recipe, RecipeError, check_block_lists, load_recipe, os_reason,
                             per_block, to_toml)
-from bcdcore.rundir import RunDir, RunLock, read_status
+from bcdcore.rundir import RunDir, read_status_checked
 from bcdcore.stoppers import build_stoppers, first_verdict
 
 log = logging.getLogger("bcdcore.run")
@@ -631,9 +631,10 @@ def resume_run(run_path: Path) -> Run:
     run_path = Path(run_path)
     if not run_path.is_dir():
         raise RecipeError(f"{run_path}: not a run directory; pass runs/<run id>")
+    check_resumable(run_path)  # before the lock: a folder that is no run gets no lock file
     rundir = open_rundir(run_path)
     try:
-        check_resumable(run_path)
+        check_resumable(run_path)  # again under the lock: another writer may have just ended it
         recipe = load_recipe(run_path / "recipe.toml")
         return Run(prepare(recipe), rundir, resume=True)
     except BaseException:
@@ -687,9 +688,11 @@ def _to_cpu(obj):
 def check_resumable(run_path: Path) -> Path:
     """The run directory, if --resume may continue it; else a RecipeError saying why not."""
     run_path = Path(run_path)
-    status = read_status(run_path)
-    if not status:
-        raise RecipeError(f"{run_path}: not a run directory (no status.json)")
+    status, problem = read_status_checked(run_path)
+    if problem:
+        if not (run_path / "status.json").exists() and not (run_path / "metrics.jsonl").exists():
+            raise RecipeError(f"{run_path}: not a run directory (no status.json)")
+        raise RecipeError(f"{run_path}: cannot resume: {problem}")
     if status.get("state") == "finished":
         raise RecipeError(f"{run_path}: the run already finished; start a new run instead of --resume")
     if status.get("state") == "running" and _alive(status):
@@ -730,6 +733,7 @@ def launch_distributed(recipe: Recipe | None, runs_dir: Path | None, resume: Pat
 
     # This process holds the run's writer lock for the whole launch; rank 0 writes under it (--attach).
     if resume is not None:
+        check_resumable(resume)
         rundir = open_rundir(Path(resume))
         try:
             path = check_resumable(resume)

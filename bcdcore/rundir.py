@@ -17,7 +17,7 @@ import socket
 import time
 from datetime import datetime, timezone
 from pathlib import Path
-from typing import Any, Iterator
+from typing import Any
 
 EVENT_VERSION = 1
 STATES = ("queued", "running", "finished", "failed", "killed")
@@ -341,7 +341,7 @@ from dataclasses import dataclass  # noqa: E402
 
 # re-exported (noqa: F401): bcdtui reaches bcdcore's readers through this module only (DESIGN.md "Module shape")
 from bcdcore.records import RecordError, parse_event, plain, printable  # noqa: E402,F401
-from bcdcore.runfiles import (EventTail, Events, open_regular, os_reason, read_complete_lines,  # noqa: E402,F401
+from bcdcore.runfiles import (EventTail, Events, open_regular, read_complete_lines,  # noqa: E402,F401
                               read_events, read_file_bytes, read_recipe_dict, read_status_checked)
 
 LIVE_STATES = ("queued", "running")

@@ -10,16 +10,12 @@ import stat
 import tomllib
 from pathlib import Path
 
+from bcdcore.recipe import os_reason
 from bcdcore.records import (MAX_LINE_BYTES, MAX_STATUS_BYTES, RecordError, parse_event, parse_status, plain,
                              printable)
 
 MAX_RECIPE_BYTES = 4 << 20
 CHUNK_BYTES = MAX_LINE_BYTES + 1  # the most an incremental reader takes in one read
-
-
-def os_reason(exc: OSError) -> str:
-    """An OSError as the few words a user needs ("permission denied"), without the path."""
-    return (exc.strerror or type(exc).__name__).lower()
 
 
 def open_regular(path: Path) -> int:
@@ -55,7 +51,7 @@ def read_status_checked(path: Path) -> tuple[dict, str]:
     except FileNotFoundError:
         return {}, "status.json is a broken symbolic link" if os.path.islink(file) else "no status.json"
     except OSError as exc:
-        return {}, f"status.json: {os_reason(exc)}"
+        return {}, f"status.json: {os_reason(exc, with_path=False)}"
     except RecordError as exc:
         return {}, f"status.json {exc}"
     if len(raw) > MAX_STATUS_BYTES:
@@ -78,7 +74,7 @@ def read_recipe_dict(path: Path) -> tuple[dict, str]:
     except FileNotFoundError:
         return {}, "no recipe.toml"
     except OSError as exc:
-        return {}, f"recipe.toml: {os_reason(exc)}"
+        return {}, f"recipe.toml: {os_reason(exc, with_path=False)}"
     except RecordError as exc:
         return {}, f"recipe.toml {exc}"
     if len(raw) > MAX_RECIPE_BYTES:
@@ -141,7 +137,7 @@ def read_events(path: Path, kind: str | None = None) -> Events:
     except FileNotFoundError:
         return out
     except OSError as exc:
-        out.problem = f"metrics.jsonl: {os_reason(exc)}"
+        out.problem = f"metrics.jsonl: {os_reason(exc, with_path=False)}"
         return out
     except RecordError as exc:
         out.problem = f"metrics.jsonl {exc}"
@@ -156,7 +152,7 @@ def read_events(path: Path, kind: str | None = None) -> Events:
                     continue
                 out._feed(raw, kind, torn_ok=not raw.endswith(b"\n"))
         except OSError as exc:
-            out.problem = f"metrics.jsonl: {os_reason(exc)}"
+            out.problem = f"metrics.jsonl: {os_reason(exc, with_path=False)}"
     return out
 
 
@@ -210,7 +206,7 @@ class EventTail:
             except FileNotFoundError:
                 return []
             except OSError as exc:
-                found.problem = f"metrics.jsonl: {os_reason(exc)}"
+                found.problem = f"metrics.jsonl: {os_reason(exc, with_path=False)}"
                 return []
             except RecordError as exc:
                 found.problem = f"metrics.jsonl {exc}"
@@ -224,7 +220,7 @@ class EventTail:
                 self._ino = st.st_ino
                 data = os.pread(fd, min(CHUNK_BYTES, max(0, st.st_size - self.offset) + 4096), self.offset)
             except OSError as exc:
-                found.problem = f"metrics.jsonl: {os_reason(exc)}"
+                found.problem = f"metrics.jsonl: {os_reason(exc, with_path=False)}"
                 return list(found)
             finally:
                 os.close(fd)

@@ -7,7 +7,6 @@ themselves killed); children still alive after a grace period get SIGKILL.
 """
 from __future__ import annotations
 
-import json
 import os
 import signal
 import subprocess
@@ -16,7 +15,7 @@ import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from bcdcore.recipe import Recipe, _toml_value, expand_grid
+from bcdcore.recipe import Recipe, os_reason, _toml_value, expand_grid
 from bcdcore.rundir import run_id_for, write_json_atomic
 
 
@@ -172,12 +171,12 @@ def sweep_summary(sweep_dir: Path) -> dict:
     a reader shows for its run: running, lost, unreadable: ...); `problem` says why sweep.json itself could
     not be read (then `points` is empty). Never raises on content."""
     from bcdcore.records import RecordError, decode_object, plain
-    from bcdcore.rundir import os_reason, read_file_bytes, read_status_checked, run_state
+    from bcdcore.rundir import read_file_bytes, read_status_checked, run_state
 
     try:
         data = plain(decode_object(read_file_bytes(Path(sweep_dir) / "sweep.json", 64 << 20), "sweep.json"))
     except OSError as exc:
-        return {"problem": f"sweep.json: {os_reason(exc)}", "points": []}
+        return {"problem": f"sweep.json: {os_reason(exc, with_path=False)}", "points": []}
     except RecordError as exc:
         return {"problem": str(exc) if str(exc).startswith("sweep.json") else f"sweep.json {exc}", "points": []}
     points = data.get("points") if isinstance(data.get("points"), list) else []

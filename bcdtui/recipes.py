@@ -13,8 +13,8 @@ import tomllib
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from bcdcore.recipe import Recipe, RecipeError, expand_grid, parse_recipe, to_toml
-from bcdcore.rundir import RecordError, os_reason, plain, printable, read_file_bytes
+from bcdcore.recipe import Recipe, RecipeError, expand_grid, os_reason, parse_recipe, to_toml
+from bcdcore.rundir import RecordError, plain, printable, read_file_bytes
 
 from bcdtui.runner import format_override_value
 
@@ -213,7 +213,7 @@ def read_recipe_text(path: Path) -> str:
     try:
         raw = read_file_bytes(path, MAX_RECIPE_BYTES + 1)
     except OSError as exc:
-        raise RecipeError(f"{printable(str(path))}: cannot read ({os_reason(exc)})") from None
+        raise RecipeError(f"{printable(str(path))}: cannot read ({os_reason(exc, with_path=False)})") from None
     except RecordError as exc:
         raise RecipeError(f"{printable(str(path))}: cannot read (it {exc})") from None
     if len(raw) > MAX_RECIPE_BYTES:

@@ -22,7 +22,8 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Callable, Iterable
 
-from bcdcore.rundir import list_runs, os_reason, pid_alive, read_status, read_status_checked, run_state
+from bcdcore.recipe import os_reason
+from bcdcore.rundir import list_runs, pid_alive, read_status, read_status_checked, run_state
 
 CPU_SLOT = "cpu"
 LIVE_STATES = ("queued", "running")
@@ -442,7 +443,7 @@ class Runner:
         try:
             shutil.rmtree(path)
         except OSError as exc:
-            raise RunnerError(f"could not delete {path.name}: {os_reason(exc)}") from None
+            raise RunnerError(f"could not delete {path.name}: {os_reason(exc, with_path=False)}") from None
         if job is not None:
             del self.jobs[job.id]
 
