@@ -31,7 +31,7 @@ import torch
 from torch import Tensor, nn
 
 from bcdcore import ops
-from bcdcore.batches import BatchStream
+from bcdcore.data.batches import BatchStream
 from bcdcore.params import FlatParams
 from bcdcore.recipe import AlgorithmConfig
 

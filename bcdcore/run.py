@@ -21,10 +21,10 @@ from torch import nn
 
 from bcdcore import ops
 from bcdcore.algorithm import BlockwiseTrainer, EntireTrainer, RoundResult
-from bcdcore.batches import BatchStream, eval_batches, stream_seed
+from bcdcore.data.batches import BatchStream, eval_batches, stream_seed
 from bcdcore.checkpoint import CheckpointError, load_checkpoint, save_checkpoint
 from bcdcore.data import DataBundle, Split, load_data
-from bcdcore.datasets_real import augmentation_generator
+from bcdcore.data.images import augmentation_generator
 from bcdcore.flops import count, count_table
 from bcdcore.measure import MeasureContext, auto_lambda, fixed_batch, load_unit, training_batches
 from bcdcore.models import block_sizes, build_model

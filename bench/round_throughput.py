@@ -46,7 +46,7 @@ except ImportError:  # run from a checkout without PYTHONPATH
 
 from bcdcore import ops  # noqa: E402
 from bcdcore.algorithm import BlockwiseTrainer  # noqa: E402
-from bcdcore.batches import BatchStream, stream_seed  # noqa: E402
+from bcdcore.data.batches import BatchStream, stream_seed  # noqa: E402
 from bcdcore.models import block_sizes, build_model  # noqa: E402
 from bcdcore.params import FlatParams  # noqa: E402
 from bcdcore.recipe import AlgorithmConfig, ModelConfig  # noqa: E402

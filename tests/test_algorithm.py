@@ -10,7 +10,7 @@ import torch.nn.functional as F
 
 from bcdcore import ops
 from bcdcore.algorithm import BlockwiseTrainer, EntireTrainer
-from bcdcore.batches import BatchStream, stream_seed
+from bcdcore.data.batches import BatchStream, stream_seed
 from bcdcore.data import load_data
 from bcdcore.models import build_model
 from bcdcore.params import FlatParams

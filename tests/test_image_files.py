@@ -10,9 +10,9 @@ import numpy as np
 import pytest
 import torch
 
-from bcdcore.batches import BatchStream, eval_batches
+from bcdcore.data.batches import BatchStream, eval_batches
 from bcdcore.data import load_data
-from bcdcore.image_files import ImageFiles, file_moments
+from bcdcore.data.image_files import ImageFiles, file_moments
 from bcdcore.measure import fixed_batch
 from bcdcore.recipe import DataConfig
 from conftest import run_cli
@@ -65,7 +65,7 @@ def test_minibatches_and_the_fixed_measurement_batch_are_the_same(root):
 
 
 def test_each_stream_prefetches_its_next_minibatch_and_takes_it(root, monkeypatch):
-    from bcdcore import image_files
+    from bcdcore.data import image_files
 
     _, disk = _both("imagenet", root, image_size=12)
     files = disk.train.x

@@ -14,7 +14,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from bcdcore.algorithm import BlockwiseTrainer, EntireTrainer
-from bcdcore.batches import BatchStream
+from bcdcore.data.batches import BatchStream
 from bcdcore.measure import (BUILTIN, HessianBlocks, HessianDense, MeasureContext, Measurement, MemoryUsage,
                              auto_lambda, block_sigma_max, load_unit)
 from bcdcore.models import build_model

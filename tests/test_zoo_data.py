@@ -14,7 +14,8 @@ import pytest
 import torch
 
 from bcdcore.data import DataBundle, TokenShape, data_root, default_data_root, load_data
-from bcdcore.datasets_real import AugmentedImages, stdlib_corpus, tokenize
+from bcdcore.data.images import AugmentedImages
+from bcdcore.data.text import stdlib_corpus, tokenize
 from bcdcore.recipe import CLASSIFICATION, DATASETS, LANGUAGE_MODEL, REGRESSION, DataConfig, RecipeError
 from conftest import cli_env
 from zoo_files import (match_rows, write_california, write_cifar, write_image_tree, write_imdb, write_mnist,
@@ -197,15 +198,15 @@ def test_imagenet_class_folders(tmp_path):
 
 
 def test_image_tree_too_big_for_memory_is_refused_before_decoding(tmp_path, monkeypatch):
-    from bcdcore import datasets_real
+    from bcdcore.data import image_trees
 
-    free = datasets_real.available_memory()
+    free = image_trees.available_memory()
     assert free is None or free > 0
     classes = ["n01440764", "n01443537", "n01484850"]
     write_image_tree(tmp_path / "imagenet" / "train", classes, per_class=6)
     write_image_tree(tmp_path / "imagenet" / "val", classes, per_class=1, seed=1)
     # 18 training images x 3 x 16 x 16 values x 10 bytes while loading = 138,240 bytes
-    monkeypatch.setattr(datasets_real, "available_memory", lambda: 100_000)
+    monkeypatch.setattr(image_trees, "available_memory", lambda: 100_000)
     from PIL import Image
 
     decoded, open_image = [], Image.open

@@ -12,7 +12,7 @@ import torchvision
 from torch import nn
 
 from bcdcore.algorithm import BlockwiseTrainer, EntireTrainer
-from bcdcore.batches import BatchStream, stream_seed
+from bcdcore.data.batches import BatchStream, stream_seed
 from bcdcore.data import TokenShape
 from bcdcore.models import BlockModel, block_sizes, build_model
 from bcdcore.params import FlatParams
