@@ -17,8 +17,10 @@ from bcdcore.data import TokenShape
 from bcdcore.models import BlockModel, block_sizes, build_model
 from bcdcore.params import FlatParams
 from bcdcore.recipe import MODELS, AlgorithmConfig, ModelConfig
-from bcdcore.zoo_models import (BasicBlock, EnsembleModel, LMHead, ResNetHead, ResNetStem, load_torchvision_state_dict,
-                                to_torchvision_state_dict)
+from bcdcore.models.ensembles import EnsembleModel
+from bcdcore.models.gpt import LMHead
+from bcdcore.models.resnet import (BasicBlock, ResNetHead, ResNetStem, load_torchvision_state_dict,
+                                   to_torchvision_state_dict)
 
 
 pytestmark = pytest.mark.usefixtures("single_torch_thread")  # these models are tiny: see conftest
