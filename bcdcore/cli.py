@@ -125,9 +125,9 @@ def cmd_check(args) -> int:
 
 
 def _toml(value) -> str:
-    from bcdcore.recipe import _toml_value
+    from bcdcore.recipe import toml_value
 
-    return _toml_value(value)
+    return toml_value(value)
 
 
 def _announce(line: str) -> None:

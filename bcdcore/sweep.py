@@ -15,7 +15,7 @@ import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from bcdcore.recipe import Recipe, os_reason, _toml_value, expand_grid
+from bcdcore.recipe import Recipe, os_reason, toml_value, expand_grid
 from bcdcore.rundir import run_id_for, write_json_atomic
 
 
@@ -55,7 +55,7 @@ class Sweep:
         self.save()
 
     def command(self, point: Point) -> list[str]:
-        sets = [f"{k}={_toml_value(v)}" for k, v in point.overrides.items()]
+        sets = [f"{k}={toml_value(v)}" for k, v in point.overrides.items()]
         args = [sys.executable, "-m", "bcdcore", "run", str(self.recipe_path), "--runs-dir", str(self.dir),
                 "--quiet", "--sweep-point"]
         for item in [*self.overrides, *sets]:

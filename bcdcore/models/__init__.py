@@ -1,7 +1,7 @@
 """Models whose layers are grouped into blocks: the BlockModel, small models (MLP, CNN, residual CNN,
-block-linear), ResNet, nanoGPT, ensembles, a text classifier, and the one registry (`build_model`, `MODELS`,
+block-linear), ResNet, nanoGPT, ensembles, a text classifier, and the one registry (`build_model`, `BUILDERS`,
 `register`)."""
 from bcdcore.models.blocks import BlockModel, block_sizes, group_blocks
-from bcdcore.models.registry import MODELS, build_model, register
+from bcdcore.models.registry import BUILDERS, build_model, register
 
-__all__ = ["BlockModel", "block_sizes", "group_blocks", "MODELS", "build_model", "register"]
+__all__ = ["BlockModel", "block_sizes", "group_blocks", "BUILDERS", "build_model", "register"]

@@ -1,6 +1,6 @@
 """The one registry of models: a name -> a builder of its blocks, and `build_model`.
 
-Every built-in model is listed in MODELS, explicitly. A builder takes `(cfg, input_shape, n_outputs, seed,
+Every built-in model is listed in BUILDERS, explicitly. A builder takes `(cfg, input_shape, n_outputs, seed,
 vocab_size)` and returns the model's blocks (a list of modules, composed in order) or a whole BlockModel (the
 ensembles); `register` adds a user's own under a new name. The recipe layer (bcdcore.recipe.MODELS) lists the
 same names for validation.
@@ -19,7 +19,7 @@ from bcdcore.models.gpt import nanogpt_blocks
 from bcdcore.models.resnet import RESNET_LAYERS, load_weights_file, resnet_blocks
 from bcdcore.models.small import block_linear_blocks, cnn_blocks, mlp_blocks, residual_blocks
 from bcdcore.models.text import text_blocks
-from bcdcore.recipe import ModelConfig
+from bcdcore.recipe import TOKEN_MODELS, ModelConfig
 
 Builder = Callable[[ModelConfig, tuple, int, int, int], Union[list, BlockModel]]
 
@@ -28,7 +28,7 @@ def _flat(input_shape: tuple) -> int:
     return math.prod(input_shape)
 
 
-MODELS: dict[str, Builder] = {
+BUILDERS: dict[str, Builder] = {
     "mlp": lambda cfg, shape, n_out, seed, vocab: mlp_blocks(cfg, _flat(shape), n_out, nn.ReLU),
     "linear": lambda cfg, shape, n_out, seed, vocab: mlp_blocks(cfg, _flat(shape), n_out, nn.Identity),
     "cnn": lambda cfg, shape, n_out, seed, vocab: cnn_blocks(cfg, shape, n_out),
@@ -41,14 +41,13 @@ MODELS: dict[str, Builder] = {
     "cnn_ensemble": lambda cfg, shape, n_out, seed, vocab: ensemble(cfg, shape, n_out, seed),
     "text_classifier": lambda cfg, shape, n_out, seed, vocab: text_blocks(cfg, shape, n_out, vocab),
 }
-TOKEN_MODELS = ("nanogpt", "text_classifier")  # models that embed token ids
 
 
 def register(name: str, builder: Builder) -> None:
     """Add a model builder under `name` (a name already taken is refused)."""
-    if name in MODELS:
+    if name in BUILDERS:
         raise ValueError(f"model {name!r} is registered already")
-    MODELS[name] = builder
+    BUILDERS[name] = builder
 
 
 def build_model(cfg: ModelConfig, input_shape: tuple[int, ...], n_outputs: int, seed: int, *,
@@ -61,7 +60,7 @@ def build_model(cfg: ModelConfig, input_shape: tuple[int, ...], n_outputs: int, 
 
     Token inputs (text datasets) come with their vocabulary size: `vocab_size`, or else the `vocab_size` that
     a `bcdcore.data.TokenShape` input shape carries. Models that embed tokens need it; the others refuse
-    token inputs. Builders are looked up in MODELS.
+    token inputs. Builders are looked up in BUILDERS.
     """
     if vocab_size is None:
         vocab_size = int(getattr(input_shape, "vocab_size", 0) or 0)
@@ -72,7 +71,7 @@ def build_model(cfg: ModelConfig, input_shape: tuple[int, ...], n_outputs: int, 
         raise ValueError(f"model.widths: widths must be >= 1, got {list(cfg.widths)}")
     if cfg.group < 0:
         raise ValueError(f"model.group must be >= 0 (0 = no grouping), got {cfg.group}")
-    known = tuple(MODELS)
+    known = tuple(BUILDERS)
     if cfg.name not in known:
         raise ValueError(f"model.name: unknown model {cfg.name!r}; known models: {', '.join(known)}")
     token_model = cfg.name in TOKEN_MODELS
@@ -84,7 +83,7 @@ def build_model(cfg: ModelConfig, input_shape: tuple[int, ...], n_outputs: int, 
                          f"'text_classifier' (classification) or 'nanogpt' (language model)")
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(seed)
-        built = MODELS[cfg.name](cfg, input_shape, n_outputs, seed, vocab_size)
+        built = BUILDERS[cfg.name](cfg, input_shape, n_outputs, seed, vocab_size)
     if isinstance(built, BlockModel):
         model = built
     else:

@@ -1,0 +1,144 @@
+"""Recipe files in and out: reading (size, UTF-8, nesting), `--set KEY=VALUE` overrides, and writing the
+resolved recipe as TOML.
+"""
+from __future__ import annotations
+
+import copy
+import json
+import math
+import re
+import tomllib
+from pathlib import Path
+from typing import Any
+
+from bcdcore.recipe.schema import Recipe, RecipeError
+from bcdcore.recipe.validate import SECTIONS, TABLES, Validator, did_you_mean
+
+
+def load_recipe(path: str | Path, overrides: list[str] | tuple[str, ...] = ()) -> Recipe:
+    """Read, override (`section.key=value`) and validate one recipe file."""
+    path = Path(path)
+    text = read_recipe_text(path)
+    raw = parse_toml(text, str(path))
+    return parse_recipe(raw, source=str(path), text=text, overrides=overrides)
+
+
+MAX_RECIPE_BYTES = 1 << 20  # a recipe is a few hundred lines; anything far larger is not one
+
+
+def read_recipe_text(path: Path) -> str:
+    """The text of a recipe file, or a RecipeError naming what is wrong with the file itself."""
+    try:
+        if not path.exists():
+            raise RecipeError(f"{path}: no such recipe file; pass the path of a .toml recipe")
+        if not path.is_file():
+            raise RecipeError(f"{path}: not a file; pass the path of a .toml recipe")
+        if path.stat().st_size > MAX_RECIPE_BYTES:
+            raise RecipeError(f"{path}: {path.stat().st_size} bytes is too large for a recipe "
+                              f"(at most {MAX_RECIPE_BYTES}); is it the right file?")
+        data = path.read_bytes()
+    except OSError as exc:
+        raise RecipeError(f"{path}: cannot read the recipe: {os_reason(exc)}") from None
+    try:
+        return data.decode("utf-8")
+    except UnicodeDecodeError as exc:
+        raise RecipeError(f"{path}: not UTF-8 text (byte {exc.start}); save the recipe as UTF-8") from None
+
+
+def parse_toml(text: str, source: str) -> dict:
+    """TOML text to a dict; malformed, too deeply nested or empty recipes are one RecipeError line."""
+    try:
+        raw = tomllib.loads(text)
+    except tomllib.TOMLDecodeError as exc:
+        raise RecipeError(f"{source}: not valid TOML: {exc}") from None
+    except RecursionError:
+        raise RecipeError(f"{source}: not a recipe: values nested too deeply") from None
+    if not raw:
+        raise RecipeError(f"{source}: the recipe is empty; start from recipes/quickstart.toml "
+                          "(at least [run] name and [data] name)")
+    return raw
+
+
+def os_reason(exc: OSError, with_path: bool = True) -> str:
+    """An OSError as the words a user needs: 'no space left on device', 'permission denied: PATH' (the path
+    left out where the caller names the file already)."""
+    words = (exc.strerror or str(exc) or type(exc).__name__).strip()
+    words = words[:1].lower() + words[1:]
+    return f"{words}: {exc.filename}" if exc.filename and with_path else words
+
+
+def parse_recipe(raw: dict, source: str = "<recipe>", text: str = "",
+                 overrides: list[str] | tuple[str, ...] = ()) -> Recipe:
+    raw = copy.deepcopy(raw)
+    for item in overrides:
+        apply_override(raw, item)
+    overridden = {item.split("=", 1)[0].strip() for item in overrides}
+    return Validator(source, text, overridden).recipe(raw)
+
+
+def parse_value(text: str) -> Any:
+    """A `--set` value: any TOML value (5, 0.1, true, [1, 2], "s"), else the bare text as a string."""
+    try:
+        return tomllib.loads(f"v = {text}")["v"]
+    except tomllib.TOMLDecodeError:
+        return text
+
+
+def apply_override(raw: dict, item: str) -> None:
+    if "=" not in item:
+        raise RecipeError(f"--set {item!r}: expected KEY=VALUE, e.g. --set algorithm.K=5")
+    key, value = item.split("=", 1)
+    parts = key.strip().split(".")
+    if len(parts) != 2 or not all(parts):
+        raise RecipeError(f"--set {key!r}: expected SECTION.KEY, e.g. algorithm.K")
+    section, name = parts
+    if section in SECTIONS and SECTIONS[section] is None:
+        raise RecipeError(f"--set {key!r}: [{section}] cannot be set from the command line; edit the recipe")
+    if section not in SECTIONS:
+        raise RecipeError(f"--set {key!r}: unknown section [{section}]{did_you_mean(section, TABLES)}")
+    table = raw.setdefault(section, {})
+    if not isinstance(table, dict):
+        raise RecipeError(f"--set {key!r}: [{section}] is not a table in the recipe")
+    table[name] = parse_value(value.strip())
+
+
+def per_block(value: float | list[float] | str, n_blocks: int) -> list[float]:
+    """One value per block; "auto" (lambda) starts at 0 until the run measures it."""
+    if value == "auto":
+        return [0.0] * n_blocks
+    return list(value) if isinstance(value, list) else [float(value)] * n_blocks
+
+
+def to_toml(data: dict) -> str:
+    lines: list[str] = []
+    for section, table in data.items():
+        if isinstance(table, list):
+            for item in table:
+                lines.append(f"[[{section}]]")
+                lines += [f"{toml_key(k)} = {toml_value(v)}" for k, v in item.items()]
+                lines.append("")
+        else:
+            lines.append(f"[{section}]")
+            lines += [f"{toml_key(k)} = {toml_value(v)}" for k, v in table.items()]
+            lines.append("")
+    return "\n".join(lines)
+
+
+def toml_key(key: str) -> str:
+    return key if re.fullmatch(r"[A-Za-z0-9_-]+", key) else json.dumps(key)
+
+
+def toml_value(value: Any) -> str:
+    if isinstance(value, bool):
+        return "true" if value else "false"
+    if isinstance(value, int):
+        return str(value)
+    if isinstance(value, float):
+        if math.isinf(value):
+            return "inf" if value > 0 else "-inf"
+        return repr(value)
+    if isinstance(value, str):
+        return json.dumps(value)
+    if isinstance(value, list):
+        return "[" + ", ".join(toml_value(v) for v in value) + "]"
+    raise TypeError(f"cannot write {value!r} as TOML")
