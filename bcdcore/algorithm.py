@@ -123,7 +123,7 @@ class BlockwiseTrainer:
         on_gpu = params.flat.device.type == "cuda"
         self.rule_lag = 1 if on_gpu else 0
         self._rule_host = [torch.zeros(ops.RULE_LEN, dtype=torch.float64, pin_memory=on_gpu) for _ in range(2)]
-        self.comm = comm  # bcdcore.distributed.Comm when the blocks are spread over ranks
+        self.comm = comm  # bcdcore.run.distributed.Comm when the blocks are spread over ranks
         if comm is not None:
             comm.assign([n * params.flat.element_size() for n in params.sizes])
 

@@ -15,7 +15,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from bcdcore.distributed import assign_blocks
+from bcdcore.run.distributed import assign_blocks
 from bcdcore.recipe import RecipeError, load_recipe
 from bcdcore.rundir import read_events, read_status
 from conftest import dist_recipe, run_cli, start_cli, wait_for

@@ -1,0 +1,65 @@
+"""What a run says: the progress bar on the console, the final one-line summary, the one-line error of a
+failure, and log.txt's handler (quiet when the disk refuses a line)."""
+from __future__ import annotations
+
+import logging
+import math
+from typing import TYPE_CHECKING
+
+from bcdcore.recipe import os_reason
+from bcdcore.resources import is_out_of_memory
+
+if TYPE_CHECKING:  # annotation only: the loop imports this module
+    from bcdcore.run.loop import Run
+
+
+class RoundProgress:
+    """Rich progress bar on the console: round, loss, val metric, ETA."""
+
+    def __init__(self, console, rounds: int, done: int) -> None:
+        self.bar = None
+        if console is None:
+            return
+        from rich.progress import BarColumn, Progress, TextColumn, TimeRemainingColumn
+
+        self.bar = Progress(TextColumn("round {task.completed}/{task.total}"), BarColumn(),
+                            TextColumn("{task.fields[info]}"), TimeRemainingColumn(), console=console,
+                            transient=False)
+        self.task = self.bar.add_task("train", total=rounds, completed=done, info="")
+        self.bar.start()
+
+    def update(self, t: int, metrics: dict) -> None:
+        if self.bar is None:
+            return
+        info = "  ".join(f"{k} {v:.4f}" for k, v in metrics.items() if not k.startswith("test_"))
+        self.bar.update(self.task, completed=t, info=info)
+
+    def close(self) -> None:
+        if self.bar is not None:
+            self.bar.stop()
+
+
+class QuietFileHandler(logging.FileHandler):
+    """log.txt: a line that cannot be written (a full disk) is lost quietly; logging's default prints a
+    traceback to stderr, and the run's status says what happened."""
+
+    def handleError(self, record: logging.LogRecord) -> None:
+        pass
+
+
+def final_summary(run: Run) -> str:
+    m = getattr(run, "final_metrics", None) or {}
+    parts = [f"{k} {m[k]:.4f}" for k in ("test_acc", "test_loss", "val_acc", "val_loss") if
+             isinstance(m.get(k), (int, float)) and math.isfinite(m[k])]
+    return f"{run.state}: {run.reason}" + (f"  |  {'  '.join(parts)}" if parts else "")
+
+
+def error_line(exc: BaseException) -> str:
+    """One line for status.json and the end event: the exception's type and the first line of its message
+    (the whole traceback goes to the log)."""
+    if isinstance(exc, OSError) and exc.strerror:
+        return os_reason(exc)  # e.g. "no space left on device: runs/x/metrics.jsonl"
+    if is_out_of_memory(exc):
+        return f"out of memory ({type(exc).__name__}); use a smaller model, batch_size or dataset"
+    lines = [line.strip() for line in str(exc).splitlines() if line.strip()]
+    return f"error: {type(exc).__name__}: {lines[0]}" if lines else f"error: {type(exc).__name__}"
