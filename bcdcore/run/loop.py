@@ -19,7 +19,7 @@ from bcdcore.flops import count, count_table
 from bcdcore.measure import MeasureContext, auto_lambda, fixed_batch, training_batches
 from bcdcore.models import block_sizes
 from bcdcore.recipe import os_reason
-from bcdcore.run.console import RoundProgress, QuietFileHandler, error_line
+from bcdcore.run.console import QuietFileHandler, RoundProgress, error_line
 from bcdcore.run.prepare import Prepared, evaluate, loss_function
 from bcdcore.run.signals import Signals
 from bcdcore.rundir import RunDir

@@ -11,7 +11,12 @@ from bcdcore.recipe import Recipe, load_recipe
 from bcdcore.run.console import error_line, final_summary
 from bcdcore.run.loop import Run
 from bcdcore.run.prepare import prepare, resolve_device
-from bcdcore.run.start import check_resumable, create_rundir, open_rundir
+from bcdcore.run.start import (
+    check_resumable,
+    create_rundir,
+    open_rundir,
+    require_run_directory,
+)
 from bcdcore.rundir import RunDir
 
 
@@ -73,7 +78,7 @@ def launch_distributed(recipe: Recipe | None, runs_dir: Path | None, resume: Pat
 
     # This process holds the run's writer lock for the whole launch; rank 0 writes under it (--attach).
     if resume is not None:
-        check_resumable(resume)
+        require_run_directory(resume)
         rundir = open_rundir(Path(resume))
         try:
             path = check_resumable(resume)

@@ -52,7 +52,7 @@ def resume_run(run_path: Path) -> Run:
     run_path = Path(run_path)
     if not run_path.is_dir():
         raise RecipeError(f"{run_path}: not a run directory; pass runs/<run id>")
-    check_resumable(run_path)  # before the lock: a folder that is no run gets no lock file
+    require_run_directory(run_path)  # before the lock: a folder that is no run gets no lock file
     rundir = open_rundir(run_path)
     try:
         check_resumable(run_path)  # again under the lock: another writer may have just ended it
@@ -75,13 +75,19 @@ def alive_on_this_host(status: dict) -> bool:
     return status.get("host") == socket.gethostname() and pid_alive(status.get("pid"))
 
 
+def require_run_directory(run_path: Path) -> None:
+    """A RecipeError unless run_path looks like a run directory (checked before its lock file is made)."""
+    if not (Path(run_path) / "status.json").exists() and not (Path(run_path) / "metrics.jsonl").exists():
+        raise RecipeError(f"{run_path}: not a run directory (no status.json)")
+
+
 def check_resumable(run_path: Path) -> Path:
-    """The run directory, if --resume may continue it; else a RecipeError saying why not."""
+    """The run directory, if --resume may continue it; else a RecipeError saying why not. Called with the
+    run's writer lock held, so a live writer has been refused already."""
     run_path = Path(run_path)
+    require_run_directory(run_path)
     status, problem = read_status_checked(run_path)
     if problem:
-        if not (run_path / "status.json").exists() and not (run_path / "metrics.jsonl").exists():
-            raise RecipeError(f"{run_path}: not a run directory (no status.json)")
         raise RecipeError(f"{run_path}: cannot resume: {problem}")
     if status.get("state") == "finished":
         raise RecipeError(f"{run_path}: the run already finished; start a new run instead of --resume")
