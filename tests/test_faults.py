@@ -4,7 +4,8 @@ from __future__ import annotations
 
 import pytest
 
-from faults import FAULTS, Fault
+from fault_tools import Fault
+from faults import FAULTS
 
 
 @pytest.mark.parametrize("fault", FAULTS, ids=[f.name for f in FAULTS])
