@@ -594,12 +594,17 @@ def test_bcdtui_imports_no_training_code():
 
 
 def test_docs_key_map_matches_the_bindings():
+    from bcdtui.app import key_sections
+    from bcdtui.keydoc import with_key_map
     from bcdtui.keymap import key_map
 
-    docs = (REPO / "README.md").read_text()
-    for _title, rows in key_map():
-        for keys, what in rows:
-            assert f"| `{keys}` | {what} |" in docs, f"README.md lacks the key {keys!r} ({what})"
+    page = (REPO / "docs" / "tui.md").read_text()
+    assert with_key_map(page) == page, "docs/tui.md's key map is stale: run python -m bcdtui.keydoc"
+    rows = [row for _title, rows in key_map(key_sections()) for row in rows]
+    assert ("F1", "this key map") in rows and ("k", "SIGTERM to the run's process group (it checkpoints, ends "
+                                                   "killed), SIGKILL after the grace period; cancels a queued launch") in rows
+    for keys, what in rows:
+        assert f"| `{keys}` | {what} |" in page, f"docs/tui.md lacks the key {keys!r} ({what})"
 
 
 def test_command_line(tmp_path, monkeypatch):
