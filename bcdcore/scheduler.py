@@ -1,19 +1,15 @@
 """One subprocess scheduler: slots, a FIFO queue with a per-slot limit, detached `bcdcore run` processes, kill.
 
-`bcdcore sweep` (bcdcore.sweep) and bcdtui's runner (bcdtui.runner) both run their processes through it. It
-imports no torch (the TUI must start instantly and never load training code) and knows nothing about run
-directories beyond the one line `bcdcore run` prints first, `run directory: PATH`.
-
-Processes are detached: each is the leader of its own session (so a closed terminal or a quitting TUI does not
-reach it, and a kill reaches its whole group), started from an argument list (never a shell string), with its
-stdout and stderr going to a file, never a pipe (a pipe nobody reads would block the engine, a closed one would
-break its last print). Each slot sets CUDA_VISIBLE_DEVICES for the processes it holds.
+`bcdcore sweep` and bcdtui's runner both run their processes through it. It imports no torch (the TUI must
+start instantly and never load training code) and reads of a run only the line `run directory: PATH`.
+Processes are detached: each leads its own session (a closed terminal does not reach it; a kill reaches its
+whole group), starts from an argument list (never a shell string), and writes stdout and stderr to a file, never
+a pipe (a pipe nobody reads would block the engine). A slot sets CUDA_VISIBLE_DEVICES for what it holds.
 """
 from __future__ import annotations
 
 import json
 import os
-import shutil
 import signal
 import subprocess
 import sys
@@ -53,40 +49,6 @@ def cpu_slot(cuda_visible: str | None = "") -> Slot:
     """The CPU slot. bcdtui hides the GPUs from it (""); `bcdcore sweep` on a machine without them passes None,
     which leaves CUDA_VISIBLE_DEVICES as the user set it."""
     return Slot(CPU_SLOT, f"CPU ({os.cpu_count() or 1} cores)", cuda_visible)
-
-
-def parse_nvidia_smi(text: str) -> list[Slot]:
-    """Slots from `nvidia-smi --query-gpu=index,name,memory.total --format=csv,noheader,nounits`."""
-    slots = []
-    for line in text.splitlines():
-        parts = [p.strip() for p in line.split(",")]
-        if len(parts) < 2 or not parts[0].isdigit():
-            continue
-        index, name = parts[0], parts[1]
-        memory = ""
-        if len(parts) > 2:
-            try:
-                memory = f" ({float(parts[2]) / 1024:.0f} GiB)"
-            except ValueError:
-                memory = ""
-        slots.append(gpu_slot(index, f"{index}: {name}{memory}"))
-    return slots
-
-
-def detect_slots(nvidia_smi: str | None = "nvidia-smi", timeout: float = 5.0) -> list[Slot]:
-    """The GPUs nvidia-smi reports (in its order), else the one CPU slot. Asks nvidia-smi, not torch, so that
-    the caller never loads torch."""
-    exe = shutil.which(nvidia_smi) if nvidia_smi else None
-    if exe:
-        try:
-            out = subprocess.run([exe, "--query-gpu=index,name,memory.total", "--format=csv,noheader,nounits"],
-                                 capture_output=True, text=True, timeout=timeout, stdin=subprocess.DEVNULL)
-            slots = parse_nvidia_smi(out.stdout) if out.returncode == 0 else []
-            if slots:
-                return slots
-        except (OSError, subprocess.SubprocessError):
-            pass
-    return [cpu_slot()]
 
 
 def slot_key_for_gpu(gpu: str | None) -> str:
@@ -154,25 +116,12 @@ def parse_run_directory(data: bytes | str) -> str | None:
 
 
 def read_run_directory(out_path: Path | str, limit: int = 64 << 10) -> str | None:
-    """parse_run_directory over the head of a process's output file (the line comes first; warnings on stderr
-    may come before it, hence a generous head)."""
+    """parse_run_directory over the head of an output file (warnings may precede the line: a generous head)."""
     try:
         with open(out_path, "rb") as f:
             return parse_run_directory(f.read(limit))
     except OSError:
         return None
-
-
-def last_error_line(out_path: Path | str) -> str:
-    """The engine's one-line error (exit 2) or the last line of a traceback."""
-    try:
-        lines = [l.strip() for l in Path(out_path).read_text(errors="replace").splitlines() if l.strip()]
-    except OSError:
-        return ""
-    for line in reversed(lines):
-        if line.startswith("error:"):
-            return line[len("error:"):].strip()
-    return lines[-1] if lines else ""
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -256,6 +205,24 @@ class Task:
     ended: float = 0.0
     proc: subprocess.Popen | None = field(default=None, repr=False, compare=False)
 
+    RUNNING = "running"  # the state a started task takes (a subclass may name its own)
+
+    @property
+    def alive(self) -> bool:  # started and not yet seen to exit
+        return self.state == self.RUNNING
+
+
+@dataclass
+class Step:
+    """What one `Scheduler.tick()` did."""
+    started: list[Task] = field(default_factory=list)
+    ended: list[Task] = field(default_factory=list)  # exited, or could not start
+    kills: bool = False  # a killed process went, or got SIGKILL
+
+    @property
+    def changed(self) -> bool:
+        return bool(self.started or self.ended or self.kills)
+
 
 @dataclass
 class KillRequest:
@@ -278,8 +245,6 @@ class Scheduler:
     def __init__(self, slots: list[Slot], per_slot: int = 1, *, cwd: Path | str | None = None,
                  env: dict[str, str] | None = None, grace_s: float = 30.0,
                  clock: Callable[[], float] = time.monotonic) -> None:
-        if not slots:
-            raise SchedulerError("no slots to run on")
         self.slots = list(slots)
         self.per_slot = max(1, int(per_slot))
         self.cwd = cwd
@@ -312,7 +277,7 @@ class Scheduler:
         return [t for t in self.tasks.values() if t.state == "queued"]
 
     def running(self) -> list[Task]:
-        return [t for t in self.tasks.values() if t.state == "running"]
+        return [t for t in self.tasks.values() if t.alive]
 
     # --- capacity
     def usage(self, others: Iterable[str] = ()) -> dict[str, int]:
@@ -330,12 +295,10 @@ class Scheduler:
         return min(free, key=lambda s: counts.get(s.key, 0)) if free else None
 
     # --- the periodic step
-    def tick(self, others: Iterable[str] = ()) -> tuple[list[Task], list[Task]]:
-        """Reap, escalate kills, start what fits. Returns (started, ended): the tasks that started or ended
-        (exited, or failed to start) in this tick."""
-        ended = [t for t in self.running() if self.poll(t)]
-        self.escalate_kills()
-        started = []
+    def tick(self, others: Iterable[str] = ()) -> Step:
+        """Reap, escalate kills, start what fits (`others`: as in `usage`)."""
+        step = Step(ended=[t for t in self.running() if self.poll(t)])
+        step.kills = self.escalate_kills()
         queued = self.queued()
         if queued:
             counts = self.usage(others)
@@ -344,12 +307,12 @@ class Scheduler:
                 if slot is None:
                     continue
                 self.start(task, slot)
-                if task.state == "running":
+                if task.alive:
                     counts[slot.key] += 1
-                    started.append(task)
+                    step.started.append(task)
                 else:
-                    ended.append(task)
-        return started, ended
+                    step.ended.append(task)
+        return step
 
     def environment(self, slot: Slot) -> dict[str, str]:
         env = dict(os.environ if self.env is None else self.env)
@@ -369,11 +332,11 @@ class Scheduler:
             task.state, task.error, task.ended = "error", f"could not start {task.args[0]}: {exc}", time.time()
             self.messages.append(task.error)
             return
-        task.pid, task.state = task.proc.pid, "running"
+        task.pid, task.state = task.proc.pid, task.RUNNING
 
     def poll(self, task: Task) -> bool:
         """True when the running `task` has just exited (its exit code recorded)."""
-        if task.state != "running":
+        if not task.alive:
             return False
         code = task.proc.poll() if task.proc is not None else (None if pid_alive(task.pid) else -1)
         if code is None:
@@ -401,8 +364,10 @@ class Scheduler:
     def escalate_kills(self) -> bool:
         """SIGKILL to killed processes past their deadline; forgets those that are gone. True when any changed."""
         changed = False
+        own = {t.pid for t in self.running()}
         for pid, request in list(self.kills.items()):
-            reap_pid(pid)
+            if pid not in own:
+                reap_pid(pid)  # a child of an earlier scheduler in this process; our own, poll() collects
             if not pid_alive(pid):
                 del self.kills[pid]
                 changed = True
@@ -431,5 +396,5 @@ class Scheduler:
         return never
 
     def drain_messages(self) -> list[str]:
-        out, self.messages = self.messages, []
+        out, self.messages = self.messages, []  # the caller shows them once
         return out

@@ -84,18 +84,18 @@ class Sweep:
             task = scheduler.submit(Task(args=self.command(point), out_path=str(self.log_path(point))))
             tasks[task.id] = point
         while (scheduler.queued() or scheduler.running()) and self.stop_signal is None:
-            started, ended = scheduler.tick()
-            for task in started:
+            step = scheduler.tick()
+            for task in step.started:
                 point = tasks[task.id]
                 point.state, point.started = "running", task.started
                 point.device = scheduler.slot(task.slot).cuda_visible
                 report(f"started point {point.index + 1}/{len(self.points)}: {_describe(point.overrides)}"
                        + (f" on GPU {point.device}" if point.device else ""))
-            for task in ended:
+            for task in step.ended:
                 self._collect(tasks[task.id], task)
                 report(f"point {tasks[task.id].index + 1} exited {task.exit_code}: "
                        f"{tasks[task.id].run_dir or 'no run directory'}")
-            if started or ended:
+            if step.started or step.ended:
                 self.save()
             time.sleep(self.poll_s)
         if self.stop_signal is not None:

@@ -51,8 +51,8 @@ def test_queue_respects_the_slot_limit_and_kill_escalates(tmp_path):
     tasks = [scheduler.submit(Task(args=sleeper, out_path=str(tmp_path / f"{i}.out"))) for i in range(3)]
     with pytest.raises(SchedulerError):
         scheduler.submit(Task(args=sleeper, slots=["gpu9"]))
-    started, _ = scheduler.tick()
-    assert {t.slot for t in started} == {"gpu0", CPU_SLOT} and tasks[2].state == "queued"
+    step = scheduler.tick()
+    assert {t.slot for t in step.started} == {"gpu0", CPU_SLOT} and tasks[2].state == "queued"
     assert scheduler.usage(["gpu0"]) == {"gpu0": 2, CPU_SLOT: 1}
     deadline = time.monotonic() + 30
     while read_run_directory(tasks[0].out_path) is None and time.monotonic() < deadline:

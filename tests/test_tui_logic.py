@@ -42,7 +42,7 @@ while i < len(args):
         elif a == "--runs-dir": runs = val
         else: sets.append(val)
         i += 2
-    elif a == "--quiet":
+    elif a in ("--quiet", "--sweep-point"):
         i += 1
     else:
         recipe = a
@@ -485,13 +485,16 @@ def test_validate_text_ok_and_errors_with_lines():
     assert error_line("y.toml:6: bad", "y.toml") == 6 and error_line("other: bad", "y.toml") is None
 
 
-def test_sweep_plan_runs_each_point_from_a_copy_without_the_sweep(tmp_path):
+def test_sweep_plan_runs_each_point_as_bcdcore_sweep_does(tmp_path):
     recipe = tmp_path / "grid.toml"
     recipe.write_text(TEMPLATE.format(name="grid") + '\n[sweep]\n"algorithm.K" = [1, 5]\n"run.seed" = [0, 1, 2]\n')
-    plan = plan_launch(recipe, ["run.rounds=2"], work_dir=tmp_path / "work")
+    plan = plan_launch(recipe, ["run.rounds=2"])
     assert len(plan.runs) == 6 and plan.runs[0] == ["run.rounds=2", "algorithm.K=1", "run.seed=0"]
-    assert plan.recipe.parent == tmp_path / "work" and "[sweep]" not in plan.recipe.read_text()
-    assert validate_text(plan.recipe.read_text(), "copy").ok
+    assert plan.recipe == recipe and plan.sweep_point  # the recipe itself, run with --sweep-point: no copy
+    runner = Runner(tmp_path / "runs", slots=[cpu_slot()], engine=["bcd"], restore_queue=False)
+    job = runner.submit(LaunchSpec(recipe=str(plan.recipe), overrides=plan.runs[0], sweep_point=plan.sweep_point))
+    assert job.args == ["bcd", "run", str(recipe), "--runs-dir", str(tmp_path / "runs"), "--quiet", "--sweep-point",
+                        "--set", "run.rounds=2", "--set", "algorithm.K=1", "--set", "run.seed=0"]
     assert "sweep of 6 runs" in plan.summary and len(plan.describe(limit=4)) == 5
     single = plan_launch(_write(tmp_path / "one.toml", TEMPLATE.format(name="one")))
     assert single.runs == [[]] and single.recipe == tmp_path / "one.toml"
@@ -589,8 +592,9 @@ def test_bcdtui_imports_no_training_code():
                          env={**os.environ, "PYTHONPATH": str(REPO)}, timeout=60)
     assert out.returncode == 0, out.stderr
     # bcdcore.records (the schema of status and events) and bcdcore.runfiles (total file reading), both without
-    # torch, come in through bcdcore.rundir
-    assert eval(out.stdout) == ["bcdcore", "bcdcore.recipe", "bcdcore.records", "bcdcore.rundir", "bcdcore.runfiles"]
+    # torch, come in through bcdcore.rundir; bcdcore.scheduler is the queue bcdtui shares with `bcdcore sweep`
+    assert eval(out.stdout) == ["bcdcore", "bcdcore.recipe", "bcdcore.records", "bcdcore.rundir", "bcdcore.runfiles",
+                                "bcdcore.scheduler"]
 
 
 def test_docs_key_map_matches_the_bindings():
