@@ -1,10 +1,8 @@
-"""What every screen shares: the workstation at hand, the state colours, the chart keys."""
+"""What every screen shares: the workstation at hand, steady cursors in tests, the chart keys, navigation."""
 from __future__ import annotations
 
-import json
 from typing import TYPE_CHECKING
 
-from rich.text import Text
 from textual.binding import Binding
 from textual.message import Message
 from textual.screen import Screen
@@ -19,25 +17,12 @@ if TYPE_CHECKING:
 FOLLOW_S = 0.1  # how often an open run (or comparison) reads its new events
 NO_CHOICE = getattr(Select, "NULL", Select.BLANK)  # an empty Select's value (Textual 8 renamed BLANK to NULL)
 
-STATE_STYLES = {"running": "bold #4fc3f7", "queued": "#b0bec5", "starting": "#b0bec5", "finished": "#81c784",
-                "failed": "bold #e57373", "error": "bold #e57373", "killed": "#ffb74d", "lost": "bold #ba68c8",
-                "unreadable": "bold #e57373"}
-
 
 def steady_cursors(screen) -> None:
     """Headless (tests, snapshots): no blinking cursors, so what is drawn does not depend on the moment."""
     if screen.app.is_headless:
         for widget in screen.query("Input, TextArea"):
             widget.cursor_blink = False
-
-
-def short(value, limit: int = 200) -> str:
-    text = value if isinstance(value, str) else json.dumps(value, default=str)
-    return text if len(text) <= limit else text[:limit - 1] + "…"
-
-
-def styled_state(state: str) -> Text:
-    return Text(state, style=STATE_STYLES.get(state.split(":", 1)[0], ""))  # "unreadable: <reason>" too
 
 
 class WsScreen(Screen):

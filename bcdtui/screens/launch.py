@@ -4,7 +4,6 @@ from __future__ import annotations
 from pathlib import Path
 from typing import TYPE_CHECKING
 
-from rich.markup import escape
 from rich.text import Text
 from textual import on
 from textual.app import ComposeResult
@@ -15,6 +14,7 @@ from textual.widgets import Button, Input, Label, Select, SelectionList, Static
 
 from bcdtui.recipes import list_recipes, parse_overrides
 from bcdtui.screens.base import NO_CHOICE, steady_cursors
+from bcdtui.views import launch_preview
 from bcdtui.workstation import ActionError
 
 if TYPE_CHECKING:
@@ -107,15 +107,7 @@ class LaunchScreen(ModalScreen):
             return
         self.plan = plan
         box.remove_class("-error")
-        usage = self.ws.slot_usage()
-        free = sum(max(0, per - usage.get(s, 0)) for s in slots)
-        n = len(plan.runs)
-        starts = min(n, free)
-        lines = [Text(f"✓ {plan.summary}", style="green"),
-                 Text(f"{n} run{'s' if n > 1 else ''}: {starts} start{'s' if starts == 1 else ''} now, "
-                      f"{n - starts} wait{'s' if n - starts == 1 else ''} in the queue "
-                      f"(slots {', '.join(slots)}, {per} per slot)")]
-        lines += [Text("  " + escape(line), style="dim") for line in plan.describe(limit=5)]
+        lines = launch_preview(plan, self.ws.slot_usage(), slots, per)
         box.update(Text("\n").join(lines))
 
     @on(Input.Submitted, "#overrides")

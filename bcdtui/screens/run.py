@@ -1,18 +1,15 @@
 """One run: its live chart, the blocks of the latest round, the log tail or a measurement's heat map."""
 from __future__ import annotations
 
-import math
-
-from rich.text import Text
 from textual.app import ComposeResult
 from textual.binding import Binding
 from textual.containers import Horizontal
 from textual.widgets import ContentSwitcher, DataTable, Log
 
 from bcdtui.charts import Series, as_matrix
-from bcdtui.runs import fmt_duration, fmt_number, printable, progress_bar
-from bcdtui.screens.base import CHART_BINDINGS, FOLLOW_S, STATE_STYLES, ChartAxes, WsScreen, short, styled_state
-from bcdtui.tailer import number
+from bcdtui.runs import fmt_number, printable
+from bcdtui.screens.base import CHART_BINDINGS, FOLLOW_S, ChartAxes, WsScreen
+from bcdtui.views import block_cells, run_summary, short
 from bcdtui.widgets import HeatMap, KeyBar, LineChart, StatusLines, TopBar
 
 
@@ -86,14 +83,8 @@ class RunScreen(ChartAxes, WsScreen):
     def _draw_blocks(self) -> None:
         table = self.query_one("#blocks", DataTable)
         table.clear()
-        for e in self.follower.block_rows():
-            res, thr = number(e.get("residual")), number(e.get("threshold"))
-            met = math.isfinite(thr) and res <= thr
-            table.add_row(str(e.get("block", "")), str(e.get("inner_steps", "")),
-                          Text("yes", style="#81c784") if e.get("stopped_early") else "no",
-                          Text(fmt_number(res, 3), style="#81c784" if met else ""),
-                          fmt_number(thr, 3) if math.isfinite(thr) else "off", fmt_number(number(e.get("lambda")), 3),
-                          fmt_number(number(e.get("gamma")), 2), fmt_number(number(e.get("dist")), 3))
+        for event in self.follower.block_rows():
+            table.add_row(*block_cells(event))
         rnd = self.follower.blocks_round
         table.border_title = f"blocks, round {rnd}" if rnd else "blocks (none yet)"
 
@@ -113,57 +104,7 @@ class RunScreen(ChartAxes, WsScreen):
         self.query_one("#measures", HeatMap).set_data(f"{m.unit}, round {m.round}", matrix, notes)
 
     def _draw_summary(self) -> None:
-        row = self.ws.model.rows.get(self.run_id)
-        f = self.follower
-        status = f.status
-        state = row.state if row else status.get("state", "unknown")
-        progress = status.get("progress") or {}
-        rnd, rounds = progress.get("round", 0), progress.get("rounds", 0)  # checked ints (bcdcore.records)
-        line1 = styled_state(state)
-        line1.append("  ")
-        if rounds:
-            line1.append(f"round {rnd}/{rounds} {progress_bar(rnd / rounds)}  ")
-        if row is not None and state == "running" and math.isfinite(row.eta_s):
-            line1.append(f"ETA {fmt_duration(row.eta_s)}  ")
-        start = f.start
-        bits = []
-        if start:
-            bits.append(f"{start.get('device', '?')} · ops {start.get('backend', '?')} · "
-                        f"{start.get('n_blocks', '?')} blocks {start.get('block_sizes', '')}")
-        if status.get("gpu"):
-            bits.append(f"GPU {status['gpu']}")
-        if row is not None and row.holder:
-            bits.append(f"writer {row.holder} (holds the lock)")
-        elif status.get("host"):
-            bits.append(f"{status['host']}:{status.get('pid', '?')}")
-        line1.append(" · ".join(bits), style="dim")
-        last = f.last_metrics()
-        line2 = Text()
-        for name in ("train_loss", "val_loss", "val_acc", "test_loss", "test_acc"):
-            if name in last:
-                line2.append(f"{name} ", style="dim")
-                line2.append(f"{fmt_number(last[name])}  ")
-        for name, label in (("grad_evals", "grad evals"), ("wall_s", "wall")):
-            if name in last:
-                line2.append(f"{label} ", style="dim")
-                line2.append(fmt_duration(last[name]) if name == "wall_s" else f"{last[name]:.0f}")
-                line2.append("  ")
-        lines = [line1, line2]
-        error = status.get("error") or (row.error if row is not None else "")
-        if state == "unreadable":
-            lines.append(Text(f"unreadable: {error}", style="bold #e57373"))
-        elif error and state in ("failed", "lost", "killed", "error"):
-            lines.append(Text(f"error: {error}", style="bold #e57373"))
-        elif f.end:
-            lines.append(Text(f"ended {f.end.get('state', '')}: {f.end.get('reason') or ''}",
-                              style=STATE_STYLES.get(str(f.end.get("state")), "")))
-        if f.note:  # bad event lines skipped: said on the third line, after what it already says
-            note = Text(f"skipped: {f.note}", style="#ffb74d")
-            if len(lines) > 2:
-                lines[2].append("  ")
-                lines[2].append_text(note)
-            else:
-                lines.append(note)
+        lines = run_summary(self.ws.model.rows.get(self.run_id), self.follower)
         self.query_one("#summary", StatusLines).set_lines(lines)
 
     # --- actions

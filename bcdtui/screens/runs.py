@@ -10,7 +10,8 @@ from textual.binding import Binding
 from textual.widgets import DataTable, Input, Static
 
 from bcdtui.runs import COLUMN_TITLES, COLUMNS, RunRow, printable, row_cells
-from bcdtui.screens.base import OpenComparison, OpenRun, WsScreen, steady_cursors, styled_state
+from bcdtui.screens.base import OpenComparison, OpenRun, WsScreen, steady_cursors
+from bcdtui.views import styled_state
 from bcdtui.screens.dialogs import ConfirmScreen
 from bcdtui.screens.launch import LaunchScreen
 from bcdtui.widgets import KeyBar, TopBar
