@@ -119,6 +119,7 @@ setup(
     version="0.1.0",
     description="Block coordinate descent workstation: engine (bcdcore) and terminal UI (bcdtui)",
     packages=find_packages(include=["bcdcore", "bcdcore.*", "bcdtui", "bcdtui.*"]),
+    package_data={"bcdtui": ["*.tcss"]},  # the TUI's styles (bcdtui/bcdtui.tcss)
     python_requires=">=3.11",
     ext_modules=get_extensions(),
     cmdclass=get_cmdclass(),

@@ -8,7 +8,7 @@ import signal
 import sys
 from pathlib import Path
 
-from bcdcore.recipe import RecipeError, expand_grid, load_recipe, os_reason
+from bcdcore.recipe import RecipeError, expand_grid, load_recipe, os_reason, toml_value
 from bcdcore.rundir import RunLockedError, default_runs_dir, list_runs
 
 
@@ -115,19 +115,13 @@ def cmd_check(args) -> int:
     if recipe.sweep:
         points = expand_grid(recipe.sweep)
         for point in points:
-            prepare(load_recipe(args.recipe, [*args.overrides, *(f"{k}={_toml(v)}" for k, v in point.items())]))
+            prepare(load_recipe(args.recipe, [*args.overrides, *(f"{k}={toml_value(v)}" for k, v in point.items())]))
         print(f"ok: {args.recipe} (sweep of {len(points)} runs over {', '.join(recipe.sweep)})")
         return 0
     prepared = prepare(recipe)
     print(f"ok: {args.recipe} ({recipe.model.name}, {prepared.params.n_blocks} blocks, "
           f"{recipe.data.name}, {recipe.algorithm.mode}/{recipe.algorithm.schedule}, ops {prepared.backend})")
     return 0
-
-
-def _toml(value) -> str:
-    from bcdcore.recipe import toml_value
-
-    return toml_value(value)
 
 
 def _announce(line: str) -> None:
@@ -234,7 +228,13 @@ def _runs_dir_problem(runs_dir: Path) -> str:
 
 def _ls_record(path: Path) -> dict:
     """What `ls` knows of one run: its displayed state (bcdcore.rundir.run_state) and its last metrics."""
-    from bcdcore.rundir import lost_reason, printable, read_events, read_status_checked, run_state
+    from bcdcore.rundir import (
+        lost_reason,
+        printable,
+        read_events,
+        read_status_checked,
+        run_state,
+    )
 
     status, problem = read_status_checked(path)
     state = run_state(status, path, problem)

@@ -91,6 +91,21 @@ def _rewrite_in_place(path: Path, data: bytes) -> None:
         os.close(fd)
 
 
+def unique_dir(parent: Path, base: str, attempts: int = 999) -> Path:
+    """Create and return `parent/base`, or `base-2`, `base-3`, ... when taken: never a directory that exists
+    (mkdir is the atomic test, so two processes never get the same one)."""
+    parent = Path(parent)
+    parent.mkdir(parents=True, exist_ok=True)
+    for attempt in range(1, attempts + 1):
+        path = parent / (base if attempt == 1 else f"{base}-{attempt}")
+        try:
+            path.mkdir()
+            return path
+        except FileExistsError:
+            continue
+    raise FileExistsError(f"could not create a new directory {base} under {parent}")
+
+
 class RunDir:
     """Writes one run's directory, holding its writer lock (RUN_DIR/lock) from `create` or `open` until
     `close`. Create with `RunDir.create` (new run) or `RunDir.open` (resume, or a launcher's final record)."""
@@ -114,18 +129,7 @@ class RunDir:
     def create(cls, runs_dir: Path, name: str, digest: str, recipe_toml: str) -> "RunDir":
         """A new run directory under runs_dir, never one that exists. OSError (a runs directory that is a
         file, read-only, a full disk) propagates for the caller to phrase; nothing half-made is left."""
-        runs_dir = Path(runs_dir)
-        runs_dir.mkdir(parents=True, exist_ok=True)
-        base = run_id_for(name, digest)
-        for attempt in range(1, 1000):
-            path = runs_dir / (base if attempt == 1 else f"{base}-{attempt}")
-            try:
-                path.mkdir()
-                break
-            except FileExistsError:
-                continue
-        else:
-            raise FileExistsError(f"could not create a new run directory under {runs_dir}")
+        path = unique_dir(Path(runs_dir), run_id_for(name, digest))
         try:
             run = cls(path, RunLock(path).acquire())
             write_bytes_atomic(path / "recipe.toml", recipe_toml.encode())
@@ -267,8 +271,16 @@ from dataclasses import dataclass  # noqa: E402
 
 # re-exported (noqa: F401): bcdtui reaches bcdcore's readers through this module only (DESIGN.md "Module shape")
 from bcdcore.records import RecordError, parse_event, plain, printable  # noqa: E402,F401
-from bcdcore.runfiles import (EventTail, Events, open_regular, read_complete_lines,  # noqa: E402,F401
-                              read_events, read_file_bytes, read_recipe_dict, read_status_checked)
+from bcdcore.runfiles import (  # noqa: E402,F401
+    Events,
+    EventTail,
+    open_regular,
+    read_complete_lines,
+    read_events,
+    read_file_bytes,
+    read_recipe_dict,
+    read_status_checked,
+)
 
 LIVE_STATES = ("queued", "running")
 

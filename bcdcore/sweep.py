@@ -7,16 +7,23 @@ themselves killed); children still alive after a grace period get SIGKILL.
 """
 from __future__ import annotations
 
-import os
 import signal
-import subprocess
-import sys
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 
-from bcdcore.recipe import Recipe, os_reason, toml_value, expand_grid
-from bcdcore.rundir import run_id_for, write_json_atomic
+from bcdcore.recipe import Recipe, expand_grid, os_reason
+from bcdcore.rundir import run_id_for, unique_dir, write_json_atomic
+from bcdcore.scheduler import (
+    Scheduler,
+    Slot,
+    Task,
+    cpu_slot,
+    gpu_slot,
+    point_overrides,
+    read_run_directory,
+    run_command,
+)
 
 
 @dataclass
@@ -27,62 +34,38 @@ class Point:
     run_dir: str | None = None
     exit_code: int | None = None
     device: str | None = None
-    process: subprocess.Popen | None = field(default=None, repr=False)
     started: float | None = None
     ended: float | None = None
 
 
+def device_slots(devices: list[str | None]) -> list[Slot]:
+    """One scheduler slot per device: a GPU id, or None for the CPU (CUDA_VISIBLE_DEVICES left as it is)."""
+    return [gpu_slot(d) if d is not None else cpu_slot(cuda_visible=None) for d in dict.fromkeys(devices)]
+
+
 class Sweep:
+    """The grid's points as tasks of one bcdcore.scheduler.Scheduler (the same queue, slots, processes and kill
+    as bcdtui's runner): at most `per_device` runs per device at once, each started as a sweep point."""
+
     def __init__(self, recipe_path: Path, recipe: Recipe, runs_dir: Path, devices: list[str | None],
                  per_device: int, overrides: list[str] = (), grace_s: float = 60.0, poll_s: float = 0.2) -> None:
         self.recipe_path = Path(recipe_path)
         self.points = [Point(i, p) for i, p in enumerate(expand_grid(recipe.sweep))]
-        self.slots = [d for d in devices for _ in range(per_device)]
+        self.slots = [d for d in devices for _ in range(per_device)]  # as sweep.json records them
         self.overrides = list(overrides)
         self.grace_s, self.poll_s = grace_s, poll_s
         self.stop_signal: int | None = None
-        runs_dir = Path(runs_dir)
-        runs_dir.mkdir(parents=True, exist_ok=True)
-        base = run_id_for(f"{recipe.run.name}-sweep", recipe.digest())
-        for n in range(1, 1000):
-            self.dir = runs_dir / (base if n == 1 else f"{base}-{n}")
-            try:
-                self.dir.mkdir()
-                break
-            except FileExistsError:
-                continue
+        self.dir = unique_dir(Path(runs_dir), run_id_for(f"{recipe.run.name}-sweep", recipe.digest()))
         (self.dir / "logs").mkdir()
+        self.scheduler = Scheduler(device_slots(devices), per_device, grace_s=grace_s)
         self.save()
 
     def command(self, point: Point) -> list[str]:
-        sets = [f"{k}={toml_value(v)}" for k, v in point.overrides.items()]
-        args = [sys.executable, "-m", "bcdcore", "run", str(self.recipe_path), "--runs-dir", str(self.dir),
-                "--quiet", "--sweep-point"]
-        for item in [*self.overrides, *sets]:
-            args += ["--set", item]
-        return args
+        return run_command(recipe=self.recipe_path, runs_dir=self.dir, sweep_point=True,
+                           overrides=[*self.overrides, *point_overrides(point.overrides)])
 
-    def start(self, point: Point, device: str | None) -> None:
-        env = dict(os.environ)
-        if device is not None:
-            env["CUDA_VISIBLE_DEVICES"] = device
-        out = open(self.dir / "logs" / f"point-{point.index}.out", "w")
-        point.process = subprocess.Popen(self.command(point), stdout=out, stderr=subprocess.STDOUT, env=env,
-                                         start_new_session=True, stdin=subprocess.DEVNULL)
-        out.close()
-        point.state, point.device, point.started = "running", device, time.time()
-
-    def _collect(self, point: Point) -> None:
-        point.exit_code = point.process.returncode
-        point.state, point.ended = "done", time.time()
-        try:
-            log = (self.dir / "logs" / f"point-{point.index}.out").read_text(errors="replace")
-        except OSError:
-            log = ""  # the point's log went missing: the point still ends, without a run directory
-        for line in log.splitlines():
-            if line.startswith("run directory: "):
-                point.run_dir = line.removeprefix("run directory: ").strip()
-                break
+    def log_path(self, point: Point) -> Path:
+        return self.dir / "logs" / f"point-{point.index}.out"
 
     def save(self) -> None:
         write_json_atomic(self.dir / "sweep.json", {
@@ -103,53 +86,43 @@ class Sweep:
                 signal.signal(s, handler)
 
     def _loop(self, report) -> int:
-        pending = list(self.points)
-        free = list(self.slots)
-        running: list[tuple[Point, str | None]] = []
-        while (pending or running) and self.stop_signal is None:
-            while pending and free:
-                point, device = pending.pop(0), free.pop(0)
-                self.start(point, device)
-                running.append((point, device))
+        scheduler = self.scheduler
+        tasks: dict[str, Point] = {}
+        for point in self.points:
+            task = scheduler.submit(Task(args=self.command(point), out_path=str(self.log_path(point))))
+            tasks[task.id] = point
+        while (scheduler.queued() or scheduler.running()) and self.stop_signal is None:
+            step = scheduler.tick()
+            for task in step.started:
+                point = tasks[task.id]
+                point.state, point.started = "running", task.started
+                point.device = scheduler.slot(task.slot).cuda_visible
                 report(f"started point {point.index + 1}/{len(self.points)}: {_describe(point.overrides)}"
-                       + (f" on GPU {device}" if device else ""))
+                       + (f" on GPU {point.device}" if point.device else ""))
+            for task in step.ended:
+                self._collect(tasks[task.id], task)
+                report(f"point {tasks[task.id].index + 1} exited {task.exit_code}: "
+                       f"{tasks[task.id].run_dir or 'no run directory'}")
+            if step.started or step.ended:
                 self.save()
-            for point, device in list(running):
-                if point.process.poll() is not None:
-                    self._collect(point)
-                    running.remove((point, device))
-                    free.append(device)
-                    report(f"point {point.index + 1} exited {point.exit_code}: {point.run_dir or 'no run directory'}")
-                    self.save()
             time.sleep(self.poll_s)
         if self.stop_signal is not None:
-            self._terminate([p for p, _ in running], report)
-            for point in pending:
-                point.state = "not started"
+            running = scheduler.running()
+            report(f"stopping: SIGTERM to {len(running)} running run(s)")
+            for task in scheduler.stop(self.grace_s, self.poll_s):
+                tasks[task.id].state = "not started"
+            for task in running:
+                self._collect(tasks[task.id], task)
             self.save()
             return 128 + self.stop_signal
         self.save()
         return 0 if all(p.exit_code == 0 for p in self.points) else 1
 
-    def _terminate(self, points: list[Point], report) -> None:
-        report(f"stopping: SIGTERM to {len(points)} running run(s)")
-        for point in points:
-            _signal_group(point.process, signal.SIGTERM)
-        deadline = time.monotonic() + self.grace_s
-        while time.monotonic() < deadline and any(p.process.poll() is None for p in points):
-            time.sleep(self.poll_s)
-        for point in points:
-            if point.process.poll() is None:
-                _signal_group(point.process, signal.SIGKILL)
-                point.process.wait()
-            self._collect(point)
-
-
-def _signal_group(process: subprocess.Popen, sig: int) -> None:
-    try:
-        os.killpg(process.pid, sig)
-    except ProcessLookupError:
-        pass
+    def _collect(self, point: Point, task: Task) -> None:
+        point.exit_code = task.exit_code
+        point.state, point.ended = "done", task.ended or time.time()
+        # a missing log leaves the point without a run directory; it still ends
+        point.run_dir = read_run_directory(task.out_path)
 
 
 def _describe(point: dict) -> str:

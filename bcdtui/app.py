@@ -17,9 +17,20 @@ from textual.binding import Binding
 from textual.screen import Screen
 
 from bcdcore.rundir import default_runs_dir, printable
-
+from bcdtui.keymap import Section, key_map_text
 from bcdtui.runner import Slot, cpu_slot, detect_slots
-from bcdtui.screens import ConfirmScreen, HelpScreen, RecipesScreen, RunsScreen, WsScreen
+from bcdtui.screens import (
+    CompareScreen,
+    ConfirmScreen,
+    HelpScreen,
+    LaunchScreen,
+    OpenComparison,
+    OpenRun,
+    RecipesScreen,
+    RunScreen,
+    RunsScreen,
+    WsScreen,
+)
 from bcdtui.widgets import TopBar
 from bcdtui.workstation import Workstation
 
@@ -33,10 +44,7 @@ class BcdApp(App):
         Binding("ctrl+q", "quit_app", "Quit", priority=True,
                 tooltip="quit (runs keep running; the next start re-attaches)"),
     ]
-    CSS = """
-    Screen { background: $background; }
-    DataTable { scrollbar-size: 1 1; }
-    """
+    CSS_PATH = "bcdtui.tcss"
 
     def __init__(self, runs_dir: Path | str | None = None, recipes_dir: Path | str = "recipes", *,
                  slots: list[Slot] | None = None, per_slot: int = 1, engine: list[str] | None = None,
@@ -107,7 +115,13 @@ class BcdApp(App):
     # --- navigation and app-wide actions
     def action_help(self) -> None:
         if not isinstance(self.screen, HelpScreen):
-            self.push_screen(HelpScreen())
+            self.push_screen(HelpScreen(key_map_text(key_sections())))
+
+    def on_open_run(self, message: OpenRun) -> None:
+        self.push_screen(RunScreen(message.run_id))
+
+    def on_open_comparison(self, message: OpenComparison) -> None:
+        self.push_screen(CompareScreen(message.comparison))
 
     def action_show_runs(self) -> None:
         while len(self.screen_stack) > 1 and self.screen is not self.runs_screen:
@@ -145,6 +159,20 @@ class BcdApp(App):
 
     def _run_binding(self, node, action: str) -> None:
         self.call_later(self.run_action, action, node)
+
+
+def key_sections() -> list[Section]:
+    """Every screen's keys, in the order a user meets them: what F1 shows and docs/tui.md lists."""
+    return [
+        ("Everywhere", BcdApp.BINDINGS, [("ctrl+p", "command palette: every action of the screen, by name")]),
+        ("Runs (the start screen)", RunsScreen.BINDINGS, [("arrows, pgup/pgdn", "move in the table")]),
+        ("Run (enter on a run)", RunScreen.BINDINGS, []),
+        ("Compare (space marks runs, c compares)", CompareScreen.BINDINGS, []),
+        ("Recipes (F3 or e)", RecipesScreen.BINDINGS, [("tab", "move between the tree and the editor"),
+                                                       ("enter (tree)", "edit the highlighted recipe")]),
+        ("Launch dialog (l, or ctrl+l on a recipe)", LaunchScreen.BINDINGS, [("tab", "next field; space ticks a GPU")]),
+        ("Confirmations", ConfirmScreen.BINDINGS, []),
+    ]
 
 
 def main(argv: list[str] | None = None) -> int:

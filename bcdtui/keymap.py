@@ -1,7 +1,9 @@
-"""The key map, built from the screens' own bindings: the F1 help screen and the README key map both come from here,
-so they cannot drift from what the keys do."""
+"""The key map, built from the screens' own bindings: the F1 help screen and docs/tui.md's key map both come from
+here, so they cannot drift from what the keys do."""
 from __future__ import annotations
 
+from rich.console import Group
+from rich.table import Table
 from rich.text import Text
 from textual.binding import Binding
 
@@ -23,37 +25,24 @@ def key_display(binding: Binding) -> str:
     return " / ".join(keys)
 
 
-def key_map() -> list[tuple[str, list[tuple[str, str]]]]:
-    """(where, [(keys, what)]) for every screen, in the order a user meets them."""
-    from bcdtui.app import BcdApp
-    from bcdtui.screens import (CompareScreen, ConfirmScreen, LaunchScreen, RecipesScreen, RunScreen,
-                                RunsScreen)
+Section = tuple[str, list, list[tuple[str, str]]]  # (where, its BINDINGS, extra (keys, what) rows)
 
-    sections = [
-        ("Everywhere", BcdApp, [("ctrl+p", "command palette: every action of the screen, by name")]),
-        ("Runs (the start screen)", RunsScreen, [("arrows, pgup/pgdn", "move in the table")]),
-        ("Run (enter on a run)", RunScreen, []),
-        ("Compare (space marks runs, c compares)", CompareScreen, []),
-        ("Recipes (F3 or e)", RecipesScreen, [("tab", "move between the tree and the editor"),
-                                              ("enter (tree)", "edit the highlighted recipe")]),
-        ("Launch dialog (l, or ctrl+l on a recipe)", LaunchScreen, [("tab", "next field; space ticks a GPU")]),
-        ("Confirmations", ConfirmScreen, []),
-    ]
+
+def key_map(sections: list[Section]) -> list[tuple[str, list[tuple[str, str]]]]:
+    """(where, [(keys, what)]) for each section: its bindings that have a description, then its extra rows.
+    The sections come from whoever knows the screens (bcdtui.app.key_sections), so this module imports none."""
     out = []
-    for title, cls, extra in sections:
-        rows = [(key_display(b), b.tooltip or b.description) for b in cls.__dict__.get("BINDINGS", [])
+    for title, bindings, extra in sections:
+        rows = [(key_display(b), b.tooltip or b.description) for b in bindings
                 if isinstance(b, Binding) and b.description]
-        out.append((title, rows + extra))
+        out.append((title, rows + list(extra)))
     return out
 
 
-def key_map_text():
+def key_map_text(sections: list[Section]) -> Group:
     """The key map as rich renderables: one two-column table per screen (descriptions wrap in their column)."""
-    from rich.console import Group
-    from rich.table import Table
-
-    parts = []
-    for title, rows in key_map():
+    parts: list = []
+    for title, rows in key_map(sections):
         table = Table(title=title, title_justify="left", title_style="bold underline", show_header=False,
                       box=None, padding=(0, 1), expand=True)
         table.add_column("keys", style="bold #4fc3f7", no_wrap=True, width=18)
@@ -66,9 +55,10 @@ def key_map_text():
     return Group(*parts)
 
 
-def key_map_markdown() -> str:
+def key_map_markdown(sections: list[Section]) -> str:
+    """The key map as the markdown tables of docs/tui.md."""
     lines = []
-    for title, rows in key_map():
+    for title, rows in key_map(sections):
         lines.append(f"**{title}**\n")
         lines.append("| key | action |")
         lines.append("|---|---|")

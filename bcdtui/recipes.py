@@ -3,7 +3,6 @@ through bcdcore's validator (with the offending line), templates, saving, overri
 launch plans. Pure Python: bcdcore.recipe is the only engine module used here (no torch)."""
 from __future__ import annotations
 
-import hashlib
 import os
 import re
 import shlex
@@ -13,10 +12,16 @@ import tomllib
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from bcdcore.recipe import Recipe, RecipeError, expand_grid, os_reason, parse_recipe, to_toml
+from bcdcore.recipe import (
+    Recipe,
+    RecipeError,
+    expand_grid,
+    os_reason,
+    parse_recipe,
+    toml_value,
+)
 from bcdcore.rundir import RecordError, plain, printable, read_file_bytes
-
-from bcdtui.runner import format_override_value
+from bcdcore.scheduler import point_overrides
 
 TEMPLATE = """\
 # {name}: a new recipe. Keys and defaults: README "Recipe keys"; validate with `bcdcore check`.
@@ -188,16 +193,21 @@ def full_check(path: Path, overrides: list[str] | tuple[str, ...] = (), engine: 
 class LaunchPlan:
     """What a launch will start: one recipe file and one override list per run (one run, or a grid)."""
 
-    recipe: Path  # the file the engine runs (a sweep's copy without the [sweep] table)
+    recipe: Path  # the file the engine runs
     runs: list[list[str]]  # override list per run
     label: str
     summary: str
-    points: list[dict] = field(default_factory=list)
+    points: list[dict] = field(default_factory=list)  # the sweep's grid points (empty: one plain run)
+
+    @property
+    def sweep_point(self) -> bool:
+        """Each run is one point of the recipe's [sweep] grid (started with --sweep-point)."""
+        return bool(self.points)
 
     def describe(self, limit: int = 12) -> list[str]:
         if not self.points:
             return [" ".join(self.runs[0]) or "(no overrides)"]
-        lines = [", ".join(f"{k}={format_override_value(v)}" for k, v in p.items()) for p in self.points[:limit]]
+        lines = [", ".join(f"{k}={toml_value(v)}" for k, v in p.items()) for p in self.points[:limit]]
         if len(self.points) > limit:
             lines.append(f"... and {len(self.points) - limit} more")
         return lines
@@ -224,31 +234,20 @@ def read_recipe_text(path: Path) -> str:
         raise RecipeError(f"{printable(str(path))}: not UTF-8 text (bad byte at offset {exc.start})") from None
 
 
-def plan_launch(path: Path, overrides: list[str] | tuple[str, ...] = (), work_dir: Path | None = None,
-                source: str | None = None) -> LaunchPlan:
-    """Validate `path` with `overrides` and expand its sweep. A recipe with a [sweep] table is run point by
-    point (`bcdcore run` refuses sweeps): the table is dropped into a copy under `work_dir` and each point
-    becomes `--set` overrides. Raises RecipeError with the validator's line."""
+def plan_launch(path: Path, overrides: list[str] | tuple[str, ...] = (), source: str | None = None) -> LaunchPlan:
+    """Validate `path` with `overrides` and expand its sweep. A recipe with a [sweep] table runs point by point,
+    as `bcdcore sweep` runs it: each point is `bcdcore run RECIPE --sweep-point` with the point's values as
+    `--set` overrides (bcdcore.scheduler.run_command). Raises RecipeError with the validator's line."""
     path = Path(path)
-    text = read_recipe_text(path)
-    check = validate_text(text, source or str(path), overrides)
+    check = validate_text(read_recipe_text(path), source or str(path), overrides)
     if not check.ok:
         raise RecipeError(check.message)
     recipe = check.recipe
     base = list(overrides)
-    label = recipe.run.name
+    summary = check.message.removeprefix("ok: ")
     if not check.points:
-        return LaunchPlan(path, [base], label, check.message.removeprefix("ok: "))
-    raw = tomllib.loads(text)
-    raw.pop("sweep", None)
-    body = to_toml(raw)
-    digest = hashlib.sha256(body.encode()).hexdigest()[:8]
-    folder = Path(work_dir) if work_dir else path.parent
-    folder.mkdir(parents=True, exist_ok=True)
-    copy = folder / f"{path.stem}-grid-{digest}.toml"
-    if not copy.exists():
-        copy.write_text(f"# {path} without its sweep table: bcdtui runs the grid point by point\n{body}")
+        return LaunchPlan(path, [base], recipe.run.name, summary)
     swept = set(recipe.sweep)
     fixed = [o for o in base if o.split("=", 1)[0].strip() not in swept]
-    runs = [fixed + [f"{k}={format_override_value(v)}" for k, v in point.items()] for point in check.points]
-    return LaunchPlan(copy, runs, label, check.message.removeprefix("ok: "), check.points)
+    runs = [fixed + point_overrides(point) for point in check.points]
+    return LaunchPlan(path, runs, recipe.run.name, summary, check.points)

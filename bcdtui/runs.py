@@ -17,9 +17,15 @@ from datetime import datetime, timezone
 from pathlib import Path
 from typing import Callable
 
-from bcdcore.rundir import RunState, lost_reason, printable, read_status_checked, run_state
-
-from bcdtui.runner import Job, is_zombie, reap_pid
+from bcdcore.rundir import (
+    RunState,
+    lost_reason,
+    printable,
+    read_status_checked,
+    run_state,
+)
+from bcdcore.scheduler import is_zombie, reap_pid
+from bcdtui.runner import Job
 from bcdtui.tailer import TailSummary, number, read_tail
 
 STATE_ORDER = {"starting": 0, "queued": 1, "running": 2, "lost": 3, "error": 4, "unreadable": 5, "failed": 6,

@@ -13,8 +13,15 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from bcdcore.rundir import (EventTail, RecordError, open_regular, parse_event, printable, read_complete_lines,
-                            read_status_checked)
+from bcdcore.rundir import (
+    EventTail,
+    RecordError,
+    open_regular,
+    parse_event,
+    printable,
+    read_complete_lines,
+    read_status_checked,
+)
 
 X_AXES = ("round", "grad_evals", "wall_s", "samples", "flops")
 METRIC_COLUMNS = ("round", "grad_evals", "flops", "samples", "bytes_comm", "wall_s", "train_loss", "val_loss", "val_acc",

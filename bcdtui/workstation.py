@@ -17,11 +17,18 @@ from typing import Callable
 
 from bcdcore.recipe import RecipeError
 from bcdcore.rundir import printable
-
 from bcdtui.charts import PALETTE, Series
 from bcdtui.diff import DiffRow, diff_runs
-from bcdtui.recipes import (LaunchPlan, Validation, display_name, full_check, new_recipe, plan_launch, save_recipe,
-                            validate_text)
+from bcdtui.recipes import (
+    LaunchPlan,
+    Validation,
+    display_name,
+    full_check,
+    new_recipe,
+    plan_launch,
+    save_recipe,
+    validate_text,
+)
 from bcdtui.runner import Job, LaunchSpec, Runner, RunnerError, Slot
 from bcdtui.runs import RefreshResult, RunRow, RunsModel
 from bcdtui.tailer import RunFollower
@@ -121,8 +128,7 @@ class Workstation:
     def plan(self, recipe: Path | str, overrides: list[str] | tuple[str, ...] = ()) -> LaunchPlan:
         """Validate and expand (sweep) without starting anything: the launch screen's preview."""
         path = Path(recipe)
-        return plan_launch(path, list(overrides), work_dir=self.runner.state_dir / "recipes",
-                           source=display_name(path, self.recipes_dir))
+        return plan_launch(path, list(overrides), source=display_name(path, self.recipes_dir))
 
     def launch(self, recipe: Path | str, overrides: list[str] | tuple[str, ...] = (),
                slots: list[str] | tuple[str, ...] = (), per_slot: int | None = None) -> list[Job]:
@@ -138,7 +144,8 @@ class Workstation:
             for i, run_overrides in enumerate(plan.runs):
                 label = plan.label if len(plan.runs) == 1 else f"{plan.label} [{i + 1}/{len(plan.runs)}]"
                 jobs.append(self.runner.submit(LaunchSpec(recipe=str(plan.recipe), overrides=run_overrides,
-                                                          label=label, slots=list(slots))))
+                                                          label=label, slots=list(slots),
+                                                          sweep_point=plan.sweep_point)))
         except RunnerError as exc:
             raise ActionError(str(exc)) from None
         self.refresh()
@@ -191,7 +198,7 @@ class Workstation:
                 if job is not None and job.alive:
                     raise ActionError(f"{row.recipe} is starting; kill it first")
                 self.runner.jobs.pop(row.job_id, None)
-                self.runner._save_queue()
+                self.runner.save_queue()
             else:
                 self.runner.delete(row.path)
         except RunnerError as exc:

@@ -12,7 +12,6 @@ from typing import Callable, Iterator
 
 from conftest import run_cli, start_cli, tiny_recipe, wait_for
 
-
 LONG = tiny_recipe(replace={"rounds = 3": "rounds = 400", "widths = [16]": "widths = [64, 64]"})
 
 

@@ -17,11 +17,28 @@ from pathlib import Path
 from typing import Callable
 
 from conftest import cli_args, cli_env, run_cli, start_cli, tiny_recipe, wait_for
-from fault_tools import (CHECKPOINTED, ENDLESS, LONG, ROUNDS_CHECKPOINTED, Fault, Observation, clean_exit, digest,
-                         events, finished, killed_run, ls_state, mounted_tmpfs, no_temporaries, one_line,
-                         quiet_exit, rounds_once, run_dirs, start_and_wait, status)
-
-
+from fault_tools import (
+    CHECKPOINTED,
+    ENDLESS,
+    LONG,
+    ROUNDS_CHECKPOINTED,
+    Fault,
+    Observation,
+    clean_exit,
+    digest,
+    events,
+    finished,
+    killed_run,
+    ls_state,
+    mounted_tmpfs,
+    no_temporaries,
+    one_line,
+    quiet_exit,
+    rounds_once,
+    run_dirs,
+    start_and_wait,
+    status,
+)
 
 # ----------------------------------------------------------------------------------------------------------
 # helpers

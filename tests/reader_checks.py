@@ -7,8 +7,15 @@ from pathlib import Path
 
 from bcdcore.cli import cmd_ls
 from bcdcore.records import STATES, check_event, check_status
-from bcdcore.rundir import (list_runs, metric_table, read_events, read_recipe_dict, read_status, read_status_checked,
-                            run_state)
+from bcdcore.rundir import (
+    list_runs,
+    metric_table,
+    read_events,
+    read_recipe_dict,
+    read_status,
+    read_status_checked,
+    run_state,
+)
 from bcdtui.charts import Series, as_matrix, heat_map, line_chart
 from bcdtui.diff import diff_runs
 from bcdtui.runner import Runner, RunnerError, cpu_slot

@@ -10,8 +10,8 @@ import torch.nn.functional as F
 
 from bcdcore import ops
 from bcdcore.algorithm import BlockwiseTrainer, EntireTrainer
-from bcdcore.data.batches import BatchStream, stream_seed
 from bcdcore.data import load_data
+from bcdcore.data.batches import BatchStream, stream_seed
 from bcdcore.models import build_model
 from bcdcore.params import FlatParams
 from bcdcore.recipe import AlgorithmConfig, DataConfig, ModelConfig

@@ -9,13 +9,18 @@ from pathlib import Path
 
 import pytest
 import torch
+from conftest import run_cli, start_cli, tiny_recipe, wait_for
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from bcdcore.checkpoint import CheckpointError, check_like, load_checkpoint, save_checkpoint
+from bcdcore.checkpoint import (
+    CheckpointError,
+    check_like,
+    load_checkpoint,
+    save_checkpoint,
+)
 from bcdcore.recipe import RecipeError
 from bcdcore.run import resume_run
-from conftest import run_cli, start_cli, tiny_recipe, wait_for
 
 pytestmark = pytest.mark.usefixtures("single_torch_thread")
 

@@ -17,9 +17,9 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+from conftest import TINY, cli_env, run_cli, start_cli, stderr_lines, tiny_recipe
 
 from bcdcore.recipe import load_recipe
-from conftest import TINY, cli_env, run_cli, start_cli, stderr_lines, tiny_recipe
 
 # The run recipe: enough rounds to be still running a moment after its first metric event.
 ROUNDS, EVERY, BATCH, K = 80, 10, 32, 2

@@ -7,13 +7,13 @@ import json
 import os
 
 import pytest
+from conftest import cli_env, run_cli
+from run_corpus import STATUS_CORRUPTIONS, corrupted_runs_dir
 from textual.widgets import DataTable
 
 from bcdtui.app import BcdApp
 from bcdtui.runner import Slot
 from bcdtui.screens import RunScreen
-from conftest import cli_env, run_cli
-from run_corpus import STATUS_CORRUPTIONS, corrupted_runs_dir
 
 N_RUNS, N_BAD = 1000, 100
 
@@ -103,8 +103,9 @@ async def test_tui_shows_the_healthy_runs_and_marks_the_corrupted(runs, monkeypa
 async def test_every_screen_over_broken_runs_and_recipes(tmp_path, monkeypatch):
     """Compare an unreadable run with a healthy one, open a broken run's screen, and load recipe files that
     are not UTF-8, not TOML, nested too deep or a FIFO: each shows its one line, nothing raises."""
-    from bcdtui.screens import CompareScreen, RecipesScreen
     from run_corpus import STATUS_CORRUPTIONS, healthy_run
+
+    from bcdtui.screens import CompareScreen, RecipesScreen
 
     monkeypatch.chdir(tmp_path)
     runs, recipes = tmp_path / "runs", tmp_path / "recipes"

@@ -14,11 +14,11 @@ from pathlib import Path
 
 import pytest
 import torch
-
-from bcdcore.run.distributed import assign_blocks
-from bcdcore.recipe import RecipeError, load_recipe
-from bcdcore.rundir import read_events, read_status
 from conftest import dist_recipe, run_cli, start_cli, wait_for
+
+from bcdcore.recipe import RecipeError, load_recipe
+from bcdcore.run.distributed import assign_blocks
+from bcdcore.rundir import read_events, read_status
 
 DIST = dist_recipe("dist", timeout_s=30)
 LONG = DIST.replace("rounds = 3", "rounds = 100000").replace("every = 1", "every = 0")

@@ -20,9 +20,9 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+from conftest import cli_env, dist_recipe, run_cli, start_cli, wait_for
 
 from bcdcore.rundir import read_events, read_status
-from conftest import cli_env, dist_recipe, run_cli, start_cli, wait_for
 
 DIST = dist_recipe("dfault", timeout_s=300)
 # Enough rounds (1 to 2 s of training) that SIGTERM sent at the first metric event lands long before the end.

@@ -3,7 +3,6 @@ prints the same catalogue as a table)."""
 from __future__ import annotations
 
 import pytest
-
 from fault_tools import Fault
 from faults import FAULTS
 

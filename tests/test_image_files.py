@@ -9,14 +9,14 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+from conftest import run_cli
+from zoo_files import write_image_tree
 
-from bcdcore.data.batches import BatchStream, eval_batches
 from bcdcore.data import load_data
+from bcdcore.data.batches import BatchStream, eval_batches
 from bcdcore.data.image_files import ImageFiles, file_moments
 from bcdcore.measure import fixed_batch
 from bcdcore.recipe import DataConfig
-from conftest import run_cli
-from zoo_files import write_image_tree
 
 CLASSES = ["n01440764", "n01443537", "n01484850"]
 

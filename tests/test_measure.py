@@ -15,8 +15,17 @@ from torch import nn
 
 from bcdcore.algorithm import BlockwiseTrainer, EntireTrainer
 from bcdcore.data.batches import BatchStream
-from bcdcore.measure import (BUILTIN, HessianBlocks, HessianDense, MeasureContext, Measurement, MemoryUsage,
-                             auto_lambda, block_sigma_max, load_unit)
+from bcdcore.measure import (
+    BUILTIN,
+    HessianBlocks,
+    HessianDense,
+    MeasureContext,
+    Measurement,
+    MemoryUsage,
+    auto_lambda,
+    block_sigma_max,
+    load_unit,
+)
 from bcdcore.models import build_model
 from bcdcore.params import FlatParams
 from bcdcore.recipe import AlgorithmConfig, ModelConfig

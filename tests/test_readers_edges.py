@@ -12,6 +12,8 @@ from contextlib import contextmanager
 from pathlib import Path
 
 import pytest
+from reader_checks import check_engine_readers, check_ls, check_tui_readers
+from run_corpus import BAD_LINES, healthy_run
 
 from bcdcore import runfiles
 from bcdcore.cli import cmd_ls
@@ -20,8 +22,6 @@ from bcdcore.rundir import EventTail, list_runs, read_events, read_status_checke
 from bcdcore.sweep import sweep_summary
 from bcdtui.runs import RunsModel, row_cells
 from bcdtui.tailer import RunFollower, read_tail
-from reader_checks import check_engine_readers, check_ls, check_tui_readers
-from run_corpus import BAD_LINES, healthy_run
 
 FILES = ("status.json", "metrics.jsonl", "recipe.toml", "log.txt", "checkpoint.pt")
 

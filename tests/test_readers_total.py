@@ -13,6 +13,8 @@ from pathlib import Path
 
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
+from reader_checks import check_engine_readers, check_ls, check_tui_readers, one_line
+from run_corpus import BAD_LINES, healthy_run
 
 from bcdcore.records import check_event, check_status
 from bcdcore.rundir import EventTail, read_events, read_status
@@ -21,8 +23,6 @@ from bcdtui.charts import Series, heat_map, line_chart, sparkline
 from bcdtui.recipes import validate_text
 from bcdtui.runner import Runner, cpu_slot
 from bcdtui.runs import RunsModel
-from reader_checks import check_engine_readers, check_ls, check_tui_readers, one_line
-from run_corpus import BAD_LINES, healthy_run
 
 SEED_DIR = Path(tempfile.mkdtemp(prefix="bcd-seed-"))
 SEED = healthy_run(SEED_DIR, 0, rounds=3)  # a finished run: the bytes that mutations start from
@@ -165,8 +165,9 @@ def test_event_tail_reads_what_read_events_reads_whatever_the_chunks(data, cuts)
                 min_size=1, max_size=6), metrics_bytes, recipe_bytes)
 @settings(max_examples=30, deadline=None)
 def test_plot_draws_or_says_why_in_one_line(good, extra, recipe):
-    from bcdcore.plot import PlotError, plot_runs
     import matplotlib.pyplot as plt
+
+    from bcdcore.plot import PlotError, plot_runs
 
     with run_dir({"status.json": SEED_STATUS, "metrics.jsonl": b"\n".join(good) + b"\n" + extra,
                   "recipe.toml": recipe}) as (runs, path, healthy):

@@ -7,10 +7,18 @@ import math
 import tomllib
 
 import pytest
-
-from bcdcore.recipe import (AlgorithmConfig, DataConfig, RecipeError, RunConfig, expand_grid, load_recipe,
-                            parse_recipe, to_toml)
 from conftest import TINY, line_of, tiny_recipe
+
+from bcdcore.recipe import (
+    AlgorithmConfig,
+    DataConfig,
+    RecipeError,
+    RunConfig,
+    expand_grid,
+    load_recipe,
+    parse_recipe,
+    to_toml,
+)
 
 
 def recipe_error(path, overrides=()) -> str:

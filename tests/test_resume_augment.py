@@ -6,8 +6,8 @@ import signal
 from zoo_files import write_cifar
 
 from bcdcore.recipe import load_recipe
-from bcdcore.rundir import read_events
 from bcdcore.run import resume_run, start_run
+from bcdcore.rundir import read_events
 
 RECIPE = """[run]
 name = "aug"

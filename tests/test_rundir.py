@@ -15,8 +15,17 @@ import numpy as np
 import pytest
 
 from bcdcore import rundir as rd
-from bcdcore.rundir import (EventTail, RunDir, effective_state, list_runs, metric_table, read_events, read_status,
-                            run_id_for, write_json_atomic)
+from bcdcore.rundir import (
+    EventTail,
+    RunDir,
+    effective_state,
+    list_runs,
+    metric_table,
+    read_events,
+    read_status,
+    run_id_for,
+    write_json_atomic,
+)
 
 DIGEST = "0123456789abcdef" * 4
 RUN_ID = re.compile(r"(?P<name>.+)-(?P<date>\d{8})-(?P<time>\d{6})-(?P<hex>[0-9a-f]{6})")

@@ -15,12 +15,32 @@ from pathlib import Path
 
 import pytest
 
+from bcdcore.recipe import toml_value
 from bcdtui import charts
 from bcdtui.diff import MISSING, diff_runs, flatten, recipe_diff
-from bcdtui.recipes import (TEMPLATE, editor_command, error_line, list_recipes, new_recipe, parse_overrides,
-                            plan_launch, validate_text)
-from bcdtui.runner import (CPU_SLOT, Job, LaunchSpec, Runner, RunnerError, Slot, cpu_slot, detect_slots,
-                           format_override_value, parse_nvidia_smi, read_launch_run_dir, slot_key_for_gpu)
+from bcdtui.recipes import (
+    TEMPLATE,
+    editor_command,
+    error_line,
+    list_recipes,
+    new_recipe,
+    parse_overrides,
+    plan_launch,
+    validate_text,
+)
+from bcdtui.runner import (
+    CPU_SLOT,
+    Job,
+    LaunchSpec,
+    Runner,
+    RunnerError,
+    Slot,
+    cpu_slot,
+    detect_slots,
+    parse_nvidia_smi,
+    read_launch_run_dir,
+    slot_key_for_gpu,
+)
 from bcdtui.runs import RunsModel, fmt_duration, progress_bar
 from bcdtui.synthetic import demo_runs, resolved_recipe, write_run
 from bcdtui.tailer import RunFollower, TextTail, read_tail
@@ -42,7 +62,7 @@ while i < len(args):
         elif a == "--runs-dir": runs = val
         else: sets.append(val)
         i += 2
-    elif a == "--quiet":
+    elif a in ("--quiet", "--sweep-point"):
         i += 1
     else:
         recipe = a
@@ -168,12 +188,12 @@ def test_detect_slots_uses_nvidia_smi_when_present_else_cpu(tmp_path):
     assert [s.key for s in detect_slots(str(broken))] == [CPU_SLOT]
 
 
-def test_format_override_value():
-    assert format_override_value(5) == "5"
-    assert format_override_value(0.1) == "0.1"
-    assert format_override_value(True) == "true"
-    assert format_override_value("adam") == '"adam"'
-    assert format_override_value([0.1, 0.2]) == "[0.1, 0.2]"
+def test_toml_value():
+    assert toml_value(5) == "5"
+    assert toml_value(0.1) == "0.1"
+    assert toml_value(True) == "true"
+    assert toml_value("adam") == '"adam"'
+    assert toml_value([0.1, 0.2]) == "[0.1, 0.2]"
 
 
 def test_launch_detached_with_argument_list_and_link_run_dir(tmp_path, fake):
@@ -485,13 +505,16 @@ def test_validate_text_ok_and_errors_with_lines():
     assert error_line("y.toml:6: bad", "y.toml") == 6 and error_line("other: bad", "y.toml") is None
 
 
-def test_sweep_plan_runs_each_point_from_a_copy_without_the_sweep(tmp_path):
+def test_sweep_plan_runs_each_point_as_bcdcore_sweep_does(tmp_path):
     recipe = tmp_path / "grid.toml"
     recipe.write_text(TEMPLATE.format(name="grid") + '\n[sweep]\n"algorithm.K" = [1, 5]\n"run.seed" = [0, 1, 2]\n')
-    plan = plan_launch(recipe, ["run.rounds=2"], work_dir=tmp_path / "work")
+    plan = plan_launch(recipe, ["run.rounds=2"])
     assert len(plan.runs) == 6 and plan.runs[0] == ["run.rounds=2", "algorithm.K=1", "run.seed=0"]
-    assert plan.recipe.parent == tmp_path / "work" and "[sweep]" not in plan.recipe.read_text()
-    assert validate_text(plan.recipe.read_text(), "copy").ok
+    assert plan.recipe == recipe and plan.sweep_point  # the recipe itself, run with --sweep-point: no copy
+    runner = Runner(tmp_path / "runs", slots=[cpu_slot()], engine=["bcd"], restore_queue=False)
+    job = runner.submit(LaunchSpec(recipe=str(plan.recipe), overrides=plan.runs[0], sweep_point=plan.sweep_point))
+    assert job.args == ["bcd", "run", str(recipe), "--runs-dir", str(tmp_path / "runs"), "--quiet", "--sweep-point",
+                        "--set", "run.rounds=2", "--set", "algorithm.K=1", "--set", "run.seed=0"]
     assert "sweep of 6 runs" in plan.summary and len(plan.describe(limit=4)) == 5
     single = plan_launch(_write(tmp_path / "one.toml", TEMPLATE.format(name="one")))
     assert single.runs == [[]] and single.recipe == tmp_path / "one.toml"
@@ -589,17 +612,23 @@ def test_bcdtui_imports_no_training_code():
                          env={**os.environ, "PYTHONPATH": str(REPO)}, timeout=60)
     assert out.returncode == 0, out.stderr
     # bcdcore.records (the schema of status and events) and bcdcore.runfiles (total file reading), both without
-    # torch, come in through bcdcore.rundir
-    assert eval(out.stdout) == ["bcdcore", "bcdcore.recipe", "bcdcore.records", "bcdcore.rundir", "bcdcore.runfiles"]
+    # torch, come in through bcdcore.rundir; bcdcore.scheduler is the queue bcdtui shares with `bcdcore sweep`
+    assert eval(out.stdout) == ["bcdcore", "bcdcore.recipe", "bcdcore.records", "bcdcore.rundir", "bcdcore.runfiles",
+                                "bcdcore.scheduler"]
 
 
 def test_docs_key_map_matches_the_bindings():
+    from bcdtui.app import key_sections
+    from bcdtui.keydoc import with_key_map
     from bcdtui.keymap import key_map
 
-    docs = (REPO / "README.md").read_text()
-    for _title, rows in key_map():
-        for keys, what in rows:
-            assert f"| `{keys}` | {what} |" in docs, f"README.md lacks the key {keys!r} ({what})"
+    page = (REPO / "docs" / "tui.md").read_text()
+    assert with_key_map(page) == page, "docs/tui.md's key map is stale: run python -m bcdtui.keydoc"
+    rows = [row for _title, rows in key_map(key_sections()) for row in rows]
+    assert ("F1", "this key map") in rows and ("k", "SIGTERM to the run's process group (it checkpoints, ends "
+                                                   "killed), SIGKILL after the grace period; cancels a queued launch") in rows
+    for keys, what in rows:
+        assert f"| `{keys}` | {what} |" in page, f"docs/tui.md lacks the key {keys!r} ({what})"
 
 
 def test_command_line(tmp_path, monkeypatch):

@@ -8,15 +8,22 @@ import time
 from pathlib import Path
 
 import pytest
+from conftest import REPO, TINY, line_of, tiny_recipe
 from textual.widgets import DataTable, Input, Log, Static
 
 from bcdtui.app import BcdApp
 from bcdtui.runner import cpu_slot
-from bcdtui.screens import (CompareScreen, ConfirmScreen, HelpScreen, LaunchScreen, RecipesScreen, RunScreen,
-                            RunsScreen)
+from bcdtui.screens import (
+    CompareScreen,
+    ConfirmScreen,
+    HelpScreen,
+    LaunchScreen,
+    RecipesScreen,
+    RunScreen,
+    RunsScreen,
+)
 from bcdtui.synthetic import demo_runs, write_run
 from bcdtui.widgets import HeatMap, KeyBar, LineChart, RecipeEditor, StatusLines
-from conftest import REPO, TINY, line_of, tiny_recipe
 
 # gamma's key misspelt: the validation names its line and suggests "gamma"; typing the missing "m" fixes it
 BROKEN = tiny_recipe(replace={"gamma = 1.0": "gama = 0.5"})

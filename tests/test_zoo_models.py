@@ -12,16 +12,20 @@ import torchvision
 from torch import nn
 
 from bcdcore.algorithm import BlockwiseTrainer, EntireTrainer
-from bcdcore.data.batches import BatchStream, stream_seed
 from bcdcore.data import TokenShape
+from bcdcore.data.batches import BatchStream, stream_seed
 from bcdcore.models import BlockModel, block_sizes, build_model
-from bcdcore.params import FlatParams
-from bcdcore.recipe import MODELS, AlgorithmConfig, ModelConfig
 from bcdcore.models.ensembles import EnsembleModel
 from bcdcore.models.gpt import LMHead
-from bcdcore.models.resnet import (BasicBlock, ResNetHead, ResNetStem, load_torchvision_state_dict,
-                                   to_torchvision_state_dict)
-
+from bcdcore.models.resnet import (
+    BasicBlock,
+    ResNetHead,
+    ResNetStem,
+    load_torchvision_state_dict,
+    to_torchvision_state_dict,
+)
+from bcdcore.params import FlatParams
+from bcdcore.recipe import MODELS, AlgorithmConfig, ModelConfig
 
 pytestmark = pytest.mark.usefixtures("single_torch_thread")  # these models are tiny: see conftest
 

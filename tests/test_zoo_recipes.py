@@ -11,12 +11,19 @@ from pathlib import Path
 
 import pytest
 import torch
+from conftest import REPO, cli_env
+from zoo_files import (
+    write_california,
+    write_cifar,
+    write_image_tree,
+    write_imdb,
+    write_mnist,
+    write_svhn,
+)
 
 from bcdcore.data import load_data
 from bcdcore.recipe import DATASETS, MODELS, load_recipe
 from bcdcore.run import prepare
-from conftest import REPO, cli_env
-from zoo_files import write_california, write_cifar, write_image_tree, write_imdb, write_mnist, write_svhn
 
 RECIPES = sorted((REPO / "recipes").glob("*.toml"))
 ZOO = [p for p in RECIPES if load_recipe(p).data.name not in ("digits", "digits_flat", "diabetes",

@@ -13,7 +13,6 @@ from pathlib import Path
 import numpy as np
 import torch
 
-
 # ----------------------------------------------------------------------------------------------------------
 # MNIST IDX (torchvision.datasets.MNIST: <root>/MNIST/raw/<name>, or the .gz files as downloaded)
 

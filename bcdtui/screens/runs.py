@@ -1,0 +1,293 @@
+"""The runs table (the start screen): every run and queued launch, filter, sort, mark, and the run actions."""
+from __future__ import annotations
+
+from functools import partial
+
+from rich.text import Text
+from textual import on
+from textual.app import ComposeResult
+from textual.binding import Binding
+from textual.widgets import DataTable, Input, Static
+
+from bcdtui.runs import COLUMN_TITLES, COLUMNS, RunRow, printable, row_cells
+from bcdtui.screens.base import OpenComparison, OpenRun, WsScreen, steady_cursors
+from bcdtui.screens.dialogs import ConfirmScreen
+from bcdtui.screens.launch import LaunchScreen
+from bcdtui.views import styled_state
+from bcdtui.widgets import KeyBar, TopBar
+from bcdtui.workstation import ActionError
+
+
+class RunsScreen(WsScreen):
+    TITLE_TEXT = "Runs"
+    BINDINGS = [
+        Binding("enter", "open", "Open", priority=True, tooltip="open the run: live chart, blocks, log, status"),
+        Binding("l", "launch", "Launch", tooltip="launch a recipe (overrides, GPUs, per-GPU limit, sweep preview)"),
+        Binding("k", "kill", "Kill",
+                tooltip="SIGTERM to the run's process group (it checkpoints, ends killed), SIGKILL after the "
+                        "grace period; cancels a queued launch"),
+        Binding("r", "rerun", "Rerun", tooltip="run the same resolved recipe again as a new run"),
+        Binding("u", "resume", "Resume", tooltip="continue a killed run from its checkpoint (bcdcore run --resume)"),
+        Binding("d", "delete", "Delete", tooltip="delete the run directory (asks first; refused while it runs)"),
+        Binding("space", "mark", "Mark", tooltip="mark or unmark the run for compare"),
+        Binding("c", "compare", "Compare", tooltip="compare the marked runs: overlaid curves and recipe differences"),
+        Binding("slash", "filter", "Filter", key_display="/",
+                tooltip="filter by words in the id, recipe, state or GPU (escape clears)"),
+        Binding("f", "state_filter", "States", tooltip="cycle the state filter: all, active, finished, problems"),
+        Binding("s", "sort", "Sort", tooltip="sort by the next column"),
+        Binding("S", "reverse", "Reverse", tooltip="reverse the sort order"),
+        Binding("e", "recipes", "Recipes", show=False, tooltip="the recipes screen"),
+        Binding("q", "app.quit_app", "Quit", show=False, tooltip="quit, as ctrl+q"),
+    ]
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.marked: list[str] = []
+        self._cells: dict[str, tuple] = {}
+        self._dirty: set[str] = set()
+
+    def compose(self) -> ComposeResult:
+        yield TopBar(f"Runs in {self.ws.runs_dir}", id="topbar")
+        yield Input(placeholder="filter: words that the run id, recipe, state or GPU contain", id="filter")
+        table: DataTable = DataTable(id="runs", cursor_type="row", zebra_stripes=True)
+        table.fixed_columns = 1
+        yield table
+        yield Static("", id="runs-info")
+        yield KeyBar()
+
+    def on_mount(self) -> None:
+        steady_cursors(self)
+        table = self.query_one("#runs", DataTable)
+        for col in COLUMNS:
+            table.add_column(COLUMN_TITLES[col], key=col)
+        self.rebuild()
+        table.focus()
+
+    # --- syncing the table with the model
+    # The DataTable measures every cell it is given, so the table is kept in step row by row (add, update,
+    # remove) and reordered with DataTable.sort, never cleared and refilled: at 1,000 runs a refill costs
+    # about half a second of measuring, an update a few milliseconds.
+    def note(self, result) -> None:
+        """The app's refresh result; applied now when on top, else when this screen is shown again."""
+        self._dirty |= result.added | result.removed | result.changed
+        if self.is_current:
+            self.sync()
+
+    def on_screen_resume(self) -> None:
+        self.sync()
+
+    def cells(self, row: RunRow) -> tuple:
+        c = row_cells(row)
+        run = Text(("● " if row.id in self.marked else "") + c["run"], style="bold" if row.id in self.marked else "")
+        # Text, never str: a DataTable reads a str as markup, and a run's recipe or GPU comes from its files
+        return (run, styled_state(c["state"]), *(Text(c[k]) for k in COLUMNS[2:]))
+
+    def sync(self, ids: set[str] | None = None) -> None:
+        """Bring the rows named in `ids` (default: those the refreshes marked) in line with the model."""
+        if ids is None:
+            ids, self._dirty = self._dirty, set()
+        if not ids:
+            self._update_info()
+            return
+        model = self.ws.model
+        table = self.query_one("#runs", DataTable)
+        sort_index = COLUMNS.index(model.sort_column)
+        reorder = False
+        position = {r.id: i for i, r in enumerate(model.view())}
+        for run_id in sorted(ids, key=lambda r: (position.get(r, -1), r)):  # new rows arrive in view order
+            row = model.rows.get(run_id)
+            shown = run_id in self._cells
+            if row is None or not model.matches(row):
+                if shown:
+                    table.remove_row(run_id)
+                    del self._cells[run_id]
+                continue
+            new = self.cells(row)
+            if not shown:
+                table.add_row(*new, key=run_id)
+                reorder = True
+            else:
+                old = self._cells[run_id]
+                merged = []
+                for col, a, b in zip(COLUMNS, old, new):
+                    if a != b:
+                        table.update_cell(run_id, col, b)
+                    merged.append(b if a != b else a)  # the objects the table holds (reorder keys on them)
+                reorder |= old[sort_index] != new[sort_index]
+                new = tuple(merged)
+            self._cells[run_id] = new
+        if reorder:
+            self.reorder()
+        self._update_info()
+
+    def reorder(self) -> None:
+        """Order the table's rows as the model's view (sort column and direction), keeping the cursor's run."""
+        table = self.query_one("#runs", DataTable)
+        current = self.current_id()
+        position = {id(self._cells[r.id][0]): i for i, r in enumerate(self.ws.model.view()) if r.id in self._cells}
+        table.sort("run", key=lambda cell: position.get(id(cell), len(position)))
+        if current in self._cells:
+            table.move_cursor(row=table.get_row_index(current), animate=False)
+
+    def rebuild(self) -> None:
+        """Re-check every run against the filter and the order (after a filter or sort change)."""
+        self.sync(set(self.ws.model.rows) | set(self._cells))
+        self.reorder()
+        self._dirty.clear()
+
+    def _update_info(self) -> None:
+        model = self.ws.model
+        shown = len(self._cells)
+        arrow = "↓" if model.sort_reverse else "↑"
+        parts = [f"{shown} of {len(model.rows)} runs", f"sort {COLUMN_TITLES[model.sort_column]} {arrow}",
+                 f"states: {model.state_filter}"]
+        if model.filter_text:
+            parts.append(f"filter: {model.filter_text!r}")
+        if self.marked:
+            parts.append(f"{len(self.marked)} marked")
+        info = " · ".join(parts)
+        if info != getattr(self, "_info", None):
+            self._info = info
+            self.query_one("#runs-info", Static).update(info)
+
+    def current_id(self) -> str | None:
+        table = self.query_one("#runs", DataTable)
+        if not table.row_count:
+            return None
+        try:
+            return table.coordinate_to_cell_key(table.cursor_coordinate).row_key.value
+        except Exception:  # noqa: BLE001 - an empty or changing table
+            return None
+
+    def _current(self) -> str | None:
+        run_id = self.current_id()
+        if run_id is None:
+            self.app.notify("no run selected", severity="warning")
+        return run_id
+
+    # --- actions
+    @on(DataTable.RowSelected, "#runs")
+    def _row_selected(self, event: DataTable.RowSelected) -> None:
+        self.action_open()
+
+    def action_open(self) -> None:
+        box = self.query_one("#filter", Input)
+        if box.has_focus:
+            self._filter_done(Input.Submitted(box, box.value))
+            return
+        run_id = self._current()
+        if run_id is None:
+            return
+        row = self.ws.model.rows.get(run_id)
+        if row is None or row.path is None:
+            msg = row.error if row is not None and row.error else "this launch has no run directory yet"
+            self.app.notify(msg, severity="error" if row is not None and row.error else "information")
+            return
+        self.post_message(OpenRun(run_id))
+
+    def action_launch(self) -> None:
+        self.app.push_screen(LaunchScreen(), self._launched)
+
+    def _launched(self, jobs) -> None:
+        if jobs:
+            self.app.notify(f"queued {len(jobs)} run{'s' if len(jobs) > 1 else ''}")
+            self.app.refresh_now()
+
+    def action_kill(self) -> None:
+        self.run_action(self._current(), "kill")
+
+    def action_rerun(self) -> None:
+        self.run_action(self._current(), "rerun")
+
+    def action_resume(self) -> None:
+        self.run_action(self._current(), "resume")
+
+    def action_delete(self) -> None:
+        run_id = self._current()
+        if run_id is None:
+            return
+        row = self.ws.model.rows.get(run_id)
+        what = (f"the launch {row.recipe}" if row is not None and row.job_id
+                else f"run {printable(run_id)} and all its files")
+        self.app.push_screen(ConfirmScreen(f"Delete {what}?"), partial(self._delete_confirmed, run_id))
+
+    def _delete_confirmed(self, run_id: str, yes: bool | None) -> None:
+        if not yes:
+            return
+        try:
+            self.app.notify(self.ws.delete(run_id))
+            if run_id in self.marked:
+                self.marked.remove(run_id)
+            self.app.refresh_now()
+        except ActionError as exc:
+            self.fail(exc)
+
+    def action_mark(self) -> None:
+        run_id = self._current()
+        if run_id is None:
+            return
+        if run_id in self.marked:
+            self.marked.remove(run_id)
+        else:
+            self.marked.append(run_id)
+        self._dirty.add(run_id)
+        self.sync()
+        table = self.query_one("#runs", DataTable)
+        if table.cursor_row < table.row_count - 1:
+            table.move_cursor(row=table.cursor_row + 1)
+
+    def action_compare(self) -> None:
+        ids = [r for r in self.marked if r in self.ws.model.rows]
+        if len(ids) < 2:
+            self.app.notify("mark two or more runs with space, then press c", severity="warning")
+            return
+        try:
+            comparison = self.ws.compare(ids)
+        except ActionError as exc:
+            self.fail(exc)
+            return
+        self.post_message(OpenComparison(comparison))
+
+    def action_filter(self) -> None:
+        box = self.query_one("#filter", Input)
+        box.add_class("-shown")
+        box.focus()
+
+    @on(Input.Changed, "#filter")
+    def _filter_changed(self, event: Input.Changed) -> None:
+        self.ws.model.filter_text = event.value
+        self.rebuild()
+
+    @on(Input.Submitted, "#filter")
+    def _filter_done(self, event: Input.Submitted) -> None:
+        if not event.value:
+            event.input.remove_class("-shown")
+        self.query_one("#runs", DataTable).focus()
+
+    def key_escape(self) -> None:
+        box = self.query_one("#filter", Input)
+        if box.has_focus or box.has_class("-shown"):
+            box.value = ""
+            box.remove_class("-shown")
+            self.query_one("#runs", DataTable).focus()
+
+    def action_state_filter(self) -> None:
+        self.ws.model.cycle_state_filter()
+        self.rebuild()
+
+    def action_sort(self) -> None:
+        self.ws.model.cycle_sort()
+        self.rebuild()
+
+    def action_reverse(self) -> None:
+        model = self.ws.model
+        model.sort_by(model.sort_column, not model.sort_reverse)
+        self.rebuild()
+
+    @on(DataTable.HeaderSelected, "#runs")
+    def _header(self, event: DataTable.HeaderSelected) -> None:
+        self.ws.model.sort_by(str(event.column_key.value))
+        self.rebuild()
+
+    def action_recipes(self) -> None:
+        self.app.action_show_recipes()
