@@ -228,13 +228,7 @@ def _runs_dir_problem(runs_dir: Path) -> str:
 
 def _ls_record(path: Path) -> dict:
     """What `ls` knows of one run: its displayed state (bcdcore.rundir.run_state) and its last metrics."""
-    from bcdcore.rundir import (
-        lost_reason,
-        printable,
-        read_events,
-        read_status_checked,
-        run_state,
-    )
+    from bcdcore.rundir import lost_reason, printable, read_events, read_status_checked, run_state
 
     status, problem = read_status_checked(path)
     state = run_state(status, path, problem)

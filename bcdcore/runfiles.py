@@ -11,15 +11,7 @@ import tomllib
 from pathlib import Path
 
 from bcdcore.recipe import os_reason
-from bcdcore.records import (
-    MAX_LINE_BYTES,
-    MAX_STATUS_BYTES,
-    RecordError,
-    parse_event,
-    parse_status,
-    plain,
-    printable,
-)
+from bcdcore.records import MAX_LINE_BYTES, MAX_STATUS_BYTES, RecordError, parse_event, parse_status, plain, printable
 
 MAX_RECIPE_BYTES = 4 << 20
 CHUNK_BYTES = MAX_LINE_BYTES + 1  # the most an incremental reader takes in one read

@@ -12,14 +12,7 @@ import tomllib
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from bcdcore.recipe import (
-    Recipe,
-    RecipeError,
-    expand_grid,
-    os_reason,
-    parse_recipe,
-    toml_value,
-)
+from bcdcore.recipe import Recipe, RecipeError, expand_grid, os_reason, parse_recipe, toml_value
 from bcdcore.rundir import RecordError, plain, printable, read_file_bytes
 from bcdcore.scheduler import point_overrides
 

@@ -21,13 +21,7 @@ from pathlib import Path
 from typing import Callable, Iterable
 
 from bcdcore.recipe import os_reason
-from bcdcore.rundir import (
-    list_runs,
-    pid_alive,
-    read_status,
-    read_status_checked,
-    run_state,
-)
+from bcdcore.rundir import list_runs, pid_alive, read_status, read_status_checked, run_state
 from bcdcore.scheduler import (
     CPU_SLOT,
     KillRequest,

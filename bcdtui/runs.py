@@ -17,13 +17,7 @@ from datetime import datetime, timezone
 from pathlib import Path
 from typing import Callable
 
-from bcdcore.rundir import (
-    RunState,
-    lost_reason,
-    printable,
-    read_status_checked,
-    run_state,
-)
+from bcdcore.rundir import RunState, lost_reason, printable, read_status_checked, run_state
 from bcdcore.scheduler import is_zombie, reap_pid
 from bcdtui.runner import Job
 from bcdtui.tailer import TailSummary, number, read_tail

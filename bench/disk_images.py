@@ -23,8 +23,8 @@ from torch import nn
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from bcdcore.data.batches import BatchStream  # noqa: E402
 from bcdcore.data import load_data  # noqa: E402
+from bcdcore.data.batches import BatchStream  # noqa: E402
 from bcdcore.data.image_files import ImageFiles  # noqa: E402
 from bcdcore.recipe import DataConfig  # noqa: E402
 

@@ -21,8 +21,8 @@ import torch.nn.functional as F
 sys.path.append(str(Path(__file__).resolve().parents[1]))  # after PYTHONPATH: lets it pick a checkout
 
 from bcdcore.algorithm import BlockwiseTrainer  # noqa: E402
-from bcdcore.data.batches import BatchStream, stream_seed  # noqa: E402
 from bcdcore.data import load_data  # noqa: E402
+from bcdcore.data.batches import BatchStream, stream_seed  # noqa: E402
 from bcdcore.models import build_model  # noqa: E402
 from bcdcore.params import FlatParams  # noqa: E402
 from bcdcore.recipe import AlgorithmConfig, DataConfig, ModelConfig  # noqa: E402

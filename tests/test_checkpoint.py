@@ -13,12 +13,7 @@ from conftest import run_cli, start_cli, tiny_recipe, wait_for
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from bcdcore.checkpoint import (
-    CheckpointError,
-    check_like,
-    load_checkpoint,
-    save_checkpoint,
-)
+from bcdcore.checkpoint import CheckpointError, check_like, load_checkpoint, save_checkpoint
 from bcdcore.recipe import RecipeError
 from bcdcore.run import resume_run
 

@@ -9,14 +9,7 @@ import pytest
 from conftest import TINY
 
 from bcdcore.recipe import StopConfig, parse_recipe
-from bcdcore.stoppers import (
-    Divergence,
-    Patience,
-    Target,
-    WallTime,
-    build_stoppers,
-    first_verdict,
-)
+from bcdcore.stoppers import Divergence, Patience, Target, WallTime, build_stoppers, first_verdict
 
 
 def feed(stopper, values, metric="val_loss", wall=0.0):

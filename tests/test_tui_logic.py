@@ -611,10 +611,12 @@ def test_bcdtui_imports_no_training_code():
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=REPO,
                          env={**os.environ, "PYTHONPATH": str(REPO)}, timeout=60)
     assert out.returncode == 0, out.stderr
-    # bcdcore.records (the schema of status and events) and bcdcore.runfiles (total file reading), both without
-    # torch, come in through bcdcore.rundir; bcdcore.scheduler is the queue bcdtui shares with `bcdcore sweep`
-    assert eval(out.stdout) == ["bcdcore", "bcdcore.recipe", "bcdcore.records", "bcdcore.rundir", "bcdcore.runfiles",
-                                "bcdcore.scheduler"]
+    # bcdcore.records (the schema of status and events), bcdcore.runfiles (total file reading) and bcdcore.runlock
+    # (the writer's lock), all without torch, come in through bcdcore.rundir; bcdcore.scheduler is the queue bcdtui
+    # shares with `bcdcore sweep`; the recipe package is its three modules (and `eval` of this list, not numpy)
+    assert eval(out.stdout) == ["bcdcore", "bcdcore.recipe", "bcdcore.recipe.schema", "bcdcore.recipe.toml_io",
+                                "bcdcore.recipe.validate", "bcdcore.records", "bcdcore.rundir", "bcdcore.runfiles",
+                                "bcdcore.runlock", "bcdcore.scheduler"]
 
 
 def test_docs_key_map_matches_the_bindings():

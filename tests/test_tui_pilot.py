@@ -13,15 +13,7 @@ from textual.widgets import DataTable, Input, Log, Static
 
 from bcdtui.app import BcdApp
 from bcdtui.runner import cpu_slot
-from bcdtui.screens import (
-    CompareScreen,
-    ConfirmScreen,
-    HelpScreen,
-    LaunchScreen,
-    RecipesScreen,
-    RunScreen,
-    RunsScreen,
-)
+from bcdtui.screens import CompareScreen, ConfirmScreen, HelpScreen, LaunchScreen, RecipesScreen, RunScreen, RunsScreen
 from bcdtui.synthetic import demo_runs, write_run
 from bcdtui.widgets import HeatMap, KeyBar, LineChart, RecipeEditor, StatusLines
 

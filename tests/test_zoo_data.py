@@ -13,27 +13,12 @@ import numpy as np
 import pytest
 import torch
 from conftest import cli_env
-from zoo_files import (
-    match_rows,
-    write_california,
-    write_cifar,
-    write_image_tree,
-    write_imdb,
-    write_mnist,
-    write_svhn,
-)
+from zoo_files import match_rows, write_california, write_cifar, write_image_tree, write_imdb, write_mnist, write_svhn
 
 from bcdcore.data import DataBundle, TokenShape, data_root, default_data_root, load_data
 from bcdcore.data.images import AugmentedImages
 from bcdcore.data.text import stdlib_corpus, tokenize
-from bcdcore.recipe import (
-    CLASSIFICATION,
-    DATASETS,
-    LANGUAGE_MODEL,
-    REGRESSION,
-    DataConfig,
-    RecipeError,
-)
+from bcdcore.recipe import CLASSIFICATION, DATASETS, LANGUAGE_MODEL, REGRESSION, DataConfig, RecipeError
 
 FILE_DATASETS = sorted(n for n, spec in DATASETS.items() if spec.files)
 

@@ -12,14 +12,7 @@ from pathlib import Path
 import pytest
 import torch
 from conftest import REPO, cli_env
-from zoo_files import (
-    write_california,
-    write_cifar,
-    write_image_tree,
-    write_imdb,
-    write_mnist,
-    write_svhn,
-)
+from zoo_files import write_california, write_cifar, write_image_tree, write_imdb, write_mnist, write_svhn
 
 from bcdcore.data import load_data
 from bcdcore.recipe import DATASETS, MODELS, load_recipe

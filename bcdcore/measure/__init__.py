@@ -5,12 +5,7 @@ from bcdcore.measure.gradnorm import GradNorm
 from bcdcore.measure.hessian import HessianBlocks, HessianDense, auto_lambda
 from bcdcore.measure.linalg import block_sigma_max
 from bcdcore.measure.memory import MemoryUsage
-from bcdcore.measure.protocol import (
-           MeasureContext,
-           Measurement,
-           fixed_batch,
-           training_batches,
-)
+from bcdcore.measure.protocol import MeasureContext, Measurement, fixed_batch, training_batches
 from bcdcore.measure.registry import BUILTIN, load_unit
 
 __all__ = ["GradNorm", "HessianBlocks", "HessianDense", "auto_lambda", "block_sigma_max", "MemoryUsage",

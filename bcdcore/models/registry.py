@@ -17,12 +17,7 @@ from bcdcore.models.blocks import BlockModel, group_blocks
 from bcdcore.models.ensembles import ensemble
 from bcdcore.models.gpt import nanogpt_blocks
 from bcdcore.models.resnet import RESNET_LAYERS, load_weights_file, resnet_blocks
-from bcdcore.models.small import (
-    block_linear_blocks,
-    cnn_blocks,
-    mlp_blocks,
-    residual_blocks,
-)
+from bcdcore.models.small import block_linear_blocks, cnn_blocks, mlp_blocks, residual_blocks
 from bcdcore.models.text import text_blocks
 from bcdcore.recipe import TOKEN_MODELS, ModelConfig
 

@@ -8,14 +8,7 @@ from __future__ import annotations
 
 import dataclasses
 
-from bcdcore.recipe.schema import (
-    AlgorithmConfig,
-    DataConfig,
-    DistributedConfig,
-    EvalConfig,
-    ModelConfig,
-    RunConfig,
-)
+from bcdcore.recipe.schema import AlgorithmConfig, DataConfig, DistributedConfig, EvalConfig, ModelConfig, RunConfig
 from bcdcore.recipe.toml_io import toml_value
 
 SECTIONS = {"run": RunConfig, "data": DataConfig, "model": ModelConfig, "algorithm": AlgorithmConfig,

@@ -6,13 +6,7 @@ communicator and torchrun's launcher) and ranks (the run side of distributed run
 """
 from bcdcore.run.console import error_line, final_summary
 from bcdcore.run.loop import Run
-from bcdcore.run.prepare import (
-           Prepared,
-           evaluate,
-           loss_function,
-           prepare,
-           resolve_device,
-)
+from bcdcore.run.prepare import Prepared, evaluate, loss_function, prepare, resolve_device
 from bcdcore.run.ranks import launch_distributed, run_rank, validate
 from bcdcore.run.start import check_resumable, resume_run, start_run
 

@@ -16,13 +16,7 @@ from bcdcore.data.batches import BatchStream, eval_batches, stream_seed
 from bcdcore.measure import load_unit
 from bcdcore.models import build_model
 from bcdcore.params import FlatParams
-from bcdcore.recipe import (
-    CLASSIFICATION,
-    Recipe,
-    RecipeError,
-    check_block_lists,
-    per_block,
-)
+from bcdcore.recipe import CLASSIFICATION, Recipe, RecipeError, check_block_lists, per_block
 from bcdcore.resources import check_model_fits, is_out_of_memory
 
 # distinct seed streams derived from the one run seed

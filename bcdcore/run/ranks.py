@@ -11,12 +11,7 @@ from bcdcore.recipe import Recipe, load_recipe
 from bcdcore.run.console import error_line, final_summary
 from bcdcore.run.loop import Run
 from bcdcore.run.prepare import prepare, resolve_device
-from bcdcore.run.start import (
-    check_resumable,
-    create_rundir,
-    open_rundir,
-    require_run_directory,
-)
+from bcdcore.run.start import check_resumable, create_rundir, open_rundir, require_run_directory
 from bcdcore.rundir import RunDir
 
 
@@ -124,12 +119,7 @@ def _run_rank(attach: Path | None, attach_resume: bool, recipe: Recipe | None, r
               resume: Path | None, quiet: bool, announce, known: list) -> int:
     import torch.distributed as dist
 
-    from bcdcore.run.distributed import (
-        Comm,
-        init_rank,
-        launched_by_bcdcore,
-        rank_device,
-    )
+    from bcdcore.run.distributed import Comm, init_rank, launched_by_bcdcore, rank_device
 
     resuming = resume is not None or attach_resume
     path = attach or resume

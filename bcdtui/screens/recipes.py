@@ -12,13 +12,7 @@ from textual.binding import Binding
 from textual.containers import Horizontal, Vertical
 from textual.widgets import Static, TextArea, Tree
 
-from bcdtui.recipes import (
-    RecipeError,
-    editor_command,
-    error_line,
-    list_recipes,
-    read_recipe_text,
-)
+from bcdtui.recipes import RecipeError, editor_command, error_line, list_recipes, read_recipe_text
 from bcdtui.screens.base import WsScreen, steady_cursors
 from bcdtui.screens.dialogs import ConfirmScreen, PromptScreen
 from bcdtui.screens.launch import LaunchScreen
