@@ -8,6 +8,7 @@ from pathlib import Path
 
 import numpy as np
 
+from bcdcore.recipe import flatten
 from bcdcore.rundir import metric_table, printable, read_events, read_recipe_dict
 
 PAPER_COLOURS = ["black", "red", "blue", "brown", "purple", "green"]
@@ -35,28 +36,18 @@ def _recipe_without_seed(run: Path) -> dict:
     return recipe
 
 
-def _flat(d: dict, prefix: str = "") -> dict:
-    out = {}
-    for k, v in d.items():
-        if isinstance(v, dict):
-            out.update(_flat(v, f"{prefix}{k}."))
-        else:
-            out[f"{prefix}{k}"] = repr(v)
-    return out
-
-
 def group_by_seed(runs: list[Path]) -> list[list[Path]]:
     """Runs whose resolved recipes are equal but for run.seed form one group (kept in first-seen order)."""
     groups: dict[str, list[Path]] = {}
     for run in runs:
-        key = repr(sorted(_flat(_recipe_without_seed(run)).items()))
+        key = repr(sorted(flatten(_recipe_without_seed(run)).items()))
         groups.setdefault(key, []).append(run)
     return list(groups.values())
 
 
 def _labels(groups: list[list[Path]]) -> list[str]:
     """Label each group by the recipe keys that differ between groups (else by run name)."""
-    flats = [_flat(_recipe_without_seed(g[0])) for g in groups]
+    flats = [{k: repr(v) for k, v in flatten(_recipe_without_seed(g[0])).items()} for g in groups]
     differing = {k for f in flats for k in f if any(f.get(k) != g.get(k) for g in flats)} - {"run.name"}
     # stoppers and measurements are lists of tables: they make unreadable labels and rarely name the curve
     keys = sorted(k for k in differing if k.split(".")[0] not in ("stop", "measure")) or sorted(differing)

@@ -7,23 +7,10 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from bcdcore.recipe import flatten
 from bcdcore.rundir import printable, read_recipe_dict
 
 MISSING = object()
-
-
-def flatten(data: Any, prefix: str = "") -> dict[str, Any]:
-    """Tables become dotted keys, arrays of tables `name[i].key`; other values (lists included) are leaves."""
-    out: dict[str, Any] = {}
-    if isinstance(data, dict):
-        for key, value in data.items():
-            out.update(flatten(value, f"{prefix}.{key}" if prefix else str(key)))
-    elif isinstance(data, list) and data and all(isinstance(v, dict) for v in data):
-        for index, value in enumerate(data):
-            out.update(flatten(value, f"{prefix}[{index}]"))
-    else:
-        out[prefix] = data
-    return out
 
 
 def load_recipe_dict(run_dir: Path) -> dict:

@@ -155,3 +155,13 @@ def test_every_bcdtui_file_is_under_400_lines():
 def test_no_source_file_is_over_450_lines(path):
     lines = len(path.read_text(errors="replace").splitlines())
     assert lines <= MAX_LINES, f"{path.relative_to(REPO)} has {lines} lines; split it along its jobs"
+
+
+def test_the_registries_serve_exactly_the_names_the_recipe_validates():
+    """The recipe layer (no torch) lists the names a recipe may use; each registry has a builder for each."""
+    from bcdcore.data import LOADERS
+    from bcdcore.models import BUILDERS
+    from bcdcore.recipe import DATASETS, MODELS
+
+    assert set(BUILDERS) == set(MODELS)
+    assert set(LOADERS) == set(DATASETS)

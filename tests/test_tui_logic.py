@@ -15,9 +15,9 @@ from pathlib import Path
 
 import pytest
 
-from bcdcore.recipe import toml_value
+from bcdcore.recipe import flatten, toml_value
 from bcdtui import charts
-from bcdtui.diff import MISSING, diff_runs, flatten, recipe_diff
+from bcdtui.diff import MISSING, diff_runs, recipe_diff
 from bcdtui.recipes import (
     TEMPLATE,
     editor_command,

@@ -2,13 +2,13 @@
 """
 from __future__ import annotations
 
-import difflib
 import importlib
 
 from bcdcore.measure.gradnorm import GradNorm
 from bcdcore.measure.hessian import HessianBlocks, HessianDense
 from bcdcore.measure.memory import MemoryUsage
 from bcdcore.measure.protocol import Measurement
+from bcdcore.recipe import did_you_mean
 
 BUILTIN: dict[str, type] = {
     "memory": MemoryUsage,
@@ -31,8 +31,7 @@ def load_unit(unit: str, **options) -> Measurement:
     elif ":" in unit or "." in unit:
         cls = import_class(unit)
     else:
-        near = difflib.get_close_matches(unit, list(BUILTIN), n=1)
-        hint = f" (did you mean {near[0]!r}?)" if near else ""
+        hint = did_you_mean(unit, BUILTIN)
         raise ValueError(f"unknown measure unit {unit!r}{hint}; built-in units: {known}; or a dotted path to "
                          f"a class, 'package.module:Class'")
     try:

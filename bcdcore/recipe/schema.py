@@ -286,13 +286,19 @@ def stop_to_dict(stop: StopConfig) -> dict:
 # Writing the resolved recipe (tomllib only reads)
 
 
-def flatten(table: dict, prefix: str = ""):
-    for key, value in table.items():
-        dotted = f"{prefix}{key}"
-        if isinstance(value, dict):
-            yield from flatten(value, dotted + ".")
-        else:
-            yield dotted, value
+def flatten(data: Any, prefix: str = "") -> dict[str, Any]:
+    """Nested tables as dotted keys (`algorithm.K`), arrays of tables as `name[i].key`; other values (lists
+    included) are leaves. The one flattening of recipes: sweeps, recipe diffs in the TUI, plot legends."""
+    out: dict[str, Any] = {}
+    if isinstance(data, dict):
+        for key, value in data.items():
+            out.update(flatten(value, f"{prefix}.{key}" if prefix else str(key)))
+    elif isinstance(data, list) and data and all(isinstance(v, dict) for v in data):
+        for index, value in enumerate(data):
+            out.update(flatten(value, f"{prefix}[{index}]"))
+    else:
+        out[prefix] = data
+    return out
 
 
 def expand_grid(sweep: dict[str, list]) -> list[dict[str, Any]]:

@@ -348,7 +348,7 @@ class Validator:
     def sweep(self, raw: dict, table: Any) -> dict[str, list]:
         if not isinstance(table, dict):
             raise self.fail("sweep", f"expected a table [sweep] of KEY = [values], got {show_value(table)}")
-        flat = dict(flatten(table))
+        flat = flatten(table)
         for key, values in flat.items():
             parts = key.split(".")
             if len(parts) != 2 or parts[0] not in TABLES:
