@@ -29,10 +29,15 @@ log = logging.getLogger("bcdcore.run")
 
 
 class Run:
-    def __init__(self, prepared: Prepared, rundir: RunDir, resume: bool = False, comm=None) -> None:
+    """A single-process run. DistributedRun (bcdcore.run.distributed_run) is the same loop with a communicator:
+    it overrides the hooks below (what a checkpoint gathers, what a round shares, who records)."""
+
+    leader = True  # this process writes the run directory (rank 0 of a distributed run)
+    keeps_signal_handlers = False  # a rank keeps them to the end: the launcher's teardown SIGTERM must not cut
+    #                                the final record short
+
+    def __init__(self, prepared: Prepared, rundir: RunDir, resume: bool = False) -> None:
         self.p, self.rundir = prepared, rundir
-        self.comm = comm
-        self.leader = comm is None or comm.leader
         self.raised = False
         r = prepared.recipe
         self.stoppers = build_stoppers(r.stop, r.run.wall_time_s)
@@ -42,9 +47,7 @@ class Run:
         self.passes = 0  # forward+backward passes of training
         self.wall_before = 0.0  # wall seconds of earlier sessions of this run (resume)
         self.t0 = time.perf_counter()  # restarted by execute
-        self.signals = Signals(repeat_stops=comm is None)
-        if comm is not None:
-            comm.local_signal = lambda: self.signals.received or 0
+        self.signals = Signals(repeat_stops=not self.keeps_signal_handlers)
         self.file_log = self._file_logger()
         self.auto_lambda = r.algorithm.lam == "auto" and r.algorithm.mode == "blockwise"
         train = prepared.data.train
@@ -69,14 +72,63 @@ class Run:
 
     # --- checkpoint
     def _save_checkpoint(self) -> None:
-        p = self.p
-        trainer_state = p.trainer.state_dict()
-        if self.comm is not None:  # a collective: every rank calls it, rank 0 writes
-            states = self.comm.gather_object(to_cpu(trainer_state))
-            if not self.leader:
-                return
-            trainer_state = p.trainer.merge_states(states)
-        save_checkpoint(self.rundir.checkpoint_path, self._checkpoint_state(trainer_state))
+        trainer_state = self._trainer_state_to_save()
+        if trainer_state is not None:
+            save_checkpoint(self.rundir.checkpoint_path, self._checkpoint_state(trainer_state))
+
+    # --- hooks (DistributedRun overrides them)
+    def _trainer_state_to_save(self) -> dict | None:
+        """The trainer state this process saves (None: another process writes the checkpoint)."""
+        return self.p.trainer.state_dict()
+
+    def _extra_state(self) -> dict:
+        return {}
+
+    def _template_trainer_state(self, trainer_state: dict) -> dict:
+        return trainer_state
+
+    def _load_extra_state(self, state: dict) -> None:
+        pass
+
+    def _start_fields(self) -> tuple[dict, dict]:
+        """Extra fields of the running status and of the start event."""
+        return {}, {}
+
+    def _begin_round(self) -> None:
+        pass
+
+    def _end_round(self) -> None:
+        pass
+
+    def _metric_fields(self, wall: float) -> tuple[int, dict]:
+        """bytes_comm and the fields a metric event carries after the metrics."""
+        return 0, {}
+
+    def _after_recorded_round(self, verdict, event) -> tuple[str, str] | None:
+        """What follows a recorded round: stop with (state, reason), checkpoint, or go on (None)."""
+        r = self.p.recipe
+        if verdict is not None:
+            if verdict[0] == "finished":
+                self._save_checkpoint()
+                self.final_metrics = event
+            return verdict
+        if self.signals.received is not None:
+            self._save_checkpoint()
+            return "killed", f"killed by {signal.Signals(self.signals.received).name}"
+        if r.run.checkpoint_every and self.round % r.run.checkpoint_every == 0:
+            self._save_checkpoint()
+        return None
+
+    def _follow_round(self, t: int, result: RoundResult) -> tuple[str, str] | None:
+        """A process that does not record (a rank other than 0) after its part of a round."""
+        raise NotImplementedError
+
+    def _share_lambdas(self, lams: list[float] | None) -> list[float]:
+        return lams
+
+    def _defer_end_record(self, reason: str) -> bool:
+        """True where another process writes the end of the run (a distributed rank that raised)."""
+        return False
 
     def _checkpoint_state(self, trainer_state: dict) -> dict:
         """What checkpoint.pt holds: tensors and plain data only (it is loaded with weights_only=True)."""
@@ -87,17 +139,14 @@ class Run:
                  "buffers": [[b.cpu() for b in bs] for bs in p.params.snapshot_buffers()],
                  "trainer": trainer_state, "stoppers": [s.state_dict() for s in self.stoppers],
                  "lams": list(getattr(p.trainer, "lams", []))}
-        if self.comm is not None:
-            state["comm"] = self.comm.state_dict()
+        state.update(self._extra_state())
         augment = augmentation_generator(p.data.train.x)
         state["augment"] = augment.get_state() if augment is not None else None
         return state
 
     def _checkpoint_template(self) -> dict:
         """The shape of this run's checkpoint, for checking a file before any of it is used."""
-        trainer_state = to_cpu(self.p.trainer.state_dict())
-        if self.comm is not None and "stream" in trainer_state:
-            trainer_state["rank_streams"] = [trainer_state["stream"]] * self.comm.world
+        trainer_state = self._template_trainer_state(to_cpu(self.p.trainer.state_dict()))
         template = self._checkpoint_state(trainer_state)
         template["wall_s"] = 0.0
         template["grad_evals"] = 0.0  # flops / one full pass: a number (older checkpoints hold an integer)
@@ -127,8 +176,7 @@ class Run:
                 augment.set_state(state["augment"])
             if self.auto_lambda:
                 self.p.trainer.lams = [float(x) for x in state["lams"]]
-            if self.comm is not None and state.get("comm") is not None:  # older checkpoints lack it
-                self.comm.load_state_dict(state["comm"])
+            self._load_extra_state(state)
         except (RuntimeError, ValueError, TypeError, KeyError, IndexError) as exc:
             raise CheckpointError(f"{self.rundir.checkpoint_path}: does not fit this run "
                                   f"({error_line(exc)}); nothing was changed") from None
@@ -147,16 +195,7 @@ class Run:
         p, r, rd = self.p, self.p.recipe, self.rundir
         self.t0 = time.perf_counter()
         gpu = os.environ.get("CUDA_VISIBLE_DEVICES", "") if p.device.type == "cuda" else ""
-        extra, start_extra = {}, {}
-        if self.comm is not None:
-            from bcdcore.run.distributed import launched_by_bcdcore, write_rank_file
-
-            write_rank_file(rd.path, self.comm.rank, "pid", f"{os.getpid()}\n")
-            extra = {"world_size": self.comm.world,
-                     "launcher_pid": os.getppid() if launched_by_bcdcore() else None}
-            start_extra = {"world_size": self.comm.world, "dist_backend": r.distributed.backend}
-            if r.algorithm.mode == "blockwise":
-                start_extra["block_owner"] = list(self.comm.owner)
+        extra, start_extra = self._start_fields()
         self.signals.install()
         progress = RoundProgress(None, 0, 0)
         try:
@@ -186,15 +225,10 @@ class Run:
             error = reason
             self.raised = True
         finally:
-            if self.comm is None:  # a rank keeps its handlers: the launcher's teardown SIGTERM must not cut
-                self.signals.uninstall()  # the final record short
+            if not self.keeps_signal_handlers:
+                self.signals.uninstall()
             progress.close()
-        deferred = False
-        if self.comm is not None and self.raised:
-            from bcdcore.run.distributed import launched_by_bcdcore, write_rank_error
-
-            write_rank_error(rd.path, self.comm.rank, reason)  # the traceback is in the log already
-            deferred = launched_by_bcdcore()  # the launcher names the rank that failed first and ends the record
+        deferred = self.raised and self._defer_end_record(reason)
         self._finalise(state, reason, exit_code, error, deferred)
         self.state, self.reason = state, reason
         return exit_code
@@ -233,20 +267,17 @@ class Run:
             every_lam = r.algorithm.lambda_every
             if self.auto_lambda and (t == 1 or (every_lam and (t - 1) % every_lam == 0)):
                 self._measure_lambda(t - 1)
-            if self.comm is not None:
-                self.comm.begin_round()
+            self._begin_round()
             result: RoundResult = p.trainer.run_round(t)
             self.flops += result.flops
             self.passes += result.grad_evals
             self.samples += result.samples
-            if self.comm is not None:
-                self.comm.end_round()
-                if not self.leader:
-                    self.file_log.info("round %d train_loss %.5g", t, result.train_loss)
-                    outcome = self._decide(None, None)
-                    if outcome is not None:
-                        return outcome
-                    continue
+            self._end_round()
+            if not self.leader:
+                outcome = self._follow_round(t, result)
+                if outcome is not None:
+                    return outcome
+                continue
             for b in result.blocks:
                 fields = vars(b).copy()
                 fields["lambda"] = fields.pop("lam")
@@ -269,59 +300,16 @@ class Run:
             # (no matrix product at all) falls back to the passes run
             full = self.flop_table.full
             self.grad_evals = self.flops / full if full > 0 else self.passes
-            if self.comm is None:
-                event = rd.event("metric", round=t, grad_evals=self.grad_evals, flops=self.flops,
-                                 samples=self.samples, bytes_comm=0, wall_s=self._wall(), **metrics)
-            else:
-                wall = self._wall()
-                event = rd.event("metric", round=t, grad_evals=self.grad_evals, flops=self.flops,
-                                 samples=self.samples, bytes_comm=self.comm.bytes_total, wall_s=wall, **metrics,
-                                 **self.comm.metrics(wall))
+            wall = self._wall()
+            bytes_comm, extra_fields = self._metric_fields(wall)
+            event = rd.event("metric", round=t, grad_evals=self.grad_evals, flops=self.flops, samples=self.samples,
+                             bytes_comm=bytes_comm, wall_s=wall, **metrics, **extra_fields)
             rd.write_status(progress={"round": t, "rounds": r.run.rounds})
             progress.update(t, metrics)
             self.file_log.info("round %d %s", t, " ".join(f"{k} {v:.5g}" for k, v in metrics.items()))
-            if self.comm is not None:
-                outcome = self._decide(verdict, event)
-                if outcome is not None:
-                    return outcome
-                continue
-            if verdict is not None:
-                if verdict[0] == "finished":
-                    self._save_checkpoint()
-                    self.final_metrics = event
-                return verdict
-            if self.signals.received is not None:
-                self._save_checkpoint()
-                name = signal.Signals(self.signals.received).name
-                return "killed", f"killed by {name}"
-            if r.run.checkpoint_every and t % r.run.checkpoint_every == 0:
-                self._save_checkpoint()
-
-    def _decide(self, verdict, event) -> tuple[str, str] | None:
-        """Distributed: every rank learns the leader's verdict and any rank's signal at once, then all take
-        the same branch (the checkpoint is a collective). Codes: 1 finished, 2 other verdict, 4 checkpoint."""
-        r = self.p.recipe
-        code = 0
-        if self.leader:
-            if verdict is not None:
-                code = 1 if verdict[0] == "finished" else 2
-            elif r.run.checkpoint_every and self.round % r.run.checkpoint_every == 0:
-                code = 4
-        code, signum = self.comm.decide(code, self.signals.received or 0)
-        if code & 3 == 1:
-            self._save_checkpoint()
-            if self.leader:
-                self.final_metrics = event
-            return verdict or ("finished", "rounds done")
-        if code & 3 == 2:
-            return verdict or ("failed", "stopped by rank 0")
-        if signum:
-            self.signals.received = signum
-            self._save_checkpoint()
-            return "killed", f"killed by {signal.Signals(signum).name}"
-        if code & 4:
-            self._save_checkpoint()
-        return None
+            outcome = self._after_recorded_round(verdict, event)
+            if outcome is not None:
+                return outcome
 
     def _context(self, t: int) -> MeasureContext:
         p = self.p
@@ -341,23 +329,15 @@ class Run:
 
     def _measure_lambda(self, t: int) -> None:
         """lambda = "auto": lambda_i = sqrt(n) * max_i Lbar_i from the Hessian block couplings at x_t."""
-        if self.comm is not None:  # rank 0 measures, every rank gets its lambdas
-            lams = None
-            if self.leader:
-                with count() as work:
-                    lams, result = auto_lambda(self._context(t), self.lambda_batches)
-                self.flops += work.flops
-                self.rundir.event("measure", unit="hessian_blocks", round=t, purpose="lambda auto",
-                                  **{"lambda": lams}, **{**result, "flops": work.flops})
-            self.p.trainer.lams = self.comm.broadcast_object(lams)
-            return
-        with count() as work:
-            lams, result = auto_lambda(self._context(t), self.lambda_batches)
-        self.flops += work.flops
-        self.p.trainer.lams = lams
-        self.rundir.event("measure", unit="hessian_blocks", round=t, purpose="lambda auto", **{"lambda": lams},
-                          **{**result, "flops": work.flops})
-        self.file_log.info("lambda auto at round %d: %s", t, ", ".join(f"{x:.4g}" for x in lams))
+        lams = None
+        if self.leader:  # the leader measures; a distributed run shares its lambdas with every rank
+            with count() as work:
+                lams, result = auto_lambda(self._context(t), self.lambda_batches)
+            self.flops += work.flops
+            self.rundir.event("measure", unit="hessian_blocks", round=t, purpose="lambda auto",
+                              **{"lambda": lams}, **{**result, "flops": work.flops})
+            self.file_log.info("lambda auto at round %d: %s", t, ", ".join(f"{x:.4g}" for x in lams))
+        self.p.trainer.lams = self._share_lambdas(lams)
 
     def _eval(self, split_name: str) -> dict:
         p = self.p
@@ -365,9 +345,3 @@ class Run:
         result = evaluate(p.model, split, p.data.task, p.recipe.eval.batch_size, p.device)
         self.flops += self.flop_table.forward_samples(len(split))  # evaluation is work the run did too
         return {f"{split_name}_{k}": v for k, v in result.items()}
-
-
-# ----------------------------------------------------------------------------------------------------------
-# distributed runs
-
-

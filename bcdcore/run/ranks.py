@@ -9,6 +9,7 @@ from pathlib import Path
 
 from bcdcore.recipe import Recipe, load_recipe
 from bcdcore.run.console import error_line, final_summary
+from bcdcore.run.distributed_run import DistributedRun
 from bcdcore.run.loop import Run
 from bcdcore.run.prepare import prepare, resolve_device
 from bcdcore.run.start import check_resumable, create_rundir, open_rundir, require_run_directory
@@ -144,7 +145,7 @@ def _run_rank(attach: Path | None, attach_resume: bool, recipe: Recipe | None, r
         rundir = made
     else:  # under bcdcore's launcher (--attach) the launcher holds the lock; under an external torchrun,
         rundir = open_rundir(path, lock=attach is None)  # rank 0 takes it
-    run = Run(prepared, rundir, resume=bool(resuming), comm=comm)
+    run = DistributedRun(prepared, rundir, comm, resume=bool(resuming))
     console = None
     if rank == 0 and not quiet:
         from rich.console import Console
