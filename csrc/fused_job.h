@@ -33,7 +33,7 @@ enum Mode : int { kPlain = 0, kDamped = 1, kDampedOut = 2, kNone = 3 };
 // The mode a step runs with when its `skip` flag is set: the norms form, keeping the damped write (if any) of
 // its mode on x_new = x; a plain step then writes nothing. The CPU applies it on the host, the CUDA kernel on the
 // device (fused_cuda.cu), so both skip the same way.
-constexpr int skipped_mode(int mode) { return mode == kPlain ? kNone : mode; }
+BCD_HOST_DEVICE constexpr int skipped_mode(int mode) { return mode == kPlain ? kNone : mode; }
 
 // The rule state of one block solve: 4 doubles on the parameters' device, [stopped, r2, d2, k]. The norms pass
 // (`rule_check`, form kNorms) of inner step k writes it while stopped == 0: r2 and d2 of z_k (rounded to the
