@@ -91,3 +91,23 @@ def test_cuda_home_finds_the_cuda_folder_under_a_prefix(tmp_path, monkeypatch):
     monkeypatch.setenv("PATH", os.defpath)
     root = _toolkit(tmp_path / "prefix" / "cuda")
     assert _toolchain.cuda_home(str(tmp_path / "prefix")) == str(root)
+
+
+@pytest.mark.skipif(shutil.which("make") is None, reason="no make")
+@pytest.mark.parametrize("gpu", [True, False])
+def test_makefile_sets_the_cuda_arch_only_without_a_gpu(tmp_path, gpu):
+    """`make` leaves TORCH_CUDA_ARCH_LIST unset where `nvidia-smi -L` finds a GPU (torch then builds for the
+    visible devices) and defaults it to 9.0 where none answers; a value the user set always wins."""
+    smi = tmp_path / "nvidia-smi"
+    smi.write_text("#!/bin/sh\necho 'GPU 0: fake'\n" if gpu else "#!/bin/sh\nexit 9\n")
+    smi.chmod(smi.stat().st_mode | stat.S_IXUSR)
+    env = {k: v for k, v in os.environ.items() if k != "TORCH_CUDA_ARCH_LIST"}
+    env["PATH"] = str(tmp_path) + os.pathsep + env.get("PATH", "")
+    probe = ["make", "-s", "-f", str(REPO / "Makefile"), "--eval", "arch: ; @echo \"[$$TORCH_CUDA_ARCH_LIST]\"",
+             "arch"]
+    out = subprocess.run(probe, cwd=tmp_path, env=env, capture_output=True, text=True, timeout=60)
+    assert out.returncode == 0, out.stderr
+    assert out.stdout.strip() == ("[]" if gpu else "[9.0]")
+    env["TORCH_CUDA_ARCH_LIST"] = "8.0"
+    out = subprocess.run(probe, cwd=tmp_path, env=env, capture_output=True, text=True, timeout=60)
+    assert out.stdout.strip() == "[8.0]"
