@@ -1,8 +1,41 @@
-"""Package + extension build. The compiled ops (csrc/) are optional: the engine falls back to `reference`."""
+"""Package + extension build. The compiled ops (csrc/) are optional: the engine falls back to `reference`.
+
+The sources in csrc/ ship twice: in the sdist (MANIFEST.in), so that a wheel or an install can be built from
+it, and inside the installed package as `bcdcore/_csrc/` (`build_py` below), so that the JIT fallback of
+bcdcore/_compiled.py can compile them where the package was installed without its extensions (BCD_NO_EXT=1,
+or built against another torch), not only in a checkout.
+"""
+from __future__ import annotations
+
+import glob
+import os
+import shutil
+
 from setuptools import find_packages, setup
+from setuptools.command.build_py import build_py
+
+# What the package needs at run time; requirements.txt pins the exact versions the project's machines use.
+INSTALL_REQUIRES = [
+    "torch>=2.14",
+    "torchvision>=0.29",  # the image datasets and the ResNet zoo
+    "numpy",
+    "pillow",  # image files (bcdcore.image_files imports PIL itself; torchvision also needs it)
+    "scikit-learn",  # the bundled tabular datasets
+    "rich",
+    "textual",  # bcdtui
+    "tree-sitter>=0.25",  # bcdtui's recipe editor highlights TOML when these two are present
+    "tree-sitter-toml>=0.6",
+    "matplotlib",  # figures of the measurements and `bcdcore plot`
+    "onnx",  # model export
+    "ninja",  # torch.utils.cpp_extension builds with it: setup.py's build and the run-time JIT fallback
+]
+# The test suite's tools: pip install -e '.[test]'
+TEST_REQUIRES = ["pytest", "pytest-asyncio", "hypothesis", "pytest-textual-snapshot"]
+
+CSRC_GLOBS = ("csrc/*.h", "csrc/*.cpp", "csrc/*.cu", "csrc/README.md")
 
 
-def get_extensions():
+def get_extensions() -> list:
     """C++ (always) and CUDA (when torch has CUDA and a toolkit is found) builds of csrc/; see csrc/README.md.
 
     Switches: BCD_NO_EXT=1 builds nothing (the engine then JIT-builds once or uses `reference`), BCD_NO_CUDA=1
@@ -69,16 +102,29 @@ def get_extensions():
     return exts
 
 
-def get_cmdclass():
-    """torch's BuildExtension (ninja when available); a failed compile leaves that extension out with a warning
-    (the engine then falls back), unless BCD_STRICT_BUILD=1."""
-    import os
+class BuildPyWithSources(build_py):
+    """Copies csrc/ into the built package as bcdcore/_csrc/, where bcdcore/_compiled.py looks first for the
+    sources of its JIT fallback (a checkout has no _csrc and uses csrc/ next to the package)."""
+
+    def run(self) -> None:
+        super().run()
+        here = os.path.dirname(os.path.abspath(__file__))
+        dest = os.path.join(self.build_lib, "bcdcore", "_csrc")
+        os.makedirs(dest, exist_ok=True)
+        for pattern in CSRC_GLOBS:
+            for src in sorted(glob.glob(os.path.join(here, pattern))):
+                shutil.copy2(src, os.path.join(dest, os.path.basename(src)))
+
+
+def get_cmdclass() -> dict:
+    """build_py that ships csrc/; torch's BuildExtension (ninja when available), where a failed compile leaves
+    that extension out with a warning (the engine then falls back), unless BCD_STRICT_BUILD=1."""
     import sys
 
     try:
         from torch.utils.cpp_extension import BuildExtension
     except ImportError:
-        return {}
+        return {"build_py": BuildPyWithSources}
 
     class BuildOptionalExtension(BuildExtension):
         failed: set = set()
@@ -111,7 +157,7 @@ def get_cmdclass():
         def get_output_mapping(self):
             return self._without_failed(super().get_output_mapping)
 
-    return {"build_ext": BuildOptionalExtension.with_options(use_ninja=True)}
+    return {"build_py": BuildPyWithSources, "build_ext": BuildOptionalExtension.with_options(use_ninja=True)}
 
 
 setup(
@@ -121,6 +167,8 @@ setup(
     packages=find_packages(include=["bcdcore", "bcdcore.*", "bcdtui", "bcdtui.*"]),
     package_data={"bcdtui": ["*.tcss"]},  # the TUI's styles (bcdtui/bcdtui.tcss)
     python_requires=">=3.11",
+    install_requires=INSTALL_REQUIRES,
+    extras_require={"test": TEST_REQUIRES},
     ext_modules=get_extensions(),
     cmdclass=get_cmdclass(),
     entry_points={"console_scripts": ["bcdcore = bcdcore.cli:main", "bcdtui = bcdtui.app:main"]},

@@ -33,10 +33,23 @@ from bcdcore import _toolchain
 
 log = logging.getLogger(__name__)
 
-_CSRC = Path(__file__).resolve().parent.parent / "csrc"
 CPU_SOURCES = ("fused_cpu.cpp",)
 CUDA_SOURCES = ("fused_cuda_bind.cpp", "fused_cuda.cu")
-_HEADERS = ("fused_bind.h", "fused_common.h", "fused_job.h", "fused_cpu_impl.h", "fused_cuda.h")
+
+
+def _find_csrc() -> Path:
+    """The folder of the C++/CUDA sources: `bcdcore/_csrc` in an installed package (setup.py's build_py copies
+    csrc/ there), else `csrc/` next to the package in a checkout (also what an editable install points at)."""
+    pkg = Path(sys.modules["bcdcore"].__file__).resolve().parent
+    for cand in (pkg / "_csrc", pkg.parent / "csrc"):
+        if (cand / CPU_SOURCES[0]).exists():
+            return cand
+    return pkg.parent / "csrc"  # named in the "not found" reason of _jit
+
+
+_CSRC = _find_csrc()
+# Every header takes part in the cache key: the sources include them, so a change in any is a new build.
+_HEADERS = tuple(sorted(p.name for p in _CSRC.glob("*.h")))
 
 cpu_module: ModuleType | None = None
 cuda_module: ModuleType | None = None

@@ -2,6 +2,7 @@
 // write fused into the step, in one pass over memory, threaded with at::parallel_for and vectorised.
 // Built as the Python module `bcdcore._C` (setup.py) or JIT-built by bcdcore/_compiled.py.
 //
+// The per-element math is fused_math.h (shared with the CUDA kernels), the dispatch ladder fused_dispatch.h.
 // Vectorisation: the kernel body (fused_cpu_impl.h) is compiled three times on x86-64 with GCC: baseline
 // x86-64, AVX2+FMA and AVX-512, and the widest one the processor supports is picked when the module loads
 // (BCD_CPU_ISA=default|avx2|avx512 forces one; `set_isa` switches at run time for tests). The build uses
@@ -20,6 +21,7 @@
 
 #include "fused_bind.h"
 #include "fused_common.h"
+#include "fused_dispatch.h"
 
 #if defined(__GNUC__) && !defined(__clang__) && defined(__x86_64__)
 #define BCD_MULTI_ISA 1
@@ -112,7 +114,7 @@ std::tuple<at::Tensor, at::Tensor> run(const bcd::Job& given, const at::Tensor& 
   // it on); the step becomes the norms pass plus its damped write, if any, as the CUDA kernel does per block.
   if (job.skip != nullptr && job.skip[0] != 0.0) {
     job.form = bcd::kNorms;
-    if (job.mode == bcd::kPlain) job.mode = bcd::kNone;
+    job.mode = bcd::skipped_mode(job.mode);
   }
   const int64_t n_tasks = (job.n + kTask - 1) / kTask;
   const bool norms = job.form != bcd::kDamp;

@@ -15,89 +15,31 @@
 // kernel updates the rule state on the device; a step given that state as `skip` reads its flag in the kernel
 // and, when set, runs as the norms form plus its damped write. No host synchronisation is involved.
 //
-// Arithmetic mirrors the reference's own CUDA kernels operation by operation (built with -fmad=false so nothing
-// is fused): in particular torch divides a CUDA tensor by a Python scalar as a multiplication by the reciprocal,
+// Arithmetic: the per-element math is fused_math.h's `Elem`, shared with the CPU kernel, with the rounding
+// policy TorchCudaRounding: it mirrors torch's own CUDA kernels operation by operation (built with -fmad=false so
+// nothing is fused), and torch divides a CUDA tensor by a Python scalar as a multiplication by the reciprocal,
 // so the Adam bias corrections are applied as m * (1 / c1) with 1 / c1 rounded to the math type on the host.
+// The dispatch from a Job to a kernel instantiation is fused_dispatch.h's, shared with the CPU kernel.
 #include <cuda_fp16.h>
 #include <cuda_runtime.h>
 
 #include <algorithm>
+#include <cmath>
 #include <cstdint>
 
 #include "fused_cuda.h"
+#include "fused_dispatch.h"
 #include "fused_job.h"
 
 namespace bcd_cuda {
 namespace {
 
+#include "fused_math.h"
+
 constexpr int kThreads = 256;
 constexpr int kUnroll = 2;
 constexpr int kMaxBlocksPerSM = 2048 / kThreads;
 constexpr int kMaxDevices = 64;
-
-struct BF16Tag {};
-struct F16Tag {};
-
-// Storage type S as read and written, math type M as computed in; float and double are both.
-template <typename T>
-struct IoSame {
-  using S = T;
-  using M = T;
-  __device__ __forceinline__ static M ld(S v) { return v; }
-  __device__ __forceinline__ static S st(M v) { return v; }
-};
-
-template <typename T>
-struct Io;
-template <>
-struct Io<float> : IoSame<float> {};
-template <>
-struct Io<double> : IoSame<double> {};
-
-template <>
-struct Io<BF16Tag> {
-  using S = uint16_t;
-  using M = float;
-  __device__ __forceinline__ static M ld(S v) { return __uint_as_float(static_cast<uint32_t>(v) << 16); }
-  // round to nearest even (the bits of __float2bfloat16 / c10::BFloat16 for every non-NaN value)
-  __device__ __forceinline__ static S st(M v) {
-    const uint32_t u = __float_as_uint(v);
-    return (v != v) ? static_cast<S>(0x7FC0) : static_cast<S>((u + 0x7FFFu + ((u >> 16) & 1u)) >> 16);
-  }
-};
-
-template <>
-struct Io<F16Tag> {
-  using S = uint16_t;
-  using M = float;
-  __device__ __forceinline__ static M ld(S v) { return __half2float(__ushort_as_half(v)); }
-  __device__ __forceinline__ static S st(M v) { return __half_as_ushort(__float2half_rn(v)); }
-};
-
-__device__ __forceinline__ float dsqrt(float v) { return sqrtf(v); }
-__device__ __forceinline__ double dsqrt(double v) { return sqrt(v); }
-
-template <typename M>
-struct Consts {
-  M lr, lam, mu, b1, omb1, b2, omb2, inv_c1, inv_c2, eps, gamma;
-};
-
-template <typename M>
-Consts<M> make_consts(const bcd::Job& j) {
-  Consts<M> k;
-  k.lr = static_cast<M>(j.lr);
-  k.lam = static_cast<M>(j.lam);
-  k.mu = static_cast<M>(j.mu);
-  k.b1 = static_cast<M>(j.b1);
-  k.omb1 = static_cast<M>(j.omb1);
-  k.b2 = static_cast<M>(j.b2);
-  k.omb2 = static_cast<M>(j.omb2);
-  k.inv_c1 = M(1) / static_cast<M>(j.c1);  // as torch's div_true_kernel_cuda: a * (opmath(1) / opmath(b))
-  k.inv_c2 = M(1) / static_cast<M>(j.c2);
-  k.eps = static_cast<M>(j.eps);
-  k.gamma = static_cast<M>(j.gamma);
-  return k;
-}
 
 template <typename S, typename M>
 struct Ptrs {
@@ -108,40 +50,6 @@ struct Ptrs {
   M* s0;
   M* s1;
 };
-
-// One element of the step: updates the state (s0, s1) and the norms, returns x_new (see fused_cpu_impl.h).
-template <typename M, int FORM, bool NEST>
-__device__ __forceinline__ M step(const Consts<M>& k, M xm, M am, M gv, M& s0, M& s1, M& r2, M& d2) {
-  if constexpr (FORM == bcd::kDamp) {
-    return xm;
-  } else {
-    const M d = xm - am;
-    const M r = gv + k.lam * d;
-    r2 += r * r;
-    d2 += d * d;
-    if constexpr (FORM == bcd::kNorms) {
-      return xm;
-    } else if constexpr (FORM == bcd::kSgd) {
-      return xm - k.lr * r;
-    } else if constexpr (FORM == bcd::kMomentum) {
-      const M b = k.mu * s0 + r;
-      s0 = b;
-      if constexpr (NEST) {
-        return xm - k.lr * (r + k.mu * b);
-      } else {
-        return xm - k.lr * b;
-      }
-    } else {
-      const M mn = k.b1 * s0 + k.omb1 * r;
-      const M vn = k.b2 * s1 + k.omb2 * r * r;
-      s0 = mn;
-      s1 = vn;
-      const M mhat = mn * k.inv_c1;
-      const M vhat = vn * k.inv_c2;
-      return xm - k.lr * mhat / (dsqrt(vhat) + k.eps);
-    }
-  }
-}
 
 // Fixed-pattern block sum of two doubles; the result is valid in thread 0. Every thread must call it.
 __device__ __forceinline__ void block_sum2(double& a, double& b) {
@@ -187,14 +95,16 @@ union VecM {
 template <typename T, int FORM, int MODE, bool NEST>
 __device__ __forceinline__ void body(Ptrs<typename Io<T>::S, typename Io<T>::M> p, Consts<typename Io<T>::M> k,
                                      int64_t n, int64_t head, int64_t nvec, double* __restrict__ partials) {
-  using IO = Io<T>;
-  using S = typename IO::S;
-  using M = typename IO::M;
+  using Op = Elem<T, FORM, NEST, TorchCudaRounding>;
+  using IO = typename Op::IO;
+  using S = typename Op::S;
+  using M = typename Op::M;
   constexpr int V = 16 / sizeof(S);
   constexpr int NS = V * sizeof(M) / 16;
-  constexpr bool kG = FORM != bcd::kDamp;
-  constexpr bool kS0 = FORM == bcd::kMomentum || FORM == bcd::kAdam;
-  constexpr bool kS1 = FORM == bcd::kAdam;
+  constexpr bool kG = Op::kReadsG;
+  constexpr bool kS0 = Op::kState0;
+  constexpr bool kS1 = Op::kState1;
+  const Op op{k};
 
   S* __restrict__ x = p.x;
   const S* __restrict__ g = p.g;
@@ -247,19 +157,14 @@ __device__ __forceinline__ void body(Ptrs<typename Io<T>::S, typename Io<T>::M> 
           if constexpr (kG) gm = IO::ld(G[u].s[e]);
           if constexpr (kS0) t0 = B0[u].m[e];
           if constexpr (kS1) t1 = B1[u].m[e];
-          const M xn = step<M, FORM, NEST>(k, xm, am, gm, t0, t1, r2, d2);
-          if constexpr (kS0) B0[u].m[e] = t0;
-          if constexpr (kS1) B1[u].m[e] = t1;
-          if constexpr (MODE == bcd::kPlain) {
-            XO.s[e] = IO::st(xn);
-          } else if constexpr (MODE == bcd::kDamped) {
-            XO.s[e] = IO::st(am + k.gamma * (xn - am));
-          } else if constexpr (MODE == bcd::kDampedOut) {
-            OO.s[e] = IO::st(am + k.gamma * (xn - am));
-            XO.s[e] = A[u].s[e];
-          } else {
-            (void)xn;  // kNone: the norms only
+          const Next<M> o = op(xm, am, gm, t0, t1);
+          if constexpr (Op::kNorms) {
+            r2 += o.rr;
+            d2 += o.dd;
           }
+          if constexpr (kS0) B0[u].m[e] = o.s0;
+          if constexpr (kS1) B1[u].m[e] = o.s1;
+          op.template write<MODE>(XO.s[e], OO.s[e], A[u].s[e], am, o.x);
         }
         if constexpr (MODE == bcd::kDampedOut) ov[v] = OO.u;
         if constexpr (MODE != bcd::kNone) xv[v] = XO.u;
@@ -286,22 +191,17 @@ __device__ __forceinline__ void body(Ptrs<typename Io<T>::S, typename Io<T>::M> 
     if constexpr (kG) gm = IO::ld(g[i]);
     if constexpr (kS0) t0 = s0[i];
     if constexpr (kS1) t1 = s1[i];
-    const M xn = step<M, FORM, NEST>(k, xm, am, gm, t0, t1, r2, d2);
-    if constexpr (kS0) s0[i] = t0;
-    if constexpr (kS1) s1[i] = t1;
-    if constexpr (MODE == bcd::kPlain) {
-      x[i] = IO::st(xn);
-    } else if constexpr (MODE == bcd::kDamped) {
-      x[i] = IO::st(am + k.gamma * (xn - am));
-    } else if constexpr (MODE == bcd::kDampedOut) {
-      out[i] = IO::st(am + k.gamma * (xn - am));
-      x[i] = a[i];
-    } else {
-      (void)xn;
+    const Next<M> o = op(xm, am, gm, t0, t1);
+    if constexpr (Op::kNorms) {
+      r2 += o.rr;
+      d2 += o.dd;
     }
+    if constexpr (kS0) s0[i] = o.s0;
+    if constexpr (kS1) s1[i] = o.s1;
+    op.template write<MODE>(x[i], MODE == bcd::kDampedOut ? out[i] : x[i], a[i], am, o.x);
   }
 
-  if constexpr (FORM != bcd::kDamp) {
+  if constexpr (Op::kNorms) {
     double ra = static_cast<double>(r2), da = static_cast<double>(d2);
     block_sum2(ra, da);
     if (threadIdx.x == 0) {
@@ -320,7 +220,7 @@ __global__ void __launch_bounds__(kThreads)
                  int64_t head, int64_t nvec, double* __restrict__ partials, const double* __restrict__ skip) {
   if constexpr (FORM == bcd::kSgd || FORM == bcd::kMomentum || FORM == bcd::kAdam) {
     if (skip != nullptr && *skip != 0.0) {
-      body<T, bcd::kNorms, MODE == bcd::kPlain ? bcd::kNone : MODE, false>(p, k, n, head, nvec, partials);
+      body<T, bcd::kNorms, bcd::skipped_mode(MODE), false>(p, k, n, head, nvec, partials);
       return;
     }
   }
@@ -380,86 +280,65 @@ inline bool aligned_at(const void* ptr, int64_t head, size_t esz) {
   return ptr == nullptr || (reinterpret_cast<uintptr_t>(ptr) + static_cast<uintptr_t>(head) * esz) % 16 == 0;
 }
 
+// The launch of one dtype/form/mode (the kernel, then the finalize kernel for the forms with norms);
+// instantiated by bcd::dispatch (fused_dispatch.h), the ladder the CPU kernel uses too.
 template <typename T, int FORM, int MODE, bool NEST>
-cudaError_t launch_t(const bcd::Job& job, int device, cudaStream_t stream, double* partials, void* r2,
-                     void* d2) {
-  using S = typename Io<T>::S;
-  using M = typename Io<T>::M;
-  constexpr int V = 16 / sizeof(S);
-  const int64_t n = job.n;
-  Ptrs<S, M> p{static_cast<S*>(job.x), static_cast<const S*>(job.g), static_cast<const S*>(job.a),
-               static_cast<S*>(job.out), static_cast<M*>(job.s0), static_cast<M*>(job.s1)};
-  const Consts<M> k = make_consts<M>(job);
+struct Launch {
+  static cudaError_t run(const bcd::Job& job, int device, cudaStream_t stream, double* partials, void* r2,
+                         void* d2) {
+    using S = typename Io<T>::S;
+    using M = typename Io<T>::M;
+    constexpr int V = 16 / sizeof(S);
+    const int64_t n = job.n;
+    Ptrs<S, M> p{static_cast<S*>(job.x), static_cast<const S*>(job.g), static_cast<const S*>(job.a),
+                 static_cast<S*>(job.out), static_cast<M*>(job.s0), static_cast<M*>(job.s1)};
+    const Consts<M> k = Consts<M>::make(job);
 
-  // vector layout: peel `head` elements so that x is 16-byte aligned; vectorise when every operand then is
-  int64_t head = n, nvec = 0;
-  const uintptr_t ax = reinterpret_cast<uintptr_t>(job.x);
-  if (ax % sizeof(S) == 0) {
-    const int64_t h = static_cast<int64_t>(((16 - ax % 16) % 16) / sizeof(S));
-    if (h < n && aligned_at(job.g, h, sizeof(S)) && aligned_at(job.a, h, sizeof(S)) &&
-        aligned_at(job.out, h, sizeof(S)) && aligned_at(job.s0, h, sizeof(M)) && aligned_at(job.s1, h, sizeof(M))) {
-      head = h;
-      nvec = (n - h) / V;
+    // vector layout: peel `head` elements so that x is 16-byte aligned; vectorise when every operand then is
+    int64_t head = n, nvec = 0;
+    const uintptr_t ax = reinterpret_cast<uintptr_t>(job.x);
+    if (ax % sizeof(S) == 0) {
+      const int64_t h = static_cast<int64_t>(((16 - ax % 16) % 16) / sizeof(S));
+      if (h < n && aligned_at(job.g, h, sizeof(S)) && aligned_at(job.a, h, sizeof(S)) &&
+          aligned_at(job.out, h, sizeof(S)) && aligned_at(job.s0, h, sizeof(M)) && aligned_at(job.s1, h, sizeof(M))) {
+        head = h;
+        nvec = (n - h) / V;
+      }
     }
+
+    int blocks = 0;
+    if (n > 0) {
+      const int64_t rem = n - nvec * V;
+      const int64_t work = std::max((nvec + kUnroll - 1) / kUnroll, rem);
+      int cap = 1;
+      cudaError_t err = grid_cap<T, FORM, MODE, NEST>(device, &cap);
+      if (err != cudaSuccess) return err;
+      blocks = static_cast<int>(std::min<int64_t>((work + kThreads - 1) / kThreads, cap));
+      blocks = std::max(blocks, 1);
+      fused_kernel<T, FORM, MODE, NEST><<<blocks, kThreads, 0, stream>>>(p, k, n, head, nvec, partials, job.skip);
+      err = cudaGetLastError();
+      if (err != cudaSuccess) return err;
+    }
+    if constexpr (FORM != bcd::kDamp) {
+      finalize_kernel<M><<<1, kThreads, 0, stream>>>(partials, blocks, static_cast<M*>(r2), static_cast<M*>(d2),
+                                                     job.rule, job.coef, job.index);
+      return cudaGetLastError();
+    }
+    return cudaSuccess;
   }
 
-  int blocks = 0;
-  if (n > 0) {
-    const int64_t rem = n - nvec * V;
-    const int64_t work = std::max((nvec + kUnroll - 1) / kUnroll, rem);
-    int cap = 1;
-    cudaError_t err = grid_cap<T, FORM, MODE, NEST>(device, &cap);
-    if (err != cudaSuccess) return err;
-    blocks = static_cast<int>(std::min<int64_t>((work + kThreads - 1) / kThreads, cap));
-    blocks = std::max(blocks, 1);
-    fused_kernel<T, FORM, MODE, NEST><<<blocks, kThreads, 0, stream>>>(p, k, n, head, nvec, partials, job.skip);
-    err = cudaGetLastError();
-    if (err != cudaSuccess) return err;
+  // kNone with a step form: the bindings never produce it (a skipped step is decided in the kernel).
+  static cudaError_t unsupported(const bcd::Job&, int, cudaStream_t, double*, void*, void*) {
+    return cudaErrorInvalidValue;
   }
-  if constexpr (FORM != bcd::kDamp) {
-    finalize_kernel<M><<<1, kThreads, 0, stream>>>(partials, blocks, static_cast<M*>(r2), static_cast<M*>(d2),
-                                                   job.rule, job.coef, job.index);
-    return cudaGetLastError();
-  }
-  return cudaSuccess;
-}
-
-template <typename T, int FORM, bool NEST>
-cudaError_t by_mode(const bcd::Job& j, int dev, cudaStream_t s, double* p, void* r2, void* d2) {
-  switch (j.mode) {
-    case bcd::kPlain: return launch_t<T, FORM, bcd::kPlain, NEST>(j, dev, s, p, r2, d2);
-    case bcd::kDamped: return launch_t<T, FORM, bcd::kDamped, NEST>(j, dev, s, p, r2, d2);
-    case bcd::kDampedOut: return launch_t<T, FORM, bcd::kDampedOut, NEST>(j, dev, s, p, r2, d2);
-    default:
-      if constexpr (FORM == bcd::kNorms) return launch_t<T, FORM, bcd::kNone, NEST>(j, dev, s, p, r2, d2);
-      return cudaErrorInvalidValue;
-  }
-}
-
-template <typename T>
-cudaError_t by_form(const bcd::Job& j, int dev, cudaStream_t s, double* p, void* r2, void* d2) {
-  switch (j.form) {
-    case bcd::kSgd: return by_mode<T, bcd::kSgd, false>(j, dev, s, p, r2, d2);
-    case bcd::kMomentum:
-      return j.nesterov ? by_mode<T, bcd::kMomentum, true>(j, dev, s, p, r2, d2)
-                        : by_mode<T, bcd::kMomentum, false>(j, dev, s, p, r2, d2);
-    case bcd::kAdam: return by_mode<T, bcd::kAdam, false>(j, dev, s, p, r2, d2);
-    case bcd::kNorms: return by_mode<T, bcd::kNorms, false>(j, dev, s, p, r2, d2);
-    default: return by_mode<T, bcd::kDamp, false>(j, dev, s, p, r2, d2);
-  }
-}
+};
 
 }  // namespace
 
 int max_blocks(int device) { return sm_count(device) * kMaxBlocksPerSM; }
 
 cudaError_t launch(const bcd::Job& job, int device, cudaStream_t stream, double* partials, void* r2, void* d2) {
-  switch (job.dtype) {
-    case bcd::kF32: return by_form<float>(job, device, stream, partials, r2, d2);
-    case bcd::kF64: return by_form<double>(job, device, stream, partials, r2, d2);
-    case bcd::kBF16: return by_form<BF16Tag>(job, device, stream, partials, r2, d2);
-    default: return by_form<F16Tag>(job, device, stream, partials, r2, d2);
-  }
+  return bcd::dispatch<Launch>(job, device, stream, partials, r2, d2);
 }
 
 }  // namespace bcd_cuda

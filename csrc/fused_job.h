@@ -8,19 +8,32 @@
 
 #ifdef __CUDACC__
 #define BCD_HOST_DEVICE __host__ __device__
+// Per-element code (fused_math.h) must be inlined into the loops of both backends: on the CPU so that GCC still
+// vectorises the `omp simd` loop around it exactly as when the math was written in the loop.
+#define BCD_INLINE __host__ __device__ __forceinline__
 #else
 #define BCD_HOST_DEVICE
+#define BCD_INLINE inline __attribute__((always_inline))
 #endif
 
 namespace bcd {
 
 enum DType : int { kF32 = 0, kF64 = 1, kBF16 = 2, kF16 = 3 };
+// The element types the kernels are instantiated for: float, double, and these tags for the 16-bit storage types
+// (held as uint16_t bits; each backend's dtype traits, fused_math.h `Io`, convert them).
+struct BF16Tag {};
+struct F16Tag {};
 // kNorms: the norms pass of the inexactness rule (reads x, g, a; x_new = x, no state): the `rule_check` op with
 // mode kNone, and what a step whose `skip` flag is set becomes (its damped write, if any, still happens).
 enum Form : int { kSgd = 0, kMomentum = 1, kAdam = 2, kDamp = 3, kNorms = 4 };
 // kPlain: x <- x_new.  kDamped: x <- a + gamma (x_new - a).  kDampedOut: out <- a + gamma (x_new - a), x <- a.
 // kNone: nothing is written (kNorms only).
 enum Mode : int { kPlain = 0, kDamped = 1, kDampedOut = 2, kNone = 3 };
+
+// The mode a step runs with when its `skip` flag is set: the norms form, keeping the damped write (if any) of
+// its mode on x_new = x; a plain step then writes nothing. The CPU applies it on the host, the CUDA kernel on the
+// device (fused_cuda.cu), so both skip the same way.
+BCD_HOST_DEVICE constexpr int skipped_mode(int mode) { return mode == kPlain ? kNone : mode; }
 
 // The rule state of one block solve: 4 doubles on the parameters' device, [stopped, r2, d2, k]. The norms pass
 // (`rule_check`, form kNorms) of inner step k writes it while stopped == 0: r2 and d2 of z_k (rounded to the

@@ -1,8 +1,11 @@
-"""bcdcore/_toolchain.py: the CUDA toolkit search and the libstdc++ link fix used by setup.py and the JIT build."""
+"""The build side of csrc/: bcdcore/_toolchain.py (the CUDA toolkit search and the libstdc++ link fix used by
+setup.py and the JIT build), the Makefile's GPU architectures, and the rule that the kernels' per-element math
+and dispatch are written once (csrc/fused_math.h, csrc/fused_dispatch.h)."""
 from __future__ import annotations
 
 import importlib.machinery
 import os
+import re
 import shutil
 import stat
 import subprocess
@@ -91,3 +94,41 @@ def test_cuda_home_finds_the_cuda_folder_under_a_prefix(tmp_path, monkeypatch):
     monkeypatch.setenv("PATH", os.defpath)
     root = _toolkit(tmp_path / "prefix" / "cuda")
     assert _toolchain.cuda_home(str(tmp_path / "prefix")) == str(root)
+
+
+@pytest.mark.skipif(shutil.which("make") is None, reason="no make")
+@pytest.mark.parametrize("gpu", [True, False])
+def test_makefile_sets_the_cuda_arch_only_without_a_gpu(tmp_path, gpu):
+    """`make` leaves TORCH_CUDA_ARCH_LIST unset where `nvidia-smi -L` finds a GPU (torch then builds for the
+    visible devices) and defaults it to 9.0 where none answers; a value the user set always wins."""
+    smi = tmp_path / "nvidia-smi"
+    smi.write_text("#!/bin/sh\necho 'GPU 0: fake'\n" if gpu else "#!/bin/sh\nexit 9\n")
+    smi.chmod(smi.stat().st_mode | stat.S_IXUSR)
+    env = {k: v for k, v in os.environ.items() if k != "TORCH_CUDA_ARCH_LIST"}
+    env["PATH"] = str(tmp_path) + os.pathsep + env.get("PATH", "")
+    probe = ["make", "-s", "-f", str(REPO / "Makefile"), "--eval", "arch: ; @echo \"[$$TORCH_CUDA_ARCH_LIST]\"",
+             "arch"]
+    out = subprocess.run(probe, cwd=tmp_path, env=env, capture_output=True, text=True, timeout=60)
+    assert out.returncode == 0, out.stderr
+    assert out.stdout.strip() == ("[]" if gpu else "[9.0]")
+    env["TORCH_CUDA_ARCH_LIST"] = "8.0"
+    out = subprocess.run(probe, cwd=tmp_path, env=env, capture_output=True, text=True, timeout=60)
+    assert out.stdout.strip() == "[8.0]"
+
+
+# Per-element arithmetic and the dtype/form/mode switch: each may appear in csrc/fused_math.h and
+# csrc/fused_dispatch.h only; the kernel files load, loop, reduce and store around them.
+_WRITTEN_ONCE = {
+    "per-element math": re.compile(r"\bsqrt|\b(lr|lam|mu|b1|b2|omb1|omb2|gamma|eps)\s*[-+*/]"
+                                   r"|[-+*/]\s*k\.(lr|lam|mu|gamma)\b"),
+    "dispatch ladder": re.compile(r"switch\s*\(\s*\w+\.(dtype|form|mode)\s*\)"),
+    "dtype traits": re.compile(r"struct\s+Io\b|0x7FC0|__half2float|fp16_ieee_to_fp32"),
+}
+
+
+@pytest.mark.parametrize("kernel", ["fused_cpu_impl.h", "fused_cpu.cpp", "fused_cuda.cu"])
+def test_kernels_do_not_restate_the_math_or_the_dispatch(kernel):
+    code = "\n".join(line.split("//")[0] for line in (REPO / "csrc" / kernel).read_text().splitlines())
+    for what, pattern in _WRITTEN_ONCE.items():
+        hits = [m.group(0) for m in pattern.finditer(code)]
+        assert not hits, f"csrc/{kernel} restates the {what} ({hits[:3]}): fused_math.h / fused_dispatch.h own it"
