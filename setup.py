@@ -2,7 +2,7 @@
 
 The sources in csrc/ ship twice: in the sdist (MANIFEST.in), so that a wheel or an install can be built from
 it, and inside the installed package as `bcdcore/_csrc/` (`build_py` below), so that the JIT fallback of
-bcdcore/_compiled.py can compile them where the package was installed without its extensions (BCD_NO_EXT=1,
+bcdcore/compiled.py can compile them where the package was installed without its extensions (BCD_NO_EXT=1,
 or built against another torch), not only in a checkout.
 """
 from __future__ import annotations
@@ -48,7 +48,7 @@ def get_extensions() -> list:
     import sys
 
     sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-    from bcdcore import _toolchain
+    from bcdcore import toolchain
 
     def say(msg):
         print(f"bcdcore build: {msg}", file=sys.stderr)
@@ -66,11 +66,11 @@ def get_extensions() -> list:
         say("no C++ compiler found; not building the compiled ops (the engine uses the reference backend)")
         return []
 
-    cxx = list(_toolchain.CXX_FLAGS)
-    link = _toolchain.libstdcxx_link_args()
+    cxx = list(toolchain.CXX_FLAGS)
+    link = toolchain.libstdcxx_link_args()
     if link:
         say(f"the C++ compiler has no shared libstdc++; linking torch's {link[0]}")
-    cpu_cxx, cpu_link = cxx + _toolchain.openmp_flags(), link + _toolchain.openmp_flags()
+    cpu_cxx, cpu_link = cxx + toolchain.openmp_flags(), link + toolchain.openmp_flags()
     exts = [cpp_extension.CppExtension("bcdcore._C", ["csrc/fused_cpu.cpp"],
                                        extra_compile_args={"cxx": cpu_cxx}, extra_link_args=cpu_link)]
 
@@ -79,7 +79,7 @@ def get_extensions() -> list:
     elif not torch.version.cuda:
         say(f"torch {torch.__version__} has no CUDA; building the CPU extension only")
     else:
-        home = _toolchain.cuda_home(cpp_extension.CUDA_HOME)
+        home = toolchain.cuda_home(cpp_extension.CUDA_HOME)
         if home is None:
             say("no CUDA toolkit found (set CUDA_HOME to a root with bin/nvcc, include/ and lib64/libcudart); "
                 "building the CPU extension only")
@@ -97,13 +97,13 @@ def get_extensions() -> list:
                 say(f"no GPU visible: building for TORCH_CUDA_ARCH_LIST={os.environ['TORCH_CUDA_ARCH_LIST']}")
             exts.append(cpp_extension.CUDAExtension(
                 "bcdcore._C_cuda", ["csrc/fused_cuda_bind.cpp", "csrc/fused_cuda.cu"],
-                extra_compile_args={"cxx": list(cxx), "nvcc": list(_toolchain.NVCC_FLAGS)},
+                extra_compile_args={"cxx": list(cxx), "nvcc": list(toolchain.NVCC_FLAGS)},
                 extra_link_args=list(link)))
     return exts
 
 
 class BuildPyWithSources(build_py):
-    """Copies csrc/ into the built package as bcdcore/_csrc/, where bcdcore/_compiled.py looks first for the
+    """Copies csrc/ into the built package as bcdcore/_csrc/, where bcdcore/compiled.py looks first for the
     sources of its JIT fallback (a checkout has no _csrc and uses csrc/ next to the package)."""
 
     def run(self) -> None:

@@ -285,8 +285,8 @@ def main(argv: list[str] | None = None) -> int:
 
     info = ""
     try:
-        from bcdcore import _compiled
-        info = ", ".join(f"{k}={v}" for k, v in _compiled.info().items() if k != "notes")
+        from bcdcore.ops import compiled
+        info = ", ".join(f"{k}={v}" for k, v in compiled.info().items() if k != "notes")
     except ImportError:
         pass
     dev_name = torch.cuda.get_device_name(device) if device.type == "cuda" else (platform.processor() or

@@ -1,4 +1,4 @@
-"""The JIT fallback of bcdcore/_compiled.py: when the prebuilt `bcdcore._C` is missing, the CPU ops are built
+"""The JIT fallback of bcdcore/compiled.py: when the prebuilt `bcdcore._C` is missing, the CPU ops are built
 once with torch.utils.cpp_extension.load into $BCD_EXT_CACHE, match `reference`, and later processes import
 the cached build without compiling; a failed build is remembered and not retried, and the engine falls back to
 `reference`. Each case runs in a fresh process in which the prebuilt modules cannot be imported. The sdist carries
@@ -23,9 +23,9 @@ import torch
 from bcdcore import ops
 info = {"backends": ops.available_backends()}
 if "cpu" in info["backends"]:
-    from bcdcore import _compiled
-    info.update(_compiled.info())
-    info["csrc"] = str(_compiled._CSRC)
+    from bcdcore.ops import compiled
+    info.update(compiled.info())
+    info["csrc"] = str(compiled.CSRC)
     gen = torch.Generator().manual_seed(int(sys.argv[1]))
     x, g, a = (torch.randn(10_007, generator=gen) for _ in range(3))
     want, got = x.clone(), x.clone()

@@ -1,4 +1,4 @@
-"""The compiled fused ops (csrc/, bcdcore._compiled) against the `reference` backend of bcdcore.ops.
+"""The compiled fused ops (csrc/, bcdcore.ops.compiled) against the `reference` backend of bcdcore.ops.
 
 Every case draws fresh random inputs (a new seed per run, printed on failure; BCD_TEST_SEED=N reproduces one),
 never zeros, and poisons `out` with NaN before the call. Tolerances (torch.testing.assert_close):
@@ -28,12 +28,12 @@ from torch.testing import assert_close
 from bcdcore import ops
 
 try:
-    from bcdcore import _compiled
+    from bcdcore.ops import compiled
 
-    _BACKENDS = _compiled.backends()
-    _WHY = "; ".join(f"{k}={v}" for k, v in _compiled.info().items())
+    _BACKENDS = compiled.backends()
+    _WHY = "; ".join(f"{k}={v}" for k, v in compiled.info().items())
 except ImportError as exc:  # nothing compiled: every test here skips
-    _compiled = None
+    compiled = None
     _BACKENDS = {}
     _WHY = str(exc)
 
@@ -258,7 +258,7 @@ def test_cpu_matches_reference(case):
 @needs_cpu
 @pytest.mark.parametrize("isa", ["default", "avx2", "avx512"])
 def test_cpu_every_instruction_set_matches_reference(isa):
-    mod = _compiled.cpu_module
+    mod = compiled.cpu_module
     if mod is None or isa not in mod.available_isas():
         pytest.skip(f"instruction set {isa} not available on this processor/build")
     before = mod.isa()

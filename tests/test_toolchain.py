@@ -1,4 +1,4 @@
-"""The build side of csrc/: bcdcore/_toolchain.py (the CUDA toolkit search and the libstdc++ link fix used by
+"""The build side of csrc/: bcdcore/toolchain.py (the CUDA toolkit search and the libstdc++ link fix used by
 setup.py and the JIT build), the Makefile's GPU architectures, and the rule that the kernels' per-element math
 and dispatch are written once (csrc/fused_math.h, csrc/fused_dispatch.h)."""
 from __future__ import annotations
@@ -15,7 +15,7 @@ from pathlib import Path
 import pytest
 import torch  # noqa: F401 - loads the libstdc++ that torch runs on, which loaded_libstdcxx() reports
 
-from bcdcore import _toolchain
+from bcdcore import toolchain
 
 REPO = Path(__file__).resolve().parents[1]
 linux_only = pytest.mark.skipif(not sys.platform.startswith("linux"), reason="libstdc++ handling is Linux-only")
@@ -31,25 +31,25 @@ def _fake_compiler(tmp_path: Path, prints: str) -> str:
 
 @linux_only
 def test_loaded_libstdcxx_is_the_one_in_this_process():
-    lib = _toolchain.loaded_libstdcxx()
+    lib = toolchain.loaded_libstdcxx()
     assert lib is not None and Path(lib).is_file() and "libstdc++.so" in Path(lib).name
 
 
 @linux_only
 def test_static_only_compiler_gets_the_loaded_libstdcxx(tmp_path):
     # gcc echoes the bare name back when it has no such file: only a static archive would be linked
-    args = _toolchain.libstdcxx_link_args(_fake_compiler(tmp_path, "libstdc++.so"))
-    assert args == [_toolchain.loaded_libstdcxx()]
+    args = toolchain.libstdcxx_link_args(_fake_compiler(tmp_path, "libstdc++.so"))
+    assert args == [toolchain.loaded_libstdcxx()]
 
 
 @linux_only
 def test_compiler_with_a_shared_libstdcxx_needs_nothing(tmp_path):
     found = tmp_path / "lib" / "libstdc++.so"
-    assert _toolchain.libstdcxx_link_args(_fake_compiler(tmp_path, str(found))) == []
+    assert toolchain.libstdcxx_link_args(_fake_compiler(tmp_path, str(found))) == []
 
 
 def test_missing_compiler_adds_nothing(tmp_path):
-    assert _toolchain.libstdcxx_link_args(str(tmp_path / "no-such-compiler")) == []
+    assert toolchain.libstdcxx_link_args(str(tmp_path / "no-such-compiler")) == []
 
 
 @linux_only
@@ -79,12 +79,12 @@ def _toolkit(root: Path, with_cudart: bool = True) -> Path:
 def test_cuda_home_takes_a_complete_toolkit_from_the_environment(tmp_path, monkeypatch):
     root = _toolkit(tmp_path / "cuda")
     monkeypatch.setenv("CUDA_HOME", str(root))
-    assert _toolchain.cuda_home() == str(root)
+    assert toolchain.cuda_home() == str(root)
 
 
 def test_cuda_home_rejects_a_toolkit_without_cudart(tmp_path, monkeypatch):
     monkeypatch.setenv("CUDA_HOME", str(_toolkit(tmp_path / "cuda", with_cudart=False)))
-    assert _toolchain.cuda_home() is None
+    assert toolchain.cuda_home() is None
 
 
 def test_cuda_home_finds_the_cuda_folder_under_a_prefix(tmp_path, monkeypatch):
@@ -93,7 +93,7 @@ def test_cuda_home_finds_the_cuda_folder_under_a_prefix(tmp_path, monkeypatch):
     monkeypatch.delenv("CUDA_PATH", raising=False)
     monkeypatch.setenv("PATH", os.defpath)
     root = _toolkit(tmp_path / "prefix" / "cuda")
-    assert _toolchain.cuda_home(str(tmp_path / "prefix")) == str(root)
+    assert toolchain.cuda_home(str(tmp_path / "prefix")) == str(root)
 
 
 @pytest.mark.skipif(shutil.which("make") is None, reason="no make")

@@ -29,7 +29,7 @@ from typing import Callable
 
 import torch
 
-from bcdcore import _toolchain
+from bcdcore import toolchain
 
 log = logging.getLogger(__name__)
 
@@ -47,9 +47,9 @@ def _find_csrc() -> Path:
     return pkg.parent / "csrc"  # named in the "not found" reason of _jit
 
 
-_CSRC = _find_csrc()
+CSRC = _find_csrc()
 # Every header takes part in the cache key: the sources include them, so a change in any is a new build.
-_HEADERS = tuple(sorted(p.name for p in _CSRC.glob("*.h")))
+_HEADERS = tuple(sorted(p.name for p in CSRC.glob("*.h")))
 
 cpu_module: ModuleType | None = None
 cuda_module: ModuleType | None = None
@@ -76,7 +76,7 @@ def _cache_root() -> Path:
 def _digest(files: tuple[str, ...], flags: list[str]) -> str:
     h = hashlib.sha256()
     for f in files + _HEADERS:
-        p = _CSRC / f
+        p = CSRC / f
         h.update(f.encode())
         h.update(p.read_bytes() if p.exists() else b"")
     h.update(" ".join(flags).encode())
@@ -90,14 +90,14 @@ def _jit(kind: str) -> ModuleType | None:
         _reasons.append(f"JIT build of the {kind} ops disabled by BCD_NO_JIT=1")
         return None
     sources = CPU_SOURCES if kind == "cpu" else CUDA_SOURCES
-    missing = [s for s in sources if not (_CSRC / s).exists()]
+    missing = [s for s in sources if not (CSRC / s).exists()]
     if missing:
-        _reasons.append(f"JIT build of the {kind} ops impossible: {', '.join(missing)} not found in {_CSRC}")
+        _reasons.append(f"JIT build of the {kind} ops impossible: {', '.join(missing)} not found in {CSRC}")
         return None
-    flags = list(_toolchain.CXX_FLAGS) + (_toolchain.openmp_flags() if kind == "cpu" else [])
+    flags = list(toolchain.CXX_FLAGS) + (toolchain.openmp_flags() if kind == "cpu" else [])
     key = list(flags)
     if kind == "cuda":  # the GPU architectures built for: the visible devices (or TORCH_CUDA_ARCH_LIST)
-        key += list(_toolchain.NVCC_FLAGS) + [os.environ.get("TORCH_CUDA_ARCH_LIST", "")]
+        key += list(toolchain.NVCC_FLAGS) + [os.environ.get("TORCH_CUDA_ARCH_LIST", "")]
         key += [str(torch.cuda.get_device_capability(i)) for i in range(torch.cuda.device_count())]
     digest = _digest(sources, key)
     name = f"bcdcore_fused_{kind}_{digest}"
@@ -118,20 +118,20 @@ def _jit(kind: str) -> ModuleType | None:
 
         kwargs: dict = {}
         if kind == "cuda":
-            home = _toolchain.cuda_home()
+            home = toolchain.cuda_home()
             if home is None:
                 _reasons.append("JIT build of the cuda ops impossible: no CUDA toolkit found (set CUDA_HOME)")
                 return None
             cpp_extension.CUDA_HOME = home
             os.environ.setdefault("CUDA_HOME", home)
-            kwargs["extra_cuda_cflags"] = list(_toolchain.NVCC_FLAGS)
+            kwargs["extra_cuda_cflags"] = list(toolchain.NVCC_FLAGS)
         if not any(build_dir.glob(f"{name}*.so")):
             log.warning("bcdcore: compiling the %s fused ops once (a minute or two); cached in %s", kind, build_dir)
         module = cpp_extension.load(
             name=name,
-            sources=[str(_CSRC / s) for s in sources],
+            sources=[str(CSRC / s) for s in sources],
             extra_cflags=flags,
-            extra_ldflags=(["-fopenmp"] if "-fopenmp" in flags else []) + _toolchain.libstdcxx_link_args(),
+            extra_ldflags=(["-fopenmp"] if "-fopenmp" in flags else []) + toolchain.libstdcxx_link_args(),
             build_directory=str(build_dir),
             verbose=os.environ.get("BCD_JIT_VERBOSE") == "1",
             **kwargs,

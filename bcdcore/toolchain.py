@@ -1,5 +1,5 @@
 """What the build of csrc/ needs to know about the machine's toolchain; shared by setup.py and the JIT build in
-bcdcore/_compiled.py. Standard library only (setup.py imports it before anything is built)."""
+bcdcore/compiled.py. Standard library only (setup.py imports it before anything is built)."""
 from __future__ import annotations
 
 import os
