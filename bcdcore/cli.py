@@ -169,7 +169,7 @@ def cmd_run(args) -> int:
     print(f"run directory: {run.rundir.path}", flush=True)
     console = None if args.quiet else Console(stderr=True)
     code = run.execute(console)
-    print(final_summary(run), flush=True)
+    print(final_summary(run.state, run.reason, getattr(run, "final_metrics", None)), flush=True)
     return code
 
 

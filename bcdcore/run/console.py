@@ -4,13 +4,10 @@ from __future__ import annotations
 
 import logging
 import math
-from typing import TYPE_CHECKING
 
 from bcdcore.recipe import os_reason
 from bcdcore.resources import is_out_of_memory
 
-if TYPE_CHECKING:  # annotation only: the loop imports this module
-    from bcdcore.run.loop import Run
 
 
 class RoundProgress:
@@ -47,11 +44,12 @@ class QuietFileHandler(logging.FileHandler):
         pass
 
 
-def final_summary(run: Run) -> str:
-    m = getattr(run, "final_metrics", None) or {}
+def final_summary(state: str, reason: str, final_metrics: dict | None) -> str:
+    """The run's last console line: `finished: rounds done  |  test_acc 0.9889 ...`."""
+    m = final_metrics or {}
     parts = [f"{k} {m[k]:.4f}" for k in ("test_acc", "test_loss", "val_acc", "val_loss") if
              isinstance(m.get(k), (int, float)) and math.isfinite(m[k])]
-    return f"{run.state}: {run.reason}" + (f"  |  {'  '.join(parts)}" if parts else "")
+    return f"{state}: {reason}" + (f"  |  {'  '.join(parts)}" if parts else "")
 
 
 def error_line(exc: BaseException) -> str:

@@ -155,6 +155,6 @@ def _run_rank(attach: Path | None, attach_resume: bool, recipe: Recipe | None, r
         return 1
     dist.destroy_process_group()
     if rank == 0 and not launched_by_bcdcore():
-        announce(final_summary(run))
+        announce(final_summary(run.state, run.reason, getattr(run, "final_metrics", None)))
         return code
     return 0  # an orderly end: the launcher reads the state from status.json
