@@ -25,7 +25,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass, field
-from typing import Callable
+from typing import TYPE_CHECKING, Callable
 
 import torch
 from torch import Tensor, nn
@@ -34,6 +34,9 @@ from bcdcore import ops
 from bcdcore.data.batches import BatchStream
 from bcdcore.params import FlatParams
 from bcdcore.recipe import AlgorithmConfig
+
+if TYPE_CHECKING:  # a distributed run's communicator (bcdcore.run.distributed); only its type is named
+    from bcdcore.run.distributed import Comm
 
 LossFn = Callable[[Tensor, Tensor], Tensor]
 
@@ -107,7 +110,7 @@ class BlockwiseTrainer:
 
     def __init__(self, model: nn.Module, params: FlatParams, loss_fn: LossFn, streams: list[BatchStream],
                  cfg: AlgorithmConfig, lams: list[float], gammas: list[float], backend: str,
-                 seed: int, comm=None) -> None:
+                 seed: int, comm: "Comm | None" = None) -> None:
         n = params.n_blocks
         if not (len(streams) == len(lams) == len(gammas) == n):
             raise ValueError("one stream, lambda and gamma per block are required")
@@ -310,7 +313,7 @@ class EntireTrainer:
     """The baseline: the whole model trained by the same solver, K steps per round, state kept throughout."""
 
     def __init__(self, model: nn.Module, params: FlatParams, loss_fn: LossFn, stream: BatchStream,
-                 cfg: AlgorithmConfig, backend: str, comm=None) -> None:
+                 cfg: AlgorithmConfig, backend: str, comm: "Comm | None" = None) -> None:
         self.model, self.params, self.loss_fn, self.stream, self.cfg = model, params, loss_fn, stream, cfg
         self.backend = backend
         self.comm = comm

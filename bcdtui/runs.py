@@ -66,10 +66,6 @@ class RunRow:
     def progress(self) -> float:
         return min(1.0, self.round / self.rounds) if self.rounds else 0.0
 
-    @property
-    def is_live(self) -> bool:
-        return self.state in ACTIVE
-
     def sort_value(self, column: str):
         value = {
             "run": self.id, "recipe": self.recipe, "state": STATE_ORDER.get(self.state, 9),

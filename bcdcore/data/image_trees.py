@@ -9,14 +9,7 @@ import torch
 
 from bcdcore.data.image_files import ImageFiles, decode_images, file_moments
 from bcdcore.data.images import image_bundle
-from bcdcore.data.splits import (
-    SUBSET_STREAM,
-    carve,
-    load_failed,
-    missing_files,
-    per_class_subset,
-    split_indices,
-)
+from bcdcore.data.splits import SUBSET_STREAM, carve, load_failed, missing_files, per_class_subset, split_indices
 from bcdcore.data.types import DataBundle, Split, data_root
 from bcdcore.recipe import CLASSIFICATION, DataConfig, RecipeError
 

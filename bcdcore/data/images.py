@@ -37,7 +37,6 @@ from bcdcore.data.splits import carve, load_failed, missing_files, per_class_sub
 from bcdcore.data.types import DataBundle, Split, data_root
 from bcdcore.recipe import CLASSIFICATION, DataConfig
 
-
 AUGMENT_STREAM = 3  # training-time augmentation draws
 
 MINI_MNIST_PER_CLASS = 500  # the seed sandbox's 5k-image mini_mnist

@@ -7,11 +7,20 @@ from __future__ import annotations
 
 from typing import Callable
 
-from bcdcore.data.embedded import (load_diabetes, load_digits, load_digits_flat, load_quadratic, load_toy_regression)
-from bcdcore.data.image_trees import (load_imagenet, load_mini_imagenet)
-from bcdcore.data.images import (load_cifar10, load_cifar100, load_fashion_mnist, load_mini_mnist, load_mnist, load_mnist_8ch, load_mnist_flat, load_svhn)
-from bcdcore.data.tabular import (load_california_housing)
-from bcdcore.data.text import (load_imdb, load_stdlib_text)
+from bcdcore.data.embedded import load_diabetes, load_digits, load_digits_flat, load_quadratic, load_toy_regression
+from bcdcore.data.image_trees import load_imagenet, load_mini_imagenet
+from bcdcore.data.images import (
+    load_cifar10,
+    load_cifar100,
+    load_fashion_mnist,
+    load_mini_mnist,
+    load_mnist,
+    load_mnist_8ch,
+    load_mnist_flat,
+    load_svhn,
+)
+from bcdcore.data.tabular import load_california_housing
+from bcdcore.data.text import load_imdb, load_stdlib_text
 from bcdcore.data.types import DataBundle
 from bcdcore.recipe import DataConfig
 

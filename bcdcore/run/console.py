@@ -9,7 +9,6 @@ from bcdcore.recipe import os_reason
 from bcdcore.resources import is_out_of_memory
 
 
-
 class RoundProgress:
     """Rich progress bar on the console: round, loss, val metric, ETA."""
 

@@ -40,16 +40,11 @@ import torch
 import torch.distributed as dist
 from torch import Tensor
 
+from bcdcore.recipe import DistributedConfig
+
 log = logging.getLogger("bcdcore.distributed")
 
 ENV_LAUNCHED = "BCD_DIST_LAUNCHED"  # set by the bcdcore launcher: it finalises failures in status.json
-
-
-def world_from_env() -> int:
-    try:
-        return int(os.environ.get("WORLD_SIZE", "1"))
-    except ValueError:
-        return 1
 
 
 def launched_by_bcdcore() -> bool:
@@ -174,12 +169,6 @@ class Comm:
         dist.gather_object(obj, out, dst=0)
         return out
 
-    def all_reduce_grad(self, grad: Tensor) -> None:
-        """Mean of the gradients over the ranks (the manual form of DDP's reducer; used when DDP is not)."""
-        dist.all_reduce(grad)
-        grad.div_(self.world)
-        self.account_all_reduce(grad.numel() * grad.element_size())
-
     def account_all_reduce(self, n: int) -> None:
         self.account(2 * (self.world - 1) * n, 2 * (self.world - 1) * n // self.world)
 
@@ -196,7 +185,7 @@ class Comm:
         return int(t[0]), int(t[1])
 
 
-def init_rank(cfg) -> tuple[int, int, int]:
+def init_rank(cfg: DistributedConfig) -> tuple[int, int, int]:
     """Join the process group torchrun set up (env://). Returns (rank, world, local_rank)."""
     local_rank = int(os.environ.get("LOCAL_RANK", "0"))
     backend = cfg.backend

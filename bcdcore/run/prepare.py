@@ -4,6 +4,7 @@ every recipe problem raised as a RecipeError before anything is written; and eva
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
 import torch
 import torch.nn.functional as F
@@ -18,6 +19,9 @@ from bcdcore.models import build_model
 from bcdcore.params import FlatParams
 from bcdcore.recipe import CLASSIFICATION, Recipe, RecipeError, check_block_lists, per_block
 from bcdcore.resources import check_model_fits, is_out_of_memory
+
+if TYPE_CHECKING:  # the communicator imports torch.distributed; only its type is named here
+    from bcdcore.run.distributed import Comm
 
 # distinct seed streams derived from the one run seed
 SEED_MODEL, SEED_ACTIVE, SEED_ENTIRE_STREAM = 1, 2, 3
@@ -90,7 +94,7 @@ class Prepared:
     measurements: list  # (MeasureConfig, Measurement) pairs
 
 
-def prepare(recipe: Recipe, comm=None) -> Prepared:
+def prepare(recipe: Recipe, comm: "Comm | None" = None) -> Prepared:
     """Build everything a run needs. Recipe problems raise RecipeError; nothing is written to disk.
     `comm` (bcdcore.run.distributed.Comm) makes the trainer one rank of a distributed run."""
     device = resolve_device(recipe.run.device)
