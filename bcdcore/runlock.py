@@ -9,18 +9,6 @@ import socket
 import time
 from pathlib import Path
 
-from bcdcore.records import RecordError, parse_event, plain, printable  # noqa: E402,F401
-from bcdcore.runfiles import (  # noqa: E402,F401
-    Events,
-    EventTail,
-    open_regular,
-    read_complete_lines,
-    read_events,
-    read_file_bytes,
-    read_recipe_dict,
-    read_status_checked,
-)
-
 LOCK_FILE = "lock"
 
 

@@ -12,6 +12,7 @@ from bcdcore.data.images import image_bundle
 from bcdcore.data.splits import SUBSET_STREAM, carve, load_failed, missing_files, per_class_subset, split_indices
 from bcdcore.data.types import DataBundle, Split, data_root
 from bcdcore.recipe import CLASSIFICATION, DataConfig, RecipeError
+from bcdcore.resources import available_bytes
 
 IMAGENET_SIZE, MINI_IMAGENET_SIZE = 64, 84  # default image sizes of the trees
 STATS_IMAGES = 10_000  # storage = "disk": training images sampled for the normalisation statistics
@@ -24,14 +25,7 @@ _LOAD_BYTES_PER_VALUE = 10
 
 def available_memory() -> int | None:
     """Bytes of memory the system can still give (MemAvailable), or None where that cannot be read."""
-    try:
-        with open("/proc/meminfo") as f:
-            for line in f:
-                if line.startswith("MemAvailable:"):
-                    return int(line.split()[1]) * 1024
-    except (OSError, ValueError, IndexError):
-        pass
-    return None
+    return available_bytes(torch.device("cpu"))
 
 
 def _check_fits_in_memory(cfg: DataConfig, folder: Path, n_images: int, size: int) -> None:
