@@ -12,8 +12,9 @@ import tomllib
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from bcdcore.recipe import Recipe, RecipeError, expand_grid, os_reason, parse_recipe, toml_value
-from bcdcore.rundir import RecordError, plain, printable, read_file_bytes
+from bcdcore.recipe import Recipe, RecipeError, expand_grid, parse_recipe, toml_value
+from bcdcore.recipe import read_recipe_text as core_read_recipe_text
+from bcdcore.rundir import RecordError, plain, printable
 from bcdcore.scheduler import point_overrides
 
 TEMPLATE = """\
@@ -206,25 +207,14 @@ class LaunchPlan:
         return lines
 
 
-MAX_RECIPE_BYTES = 4 << 20
-
-
 def read_recipe_text(path: Path) -> str:
-    """A recipe file's text; RecipeError with one line when it cannot be (not UTF-8, a directory or FIFO,
-    too large, unreadable). Never blocks on a FIFO (bcdcore.rundir.read_file_bytes)."""
-    path = Path(path)
+    """A recipe file's text, read by the engine's own reader (bcdcore.recipe.read_recipe_text: size, UTF-8,
+    a directory or FIFO refused unread), so the workstation accepts exactly the files `bcdcore run` does; the
+    error line is made printable for the terminal."""
     try:
-        raw = read_file_bytes(path, MAX_RECIPE_BYTES + 1)
-    except OSError as exc:
-        raise RecipeError(f"{printable(str(path))}: cannot read ({os_reason(exc, with_path=False)})") from None
-    except RecordError as exc:
-        raise RecipeError(f"{printable(str(path))}: cannot read (it {exc})") from None
-    if len(raw) > MAX_RECIPE_BYTES:
-        raise RecipeError(f"{printable(str(path))}: larger than {MAX_RECIPE_BYTES} bytes; not a recipe")
-    try:
-        return raw.decode("utf-8")
-    except UnicodeDecodeError as exc:
-        raise RecipeError(f"{printable(str(path))}: not UTF-8 text (bad byte at offset {exc.start})") from None
+        return core_read_recipe_text(Path(path))
+    except RecipeError as exc:
+        raise RecipeError(printable(str(exc))) from None
 
 
 def plan_launch(path: Path, overrides: list[str] | tuple[str, ...] = (), source: str | None = None) -> LaunchPlan:

@@ -31,8 +31,10 @@ def read_recipe_text(path: Path) -> str:
     try:
         if not path.exists():
             raise RecipeError(f"{path}: no such recipe file; pass the path of a .toml recipe")
-        if not path.is_file():
+        if path.is_dir():
             raise RecipeError(f"{path}: not a file; pass the path of a .toml recipe")
+        if not path.is_file():  # a FIFO or a device: never opened (reading a FIFO would block)
+            raise RecipeError(f"{path}: not a regular file; pass the path of a .toml recipe")
         if path.stat().st_size > MAX_RECIPE_BYTES:
             raise RecipeError(f"{path}: {path.stat().st_size} bytes is too large for a recipe "
                               f"(at most {MAX_RECIPE_BYTES}); is it the right file?")
