@@ -61,14 +61,20 @@ def finish(x: Tensor, x_new: Tensor, a: Tensor, am: Tensor, gamma: float | None,
         x.copy_(a)
 
 
-def sgd(x, g, a, *, lr, lam, gamma=None, out=None, skip=None):
-    check_inputs(x, g, a)
-    flag = skip_flag(x, skip)
+def residual(x: Tensor, g: Tensor, a: Tensor, lam: float) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor]:
+    """In the math dtype: x, a, the proximal gradient r = g + lam (x - a), and the rule's two squared norms
+    ||r||^2 and ||x - a||^2 at the pre-step point (every form starts here)."""
     dt = math_dtype(x)
     xm, am = x.to(dt), a.to(dt)
     d = xm - am
     r = g.to(dt) + lam * d
-    r2, d2 = (r * r).sum(), (d * d).sum()
+    return xm, am, r, (r * r).sum(), (d * d).sum()
+
+
+def sgd(x, g, a, *, lr, lam, gamma=None, out=None, skip=None):
+    check_inputs(x, g, a)
+    flag = skip_flag(x, skip)
+    xm, am, r, r2, d2 = residual(x, g, a, lam)
     finish(x, keep_where(flag, xm, xm - lr * r), a, am, gamma, out)
     return r2, d2
 
@@ -77,12 +83,8 @@ def momentum(x, g, a, buf, *, lr, lam, momentum, nesterov=False, gamma=None, out
     """Heavy ball as torch.optim.SGD (dampening 0): buf <- mu*buf + r; step = buf (nesterov: r + mu*buf)."""
     check_inputs(x, g, a, buf)
     flag = skip_flag(x, skip)
-    dt = math_dtype(x)
-    xm, am = x.to(dt), a.to(dt)
-    d = xm - am
-    r = g.to(dt) + lam * d
-    r2, d2 = (r * r).sum(), (d * d).sum()
-    b = momentum * buf.to(dt) + r
+    xm, am, r, r2, d2 = residual(x, g, a, lam)
+    b = momentum * buf.to(r.dtype) + r
     step = r + momentum * b if nesterov else b
     buf.copy_(keep_where(flag, buf, b))
     finish(x, keep_where(flag, xm, xm - lr * step), a, am, gamma, out)
@@ -95,13 +97,9 @@ def adam(x, g, a, m, v, *, lr, lam, beta1, beta2, eps, step, gamma=None, out=Non
     flag = skip_flag(x, skip)
     if step < 1:
         raise ValueError(f"adam step counts from 1, got {step}")
-    dt = math_dtype(x)
-    xm, am = x.to(dt), a.to(dt)
-    d = xm - am
-    r = g.to(dt) + lam * d
-    r2, d2 = (r * r).sum(), (d * d).sum()
-    mn = beta1 * m.to(dt) + (1 - beta1) * r
-    vn = beta2 * v.to(dt) + (1 - beta2) * r * r
+    xm, am, r, r2, d2 = residual(x, g, a, lam)
+    mn = beta1 * m.to(r.dtype) + (1 - beta1) * r
+    vn = beta2 * v.to(r.dtype) + (1 - beta2) * r * r
     mhat = mn / (1 - beta1 ** step)
     vhat = vn / (1 - beta2 ** step)
     x_new = xm - lr * mhat / (vhat.sqrt() + eps)
@@ -122,11 +120,7 @@ def rule_check(x, g, a, rule, *, lam, coef, step):
     """The norms pass: r2, d2 at x, and the rule state updated unless it is stopped (all on the device)."""
     check_inputs(x, g, a)
     check_rule(x, rule, "rule")
-    dt = math_dtype(x)
-    xm, am = x.to(dt), a.to(dt)
-    d = xm - am
-    r = g.to(dt) + lam * d
-    r2, d2 = (r * r).sum(), (d * d).sum()
+    xm, am, r, r2, d2 = residual(x, g, a, lam)
     r2d, d2d = r2.to(torch.float64), d2.to(torch.float64)
     holds = (r2d.sqrt() <= coef * d2d.sqrt()).to(torch.float64)
     fresh = torch.stack([holds, r2d, d2d, torch.full_like(r2d, float(step))])
