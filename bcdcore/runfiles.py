@@ -42,19 +42,28 @@ def read_file_bytes(path: Path, limit: int, offset: int = 0) -> bytes:
         os.close(fd)
 
 
+def _read_bounded(file: Path, limit: int) -> tuple[bytes, str]:
+    """(the bytes of a run's small file, "") or (b"", why it cannot be read): missing (or a broken link), an
+    OS error, not a regular file, or larger than `limit` bytes; the reason names the file."""
+    name = file.name
+    try:
+        raw = read_file_bytes(file, limit + 1)
+    except FileNotFoundError:
+        return b"", f"{name} is a broken symbolic link" if os.path.islink(file) else f"no {name}"
+    except OSError as exc:
+        return b"", f"{name}: {os_reason(exc, with_path=False)}"
+    except RecordError as exc:
+        return b"", f"{name} {exc}"
+    if len(raw) > limit:
+        return b"", f"{name}: larger than {limit} bytes"
+    return raw, ""
+
+
 def read_status_checked(path: Path) -> tuple[dict, str]:
     """(status, "") for a run whose status.json follows the schema, else ({}, the reason it cannot be read)."""
-    file = Path(path) / "status.json"
-    try:
-        raw = read_file_bytes(file, MAX_STATUS_BYTES + 1)
-    except FileNotFoundError:
-        return {}, "status.json is a broken symbolic link" if os.path.islink(file) else "no status.json"
-    except OSError as exc:
-        return {}, f"status.json: {os_reason(exc, with_path=False)}"
-    except RecordError as exc:
-        return {}, f"status.json {exc}"
-    if len(raw) > MAX_STATUS_BYTES:
-        return {}, f"status.json: larger than {MAX_STATUS_BYTES} bytes"
+    raw, problem = _read_bounded(Path(path) / "status.json", MAX_STATUS_BYTES)
+    if problem:
+        return {}, problem
     if not raw.strip():
         return {}, "status.json is empty"
     try:
@@ -67,17 +76,9 @@ def read_recipe_dict(path: Path) -> tuple[dict, str]:
     """(the run's resolved recipe.toml as a dict, "") or ({}, why it cannot be read): not UTF-8, not TOML,
     nested deeper than records.MAX_DEPTH, a directory... It is not validated as a recipe here: readers only
     show and compare it."""
-    file = Path(path) / "recipe.toml"
-    try:
-        raw = read_file_bytes(file, MAX_RECIPE_BYTES + 1)
-    except FileNotFoundError:
-        return {}, "no recipe.toml"
-    except OSError as exc:
-        return {}, f"recipe.toml: {os_reason(exc, with_path=False)}"
-    except RecordError as exc:
-        return {}, f"recipe.toml {exc}"
-    if len(raw) > MAX_RECIPE_BYTES:
-        return {}, f"recipe.toml: larger than {MAX_RECIPE_BYTES} bytes"
+    raw, problem = _read_bounded(Path(path) / "recipe.toml", MAX_RECIPE_BYTES)
+    if problem:
+        return {}, problem
     try:
         data = tomllib.loads(raw.decode("utf-8"))
         return plain(data), ""
