@@ -12,7 +12,7 @@ REPO = Path(__file__).resolve().parents[1]
 PACKAGES = ("bcdcore", "bcdtui")
 MAX_LINES = 450
 # what bcdtui may import from bcdcore (DESIGN "Module shape"); records/runfiles/runlock come through rundir
-TUI_MAY_IMPORT = ("bcdcore.recipe", "bcdcore.rundir", "bcdcore.records", "bcdcore.runfiles", "bcdcore.runlock",
+TUI_MAY_IMPORT = ("bcdcore.annotations", "bcdcore.recipe", "bcdcore.rundir", "bcdcore.records", "bcdcore.runfiles", "bcdcore.runlock",
                   "bcdcore.scheduler")
 
 
