@@ -12,6 +12,7 @@ import io
 import json
 import math
 import os
+import re
 import socket
 import time
 from datetime import datetime, timezone
@@ -34,6 +35,19 @@ def default_runs_dir() -> Path:
 def run_id_for(name: str, digest: str, when: float | None = None) -> str:
     stamp = datetime.fromtimestamp(time.time() if when is None else when, tz=timezone.utc)
     return f"{name}-{stamp:%Y%m%d-%H%M%S}-{digest[:6]}"
+
+
+_RUN_ID = re.compile(r"(?P<name>.+)-\d{8}-\d{6}-(?P<digest>[0-9a-f]{6})(?P<copy>-\d+)?")
+
+
+def display_id(run_id: str, display_name: str = "") -> str:
+    """The short id readers show: name + the digest's 6 hex (+ `-2` for a second copy), without the start time
+    (`started` shows it); a display name the user gave the run replaces the recipe's name. An id in another
+    form is shown as it is."""
+    match = _RUN_ID.fullmatch(run_id)
+    if match is None:
+        return display_name or run_id
+    return f"{display_name or match['name']}-{match['digest']}{match['copy'] or ''}"
 
 
 def _json_default(value: Any) -> Any:

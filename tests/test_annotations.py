@@ -93,3 +93,17 @@ def test_reading_any_bytes_never_raises(tmp_path_factory, raw):
     assert isinstance(annotations, Annotations)
     assert bool(problem) or annotations.tags is not None
     assert "\n" not in problem
+
+
+@pytest.mark.parametrize("run_id, name, shown", [
+    ("quickstart-20261202-101500-a1b2c3", "", "quickstart-a1b2c3"),
+    ("quickstart-20261202-101500-a1b2c3-2", "", "quickstart-a1b2c3-2"),
+    ("sweep-lr-0.1-20261202-101500-00ff00", "", "sweep-lr-0.1-00ff00"),
+    ("quickstart-20261202-101500-a1b2c3", "adam wide", "adam wide-a1b2c3"),
+    ("hand-made-folder", "", "hand-made-folder"),
+    ("hand-made-folder", "mine", "mine"),
+])
+def test_display_id_is_name_and_digest(run_id, name, shown):
+    from bcdcore.rundir import display_id, run_id_for
+    assert display_id(run_id, name) == shown
+    assert display_id(run_id_for("r", "abcdef0123")) == "r-abcdef"
