@@ -9,7 +9,11 @@ import sys
 from pathlib import Path
 
 from bcdcore.recipe import RecipeError, expand_grid, load_recipe, os_reason, toml_value
-from bcdcore.rundir import RunLockedError, default_runs_dir, list_runs
+from bcdcore.cli_runs import cmd_ls, cmd_tag
+from bcdcore.rundir import RunLockedError, default_runs_dir
+from bcdcore.runref import resolve_run
+
+__all__ = ["cmd_ls", "cmd_tag", "main"]  # cmd_ls and cmd_tag live in bcdcore.cli_runs
 
 
 def _parser() -> argparse.ArgumentParser:
@@ -21,7 +25,8 @@ def _parser() -> argparse.ArgumentParser:
     run.add_argument("--runs-dir", type=Path, default=None, help="where run directories go (default ./runs or $BCD_RUNS)")
     run.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
                      help="override one recipe key, e.g. --set algorithm.K=5 (repeatable)")
-    run.add_argument("--resume", type=Path, default=None, metavar="RUN_DIR", help="continue a killed run")
+    run.add_argument("--resume", default=None, metavar="RUN",
+                     help="continue a killed run (a run directory, or a run id looked up in --runs-dir)")
     run.add_argument("--quiet", action="store_true", help="no progress bar")
     run.add_argument("--sweep-point", action="store_true", help=argparse.SUPPRESS)  # set by `bcdcore sweep`
     # set by the distributed launcher: this process is one rank of the run in RUN_DIR
@@ -34,8 +39,22 @@ def _parser() -> argparse.ArgumentParser:
 
     ls = sub.add_parser("ls", help="list runs with state and final metrics")
     ls.add_argument("--runs-dir", type=Path, default=None)
+    ls.add_argument("--state", action="append", default=[], metavar="STATE[,STATE]",
+                    help="only runs in these states (running, finished, failed, killed, lost, ...; repeatable)")
+    ls.add_argument("--tag", action="append", default=[], metavar="TAG",
+                    help="only runs with this tag (repeatable: all must match)")
     ls.add_argument("--json", action="store_true",
-                    help="one JSON object per run (state, reason, writer lock holder, metrics, bad lines)")
+                    help="a JSON list of runs (id, display id, path, state, reason, lock holder, metrics, tags, "
+                         "name, notes)")
+
+    tag = sub.add_parser("tag", help="tag, name or annotate a run (RUN_DIR/annotations.json)")
+    tag.add_argument("run", metavar="RUN", help="a run directory, or a run id / display id (prefix) in --runs-dir")
+    tag.add_argument("--runs-dir", type=Path, default=None, help="where to look RUN up (default ./runs or $BCD_RUNS)")
+    tag.add_argument("--add", action="extend", nargs="+", default=[], metavar="TAG", help="add tags")
+    tag.add_argument("--remove", action="extend", nargs="+", default=[], metavar="TAG", help="remove tags")
+    tag.add_argument("--name", default=None, help="a display name shown in place of the recipe's (\"\" clears it)")
+    tag.add_argument("--notes", default=None, help="replace the notes (\"\" clears them)")
+    tag.add_argument("--notes-file", default=None, metavar="FILE", help="replace the notes with a file's text (- reads stdin)")
 
     sweep = sub.add_parser("sweep", help="run a recipe's [sweep] grid over device slots")
     sweep.add_argument("recipe")
@@ -45,7 +64,8 @@ def _parser() -> argparse.ArgumentParser:
     sweep.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE")
 
     plot = sub.add_parser("plot", help="curves of runs (seed groups as mean +/- std bands)")
-    plot.add_argument("runs", nargs="+", type=Path, metavar="RUN_DIR")
+    plot.add_argument("runs", nargs="+", metavar="RUN", help="run directories or run ids (looked up in --runs-dir)")
+    plot.add_argument("--runs-dir", type=Path, default=None, help="where run ids are looked up (default ./runs or $BCD_RUNS)")
     plot.add_argument("--x", default="grad_evals", help="grad_evals | flops | samples | wall_s | round | bytes_comm | sim_time_s")
     plot.add_argument("--y", default="train_loss", help="a metric, e.g. train_loss, val_loss, val_acc")
     plot.add_argument("--out", type=Path, default=None, help=".png or .pdf (default: figures/ of the first run)")
@@ -54,7 +74,8 @@ def _parser() -> argparse.ArgumentParser:
     plot.add_argument("--title", default=None)
 
     export = sub.add_parser("export", help="export a run's trained model")
-    export.add_argument("run_dir", type=Path)
+    export.add_argument("run_dir", metavar="RUN", help="a run directory or a run id (looked up in --runs-dir)")
+    export.add_argument("--runs-dir", type=Path, default=None)
     export.add_argument("--onnx", action="store_true", required=True, help="write RUN_DIR/model.onnx")
     return parser
 
@@ -75,7 +96,7 @@ def main(argv: list[str] | None = None) -> int:
     args = _parser().parse_args(argv)
     logging.basicConfig(level=logging.WARNING, format="%(levelname)s: %(message)s")
     commands = {"run": cmd_run, "check": cmd_check, "ls": cmd_ls, "sweep": cmd_sweep, "plot": cmd_plot,
-                "export": cmd_export}
+                "export": cmd_export, "tag": cmd_tag}
     try:
         return commands[args.command](args)
     except (RecipeError, RunLockedError) as exc:
@@ -143,6 +164,7 @@ def cmd_run(args) -> int:
     if args.resume is not None:
         if args.recipe or args.overrides:
             raise RecipeError("--resume continues a run with its own recipe; drop the RECIPE and --set arguments")
+        args.resume = resolve_run(args.resume, args.runs_dir or default_runs_dir())
         recipe = None
     else:
         if not args.recipe:
@@ -173,110 +195,6 @@ def cmd_run(args) -> int:
     return code
 
 
-def cmd_ls(args) -> int:
-    """One row per run. A run whose status cannot be read shows as `unreadable: <reason>` with what its events
-    still tell; bad event lines are skipped and counted in the state cell. Nothing in a run directory can
-    make this raise: the readers are total (bcdcore.records)."""
-    from bcdcore.rundir import printable
-
-    runs_dir = Path(args.runs_dir or default_runs_dir())
-    problem = _runs_dir_problem(runs_dir)
-    if problem:
-        print(f"error: {printable(str(runs_dir))}: {problem}", file=sys.stderr)
-        return 2
-    runs = list_runs(runs_dir)
-    if not runs:
-        print(f"no runs in {printable(str(runs_dir))}")
-        return 0
-    records = [_ls_record(path) for path in runs]
-    if getattr(args, "json", False):
-        import json
-
-        print(json.dumps(_plain_json(records), indent=1))
-        return 0
-    header = ("run", "state", "round", "train_loss", "val", "test")
-    rows = [_ls_row(record) for record in records]
-    if not sys.stdout.isatty():  # scripts get whole run ids, tab-separated
-        for row in (header, *rows):
-            print("\t".join(row))
-        return 0
-    from rich.console import Console
-    from rich.table import Table
-    from rich.text import Text
-
-    table = Table(*header)
-    table.columns[0].no_wrap = True
-    for row in rows:
-        table.add_row(*(Text(cell) for cell in row))  # Text, not markup: a run named "[/x]" is just a name
-    Console().print(table)
-    return 0
-
-
-def _runs_dir_problem(runs_dir: Path) -> str:
-    """Why `runs_dir` cannot be listed ("" when it can, or does not exist: then it has no runs)."""
-
-    try:
-        with os.scandir(runs_dir):
-            return ""
-    except FileNotFoundError:
-        return ""
-    except NotADirectoryError:
-        return "not a directory"
-    except OSError as exc:
-        return f"cannot list it ({os_reason(exc, with_path=False)})"
-
-
-def _ls_record(path: Path) -> dict:
-    """What `ls` knows of one run: its displayed state (bcdcore.rundir.run_state) and its last metrics."""
-    from bcdcore.rundir import lost_reason, printable, read_events, read_status_checked, run_state
-
-    status, problem = read_status_checked(path)
-    state = run_state(status, path, problem)
-    events = read_events(path)
-    metrics = [e for e in events if e["kind"] == "metric"]
-    starts = [i for i, e in enumerate(events) if e["kind"] == "start"]
-    ends = [e for e in events[starts[-1] if starts else 0:] if e["kind"] == "end"]  # of the last segment only
-    last = metrics[-1] if metrics else {}
-    progress = status.get("progress") or {}
-    val = next((k for k in ("val_acc", "val_loss") if k in last), None)
-    test = next((k for k in ("test_acc", "test_loss") if k in last), None)
-    return {"run": printable(path.name), "path": printable(str(path)), "state": state.state,
-            "reason": lost_reason(state, ends[-1] if ends else None), "holder": state.holder,
-            "round": progress.get("round", last.get("round", 0)),  # unreadable status: the events still tell
-            "rounds": progress.get("rounds"), "train_loss": last.get("train_loss"),
-            "val": {"name": val, "value": last[val]} if val else None,
-            "test": {"name": test, "value": last[test]} if test else None,
-            "bad_lines": events.bad_lines, "note": events.note}
-
-
-def _plain_json(value):
-    """Non-finite floats as the strings "nan", "inf", "-inf" (as in metrics.jsonl): JSON has no such numbers."""
-    if isinstance(value, float) and (value != value or abs(value) == float("inf")):
-        return str(value)
-    if isinstance(value, dict):
-        return {k: _plain_json(v) for k, v in value.items()}
-    if isinstance(value, list):
-        return [_plain_json(v) for v in value]
-    return value
-
-
-def _ls_row(record: dict) -> tuple[str, ...]:
-    label = _state_cell(record)
-    rounds = record["rounds"] if record["rounds"] is not None else "?"
-    return (record["run"], label, f"{record['round']}/{rounds}", _fmt(record["train_loss"]),
-            _fmt((record["val"] or {}).get("value")), _fmt((record["test"] or {}).get("value")))
-
-
-def _state_cell(record: dict) -> str:
-    """The state cell: `unreadable: <reason>` or the state, with the bad lines skipped when there were any."""
-    if record["state"] == "unreadable":
-        return f"unreadable: {record['reason']}"
-    n = record["bad_lines"]
-    if n:
-        return f"{record['state']} ({n} bad line{'s' if n > 1 else ''})"
-    return f"{record['state']} ({record['note']})" if record["note"] else record["state"]
-
-
 def cmd_sweep(args) -> int:
     from bcdcore.sweep import Sweep, detect_gpus
 
@@ -305,9 +223,10 @@ def cmd_sweep(args) -> int:
 def cmd_plot(args) -> int:
     from bcdcore.plot import PlotError, plot_runs
 
-    out = args.out or (args.runs[0] / "figures" / f"{args.y}_vs_{args.x}.png")
+    runs = [resolve_run(ref, args.runs_dir or default_runs_dir()) for ref in args.runs]
+    out = args.out or (runs[0] / "figures" / f"{args.y}_vs_{args.x}.png")
     try:
-        plot_runs(args.runs, x=args.x, y=args.y, out=out, logy=args.logy, logx=args.logx, title=args.title)
+        plot_runs(runs, x=args.x, y=args.y, out=out, logy=args.logy, logx=args.logx, title=args.title)
     except PlotError as exc:
         raise RecipeError(str(exc)) from None
     print(f"wrote {out}")
@@ -318,20 +237,12 @@ def cmd_export(args) -> int:
     from bcdcore.export import ExportError, export_onnx
 
     try:
-        path = export_onnx(args.run_dir)
+        path = export_onnx(resolve_run(args.run_dir, args.runs_dir or default_runs_dir()))
     except ExportError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 1
     print(f"wrote {path} (onnx.checker passed; outputs match torch on a test batch)")
     return 0
-
-
-def _fmt(value) -> str:
-    from bcdcore.rundir import printable
-
-    if isinstance(value, bool) or value is None:
-        return ""
-    return f"{value:.4f}" if isinstance(value, (int, float)) else printable(str(value))
 
 
 if __name__ == "__main__":
