@@ -91,17 +91,42 @@ def apply_override(raw: dict, item: str) -> None:
         raise RecipeError(f"--set {item!r}: expected KEY=VALUE, e.g. --set algorithm.K=5")
     key, value = item.split("=", 1)
     parts = key.strip().split(".")
+    if parts[0] in LISTS:
+        if len(parts) != 1:
+            raise RecipeError(f"--set {key!r}: [[{parts[0]}]] is a list of tables; replace it whole, e.g. "
+                              f"{LISTS[parts[0]]}, or clear it with --set {parts[0]}=[]")
+        raw[parts[0]] = _table_list(parts[0], value.strip())  # checked like the file's (Validator.array)
+        return
     if len(parts) != 2 or not all(parts):
-        raise RecipeError(f"--set {key!r}: expected SECTION.KEY, e.g. algorithm.K")
+        lists = did_you_mean(parts[0], LISTS) if len(parts) == 1 else ""
+        raise RecipeError(f"--set {key!r}: expected SECTION.KEY, e.g. algorithm.K{lists}")
     section, name = parts
     if section in SECTIONS and SECTIONS[section] is None:
         raise RecipeError(f"--set {key!r}: [{section}] cannot be set from the command line; edit the recipe")
     if section not in SECTIONS:
-        raise RecipeError(f"--set {key!r}: unknown section [{section}]{did_you_mean(section, TABLES)}")
+        raise RecipeError(f"--set {key!r}: unknown section [{section}]{did_you_mean(section, TABLES + tuple(LISTS))}")
     table = raw.setdefault(section, {})
     if not isinstance(table, dict):
         raise RecipeError(f"--set {key!r}: [{section}] is not a table in the recipe")
     table[name] = parse_value(value.strip())
+
+
+# the arrays of tables `--set` replaces whole (an item cannot be named by a dotted key): an example of each
+LISTS = {"stop": "--set 'stop=[{kind=\"patience\", patience=5}]'",
+         "measure": "--set 'measure=[{unit=\"grad_norm\", every=10}]'"}
+
+
+def _table_list(section: str, text: str) -> list:
+    """The value of `--set stop=...`: a TOML array of inline tables (the Validator checks each table)."""
+    try:
+        value = tomllib.loads(f"v = {text}")["v"]
+    except tomllib.TOMLDecodeError as exc:
+        raise RecipeError(f"--set {section}: not a TOML array of inline tables ({exc}); e.g. {LISTS[section]}, "
+                          f"or --set {section}=[]") from None
+    if not isinstance(value, list) or not all(isinstance(v, dict) for v in value):
+        raise RecipeError(f"--set {section}: expected an array of inline tables, e.g. {LISTS[section]}, "
+                          f"or --set {section}=[]")
+    return value
 
 
 def per_block(value: float | list[float] | str, n_blocks: int) -> list[float]:

@@ -54,8 +54,17 @@ from bcdcore.recipe.schema import (
 
 
 def did_you_mean(word: str, choices) -> str:
-    close = difflib.get_close_matches(word, list(choices), n=1, cutoff=0.5)
-    return f" (did you mean {close[0]!r}?)" if close else ""
+    """` (did you mean 'K'?)` for the closest choice, or "". Case slips come first (`k` for `K` is no close
+    match to difflib: one letter, no letter in common), then spelling compared without case."""
+    choices = [c for c in choices if isinstance(c, str)]
+    same = [c for c in choices if c.lower() == word.lower()]
+    if same:
+        return f" (did you mean {same[0]!r}?)"
+    folded: dict[str, str] = {}
+    for c in choices:
+        folded.setdefault(c.lower(), c)
+    close = difflib.get_close_matches(word.lower(), list(folded), n=1, cutoff=0.5)
+    return f" (did you mean {folded[close[0]]!r}?)" if close else ""
 
 
 # section name -> dataclass; None marks array-of-tables sections handled separately
@@ -81,6 +90,8 @@ class Validator:
     def fail(self, dotted: str, message: str) -> RecipeError:
         if dotted in self.overridden:
             return RecipeError(f"--set {dotted}: {message}")
+        if dotted.split(".")[0] in self.overridden:  # a key of a [[stop]] or [[measure]] list set whole
+            return RecipeError(f"--set {dotted.split('.')[0]}: {dotted}: {message}")
         where = self.loc.where(dotted) if self.loc else self.source
         return RecipeError(f"{where}: {dotted}: {message}")
 
@@ -179,6 +190,9 @@ class Validator:
     def stop(self, index: int, raw: dict) -> StopConfig:
         if "kind" not in raw:
             raise self.fail("stop.kind", f"[[stop]] #{index + 1} needs kind = one of {', '.join(STOP_KINDS)}")
+        if raw["kind"] == "rounds":  # "run it longer" is run.rounds, not a stopper
+            raise self.fail("stop.kind", "there is no 'rounds' stopper: a run stops after run.rounds; "
+                                         "set that instead (e.g. --set run.rounds=600)")
         kind = self.choice("stop.kind", raw["kind"], STOP_KINDS)
         allowed = ("kind",) + STOP_KEYS[kind]
         for key in raw:
