@@ -186,10 +186,12 @@ def cmd_run(args) -> int:
     from rich.console import Console
 
     from bcdcore.run import final_summary, resume_run, start_run
+    from bcdcore.run.console import PlainConsole
 
     run = resume_run(args.resume) if recipe is None else start_run(recipe, args.runs_dir or default_runs_dir())
     print(f"run directory: {run.rundir.path}", flush=True)
-    console = None if args.quiet else Console(stderr=True)
+    # a terminal gets a live bar (on stderr); a pipe or a file gets one plain line per evaluation on stdout
+    console = None if args.quiet else Console(stderr=True) if sys.stdout.isatty() else PlainConsole(sys.stdout)
     code = run.execute(console)
     print(final_summary(run.state, run.reason, getattr(run, "final_metrics", None)), flush=True)
     return code

@@ -24,7 +24,7 @@ class RoundProgress:
         self.task = self.bar.add_task("train", total=rounds, completed=done, info="")
         self.bar.start()
 
-    def update(self, t: int, metrics: dict) -> None:
+    def update(self, t: int, metrics: dict, event: dict | None = None) -> None:
         if self.bar is None:
             return
         info = "  ".join(f"{k} {v:.4f}" for k, v in metrics.items() if not k.startswith("test_"))
@@ -33,6 +33,51 @@ class RoundProgress:
     def close(self) -> None:
         if self.bar is not None:
             self.bar.stop()
+
+
+class PlainConsole:
+    """Where `bcdcore run` reports when its stdout is not a terminal (a pipe, a file, a CI log): one plain line
+    per evaluation, no live display and no terminal escapes. Passed where a rich Console would be."""
+
+    def __init__(self, stream) -> None:
+        self.stream = stream
+
+
+class LineProgress:
+    """`round 12/300  train_loss 0.4123  val_acc 0.9120  grad_evals 361.2  3.4s`, once per evaluation (a round
+    whose metrics include validation) and at the last round."""
+
+    def __init__(self, stream, rounds: int) -> None:
+        self.stream, self.rounds = stream, rounds
+
+    def update(self, t: int, metrics: dict, event: dict | None = None) -> None:
+        if not any(k.startswith("val_") for k in metrics) and t < self.rounds:
+            return
+        event = event or {}
+        parts = [f"round {t}/{self.rounds}"]
+        parts += [f"{k} {v:.4f}" for k, v in metrics.items() if not k.startswith("test_") and _number(v)]
+        if _number(event.get("grad_evals")):
+            parts.append(f"grad_evals {event['grad_evals']:.1f}")
+        if _number(event.get("wall_s")):
+            parts.append(f"{event['wall_s']:.1f}s")
+        try:
+            print("  ".join(parts), file=self.stream, flush=True)
+        except (OSError, ValueError):  # the reader went away (`| head`): the run goes on, its files say it all
+            pass
+
+    def close(self) -> None:
+        pass
+
+
+def _number(value) -> bool:
+    return isinstance(value, (int, float)) and not isinstance(value, bool)
+
+
+def progress_for(console, rounds: int, done: int):
+    """The run's console report: plain lines for a PlainConsole, a rich bar for a rich Console, none for None."""
+    if isinstance(console, PlainConsole):
+        return LineProgress(console.stream, rounds)
+    return RoundProgress(console, rounds, done)
 
 
 class QuietFileHandler(logging.FileHandler):

@@ -19,7 +19,7 @@ from bcdcore.flops import count, count_table
 from bcdcore.measure import MeasureContext, auto_lambda, fixed_batch, training_batches
 from bcdcore.models import block_sizes
 from bcdcore.recipe import os_reason
-from bcdcore.run.console import QuietFileHandler, RoundProgress, error_line
+from bcdcore.run.console import QuietFileHandler, RoundProgress, error_line, progress_for
 from bcdcore.run.prepare import Prepared, evaluate, loss_function
 from bcdcore.run.signals import Signals
 from bcdcore.rundir import RunDir
@@ -211,7 +211,7 @@ class Run:
             if getattr(self, "resume_dropped", 0):
                 self.file_log.info("resume: dropped %d event lines after the checkpoint's round %d",
                                    self.resume_dropped, self.round)
-            progress = RoundProgress(console, r.run.rounds, self.round)
+            progress = progress_for(console, r.run.rounds, self.round)
             state, reason = self._loop(progress)
             exit_code = 0 if state == "finished" else (128 + self.signals.received if state == "killed" else 1)
             error = reason if state == "failed" else None
@@ -305,7 +305,7 @@ class Run:
             event = rd.event("metric", round=t, grad_evals=self.grad_evals, flops=self.flops, samples=self.samples,
                              bytes_comm=bytes_comm, wall_s=wall, **metrics, **extra_fields)
             rd.write_status(progress={"round": t, "rounds": r.run.rounds})
-            progress.update(t, metrics)
+            progress.update(t, metrics, event)
             self.file_log.info("round %d %s", t, " ".join(f"{k} {v:.5g}" for k, v in metrics.items()))
             outcome = self._after_recorded_round(verdict, event)
             if outcome is not None:

@@ -4,11 +4,12 @@ of a run, under bcdcore's launcher or an external torchrun; rank 0 writes the ru
 from __future__ import annotations
 
 import os
+import sys
 import traceback
 from pathlib import Path
 
 from bcdcore.recipe import Recipe, load_recipe
-from bcdcore.run.console import error_line, final_summary
+from bcdcore.run.console import PlainConsole, error_line, final_summary
 from bcdcore.run.distributed_run import DistributedRun
 from bcdcore.run.loop import Run
 from bcdcore.run.prepare import prepare, resolve_device
@@ -147,9 +148,10 @@ def _run_rank(attach: Path | None, attach_resume: bool, recipe: Recipe | None, r
         rundir = open_rundir(path, lock=attach is None)  # rank 0 takes it
     run = DistributedRun(prepared, rundir, comm, resume=bool(resuming))
     console = None
-    if rank == 0 and not quiet:
+    if rank == 0 and not quiet:  # as `bcdcore run`: a live bar on a terminal, plain lines in a pipe or file
         from rich.console import Console
-        console = Console(stderr=True)
+
+        console = Console(stderr=True) if sys.stdout.isatty() else PlainConsole(sys.stdout)
     code = run.execute(console)
     if run.raised:
         return 1
