@@ -111,11 +111,10 @@ def digest(folder: Path) -> str:
 
 
 def ls_state(cwd: Path, run_dir: Path) -> str:
-    out = run_cli("ls", "--runs-dir", str(run_dir.parent), cwd=cwd)
-    for line in out.stdout.splitlines():
-        cells = line.split("\t")
-        if cells and cells[0] == run_dir.name:
-            return cells[1]
+    out = run_cli("ls", "--runs-dir", str(run_dir.parent), "--json", cwd=cwd)
+    for record in json.loads(out.stdout or "[]"):
+        if record["id"] == run_dir.name:
+            return record["state"] + (f": {record['reason']}" if record["state"] == "unreadable" else "")
     return "missing"
 
 

@@ -7,6 +7,7 @@ the last good checkpoint, other runs, and no temporary files or half-made direct
 """
 from __future__ import annotations
 
+import json
 import os
 import pickle
 import random
@@ -245,10 +246,14 @@ def corrupt_files_of_one_run(tmp: Path) -> Observation:
     with open(bad / "metrics.jsonl", "ab") as f:
         f.write(b'{"v": 1, "kind": "metric", "round": "x", "train_loss": {"a": 1}}\n\xff\xfe\n[]\n')
     ls = run_cli("ls", "--runs-dir", tmp / "runs", cwd=tmp)
+    listed = run_cli("ls", "--runs-dir", tmp / "runs", "--json", cwd=tmp)
+    states = {r["id"]: r["state"] for r in json.loads(listed.stdout or "[]")} if listed.returncode == 0 else {}
+    healthy = states.get(good.name) == "finished" and states.get(bad.name) == "unreadable" and len(
+        ls.stdout.splitlines()) == 3
     plot = run_cli("plot", good, bad, "--out", tmp / "p.png", cwd=tmp)
-    return Observation(f"ls exit {ls.returncode}, lists the healthy run: {good.name in ls.stdout}; plot exit "
-                       f"{plot.returncode}", ls.returncode == 0 and good.name in ls.stdout and "Traceback" not in
-                       ls.stderr + plot.stderr and plot.returncode in (0, 2), True)
+    return Observation(f"ls exit {ls.returncode}, lists the healthy run: {healthy}; plot exit "
+                       f"{plot.returncode}", ls.returncode == 0 and healthy and "Traceback" not in
+                       ls.stderr + listed.stderr + plot.stderr and plot.returncode in (0, 2), True)
 
 
 def _twice(tmp: Path, sig: signal.Signals) -> Observation:

@@ -3,6 +3,7 @@ tests (test_readers_total.py) and the edge cases (test_readers_edges.py)."""
 from __future__ import annotations
 
 import argparse
+import json
 from pathlib import Path
 
 from bcdcore.cli import cmd_ls
@@ -57,11 +58,18 @@ def check_ls(runs: Path, path: Path, capsys) -> None:
     assert cmd_ls(argparse.Namespace(runs_dir=runs)) == 0
     out, err = capsys.readouterr()
     assert err == ""
-    rows = {line.split("\t")[0]: line.split("\t") for line in out.splitlines()[1:]}
-    assert len(rows) == 2 and all(len(r) == 6 for r in rows.values())
+    lines = out.splitlines()
+    assert len(lines) == 3 and lines[0].split()[:3] == ["run", "state", "val"]
+    assert all(line.isprintable() for line in lines)
+    assert cmd_ls(argparse.Namespace(runs_dir=runs, json=True)) == 0
+    records = json.loads(capsys.readouterr().out)
+    assert [r["id"] for r in records] == [p.name for p in list_runs(runs)]
     status, problem = read_status_checked(path)
-    assert rows[path.name][1].startswith("unreadable: ") == bool(problem)
-    assert out.isprintable() or all(line.isprintable() for line in out.replace("\t", " ").splitlines())
+    index = [r["id"] for r in records].index(path.name)
+    assert (records[index]["state"] == "unreadable") == bool(problem)
+    row = lines[1 + index]  # rows in the order of the list
+    assert row.startswith(records[index]["display_id"] + " ")
+    assert (row[len(records[index]["display_id"]):].split()[0] == "unreadable") == bool(problem)
 
 
 def check_tui_readers(runs: Path, path: Path, healthy: Path) -> None:

@@ -20,6 +20,7 @@ import pytest
 from conftest import TINY, cli_env, run_cli, start_cli, stderr_lines, tiny_recipe
 
 from bcdcore.recipe import load_recipe
+from bcdcore.rundir import display_id
 
 # The run recipe: enough rounds to be still running a moment after its first metric event.
 ROUNDS, EVERY, BATCH, K = 80, 10, 32, 2
@@ -419,7 +420,7 @@ def test_sigterm_checkpoints_and_resume_reaches_the_same_metrics(finished, tmp_p
     assert killed_at == status["progress"]["round"]
 
     ls = run_cli("ls", cwd=tmp_path, env=cli_env(COLUMNS="250"))
-    assert ls.returncode == 0 and run_dir.name in ls.stdout and "killed" in ls.stdout
+    assert ls.returncode == 0 and ls.stdout.splitlines()[1].split()[:2] == [display_id(run_dir.name), "killed"]
 
     resumed = run_cli("run", "--resume", str(run_dir), "--quiet", cwd=tmp_path)
     assert resumed.returncode == 0, resumed.stderr
@@ -443,23 +444,42 @@ def test_sigterm_checkpoints_and_resume_reaches_the_same_metrics(finished, tmp_p
 def test_ls_lists_the_runs_with_state_and_final_metrics(batch, finished):
     _, cwd = batch["run-1"]
     proc = run_cli("ls", cwd=cwd, env=cli_env(COLUMNS="250"))
-    assert proc.returncode == 0, proc.stderr
+    listed = run_cli("ls", "--json", cwd=cwd)
+    assert proc.returncode == listed.returncode == 0, proc.stderr + listed.stderr
+    header, *lines = proc.stdout.splitlines()
+    assert header.split() == ["run", "state", "val", "round", "started"]  # no run has tags or notes
+    rows = {r["id"]: (r, line) for r, line in zip(json.loads(listed.stdout), lines)}
     for run_dir, events in finished:
-        line = next((line for line in proc.stdout.splitlines() if run_dir.name in line), None)
-        assert line is not None, proc.stdout
-        assert "finished" in line and f"{ROUNDS}/{ROUNDS}" in line
-        assert f"{events[-2]['test_acc']:.4f}" in line
+        record, line = rows[run_dir.name]
+        last = events[-2]  # the last metric event (the end event follows it)
+        assert line.split()[:5] == [display_id(run_dir.name), "finished", "val_acc", f"{last['val_acc']:.4f}",
+                                    f"{ROUNDS}/{ROUNDS}"]
+        assert record["display_id"] == display_id(run_dir.name) and record["path"] == f"runs/{run_dir.name}"
+        assert record["metrics"] == {k: v for k, v in last.items() if k not in ("v", "kind", "t", "round")}
+        assert (record["tags"], record["name"], record["notes"]) == ([], "", "")
     empty = run_cli("ls", "--runs-dir", str(cwd / "nothing-here"), cwd=cwd)
     assert empty.returncode == 0 and "no runs" in empty.stdout
+    assert json.loads(run_cli("ls", "--runs-dir", str(cwd / "nothing-here"), "--json", cwd=cwd).stdout) == []
 
 
-def test_ls_prints_whole_run_ids_at_the_default_width(batch, finished):
-    """The run id is what `--resume`, `plot` and `export` take: `ls` must not cut it off, even when its
-    output is not a wide terminal (a pipe, a script)."""
+def test_ls_prints_the_same_whole_rows_in_a_pipe_as_on_a_wide_terminal(batch, finished):
+    """Nothing is cut to a width: a script reading `ls` gets what a wide terminal shows."""
     _, cwd = batch["run-1"]
     env = cli_env()
     env.pop("COLUMNS", None)
-    proc = run_cli("ls", cwd=cwd, env=env)
-    assert proc.returncode == 0
-    for run_dir, _ in finished:
-        assert run_dir.name in proc.stdout, proc.stdout
+    narrow = run_cli("ls", cwd=cwd, env=env)
+    wide = run_cli("ls", cwd=cwd, env=cli_env(COLUMNS="250"))
+    assert narrow.returncode == 0 and narrow.stdout == wide.stdout
+    widths = {len(line.split("  finished")[0]) for line in narrow.stdout.splitlines()[1:]}
+    assert len(widths) == 1  # aligned: every state starts in the same column
+
+
+def test_run_in_a_pipe_prints_one_plain_line_per_evaluation(batch, finished):
+    proc, cwd = batch["run-1"]  # not --quiet; its stdout is a pipe
+    evals = [e for e in events_of(run_dir_from(proc, cwd)) if e["kind"] == "metric" and "val_acc" in e]
+    lines = [line for line in proc.stdout.splitlines() if line.startswith("round ")]
+    assert len(lines) == len(evals) == ROUNDS // EVERY
+    for line, e in zip(lines, evals):
+        assert line == (f"round {e['round']}/{ROUNDS}  train_loss {e['train_loss']:.4f}  val_loss {e['val_loss']:.4f}"
+                         f"  val_acc {e['val_acc']:.4f}  grad_evals {e['grad_evals']:.1f}  {e['wall_s']:.1f}s")
+    assert "\x1b" not in proc.stdout + proc.stderr and "━" not in proc.stderr  # no live bar, no escapes

@@ -37,22 +37,28 @@ def expected_row(path) -> tuple[str, str]:
 def test_ls_lists_the_healthy_runs_and_marks_the_corrupted(runs):
     runs_dir, healthy, bad = runs
     proc = run_cli("ls", "--runs-dir", str(runs_dir), cwd=runs_dir.parent, env=cli_env(), timeout=120)
-    assert proc.returncode == 0, proc.stderr
-    assert proc.stderr == ""
+    as_json = run_cli("ls", "--runs-dir", str(runs_dir), "--json", cwd=runs_dir.parent, env=cli_env(), timeout=120)
+    assert proc.returncode == as_json.returncode == 0, proc.stderr + as_json.stderr
+    assert proc.stderr == as_json.stderr == ""
     header, *lines = proc.stdout.splitlines()
-    assert header.split("\t") == ["run", "state", "round", "train_loss", "val", "test"]
-    rows = {line.split("\t")[0]: line.split("\t") for line in lines}
-    assert len(lines) == len(rows) == N_RUNS
+    assert header.split()[:5] == ["run", "state", "val", "round", "started"]
+    records = json.loads(as_json.stdout)
+    assert len(lines) == len(records) == len({r["id"] for r in records}) == N_RUNS
+    rows = {r["id"]: (r, line) for r, line in zip(records, lines)}  # the table lists the runs in the same order
     for path in healthy:
         state, progress = expected_row(path)
-        row = rows[path.name]
-        assert row[1:3] == [state, progress], (path.name, row)
-        assert float(row[3]) > 0  # the final train_loss, read from its events
+        record, line = rows[path.name]
+        assert line.startswith(record["display_id"] + " ")
+        cells = line[len(record["display_id"]):].split()
+        assert [cells[0], cells[3]] == [state, progress], (path.name, line)
+        assert cells[1] == record["val"]["name"] and float(cells[2]) == round(record["val"]["value"], 4)
+        assert record["train_loss"] > 0  # the final train_loss, read from its events
     reasons = set()
     for path, how in bad.items():
-        row = rows[path.name]
-        assert row[1].startswith("unreadable: "), (how, row)
-        reason = row[1].removeprefix("unreadable: ")
+        record, line = rows[path.name]
+        assert line[len(record["display_id"]):].split()[0] == "unreadable", (how, line)
+        reason = record["reason"]
+        assert "  " + reason in line, (how, line)  # in the note cell, the last one
         assert reason and "Traceback" not in reason and len(reason) < 200, (how, reason)
         reasons.add(reason.split(":")[0])
     assert len(reasons) > 3  # the corruptions are of many kinds, each with its own reason
