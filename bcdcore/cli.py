@@ -54,7 +54,8 @@ def _parser() -> argparse.ArgumentParser:
     tag.add_argument("--remove", action="extend", nargs="+", default=[], metavar="TAG", help="remove tags")
     tag.add_argument("--name", default=None, help="a display name shown in place of the recipe's (\"\" clears it)")
     tag.add_argument("--notes", default=None, help="replace the notes (\"\" clears them)")
-    tag.add_argument("--notes-file", default=None, metavar="FILE", help="replace the notes with a file's text (- reads stdin)")
+    tag.add_argument("--notes-file", default=None, metavar="FILE",
+                     help="replace the notes with a file's text (- reads stdin)")
 
     sweep = sub.add_parser("sweep", help="run a recipe's [sweep] grid over device slots")
     sweep.add_argument("recipe")
@@ -65,7 +66,8 @@ def _parser() -> argparse.ArgumentParser:
 
     plot = sub.add_parser("plot", help="curves of runs (seed groups as mean +/- std bands)")
     plot.add_argument("runs", nargs="+", metavar="RUN", help="run directories or run ids (looked up in --runs-dir)")
-    plot.add_argument("--runs-dir", type=Path, default=None, help="where run ids are looked up (default ./runs or $BCD_RUNS)")
+    plot.add_argument("--runs-dir", type=Path, default=None,
+                      help="where run ids are looked up (default ./runs or $BCD_RUNS)")
     plot.add_argument("--x", default="grad_evals", help="grad_evals | flops | samples | wall_s | round | bytes_comm | sim_time_s")
     plot.add_argument("--y", default="train_loss", help="a metric, e.g. train_loss, val_loss, val_acc")
     plot.add_argument("--out", type=Path, default=None, help=".png or .pdf (default: figures/ of the first run)")
