@@ -25,10 +25,13 @@ def _setup(root: Path) -> dict[str, Path]:
     shutil.copytree(finished, no_ckpt)
     (no_ckpt / "checkpoint.pt").unlink()
     (no_ckpt / "status.json").write_text('{"state": "killed"}')
+    for copy in (finished.name, f"{finished.name}-2"):  # two runs whose ids share a prefix
+        shutil.copytree(finished, root / "twins" / copy)
+    (root / "slip.toml").write_text(TINY.replace("K = 2", "k = 2"))
     return {"finished": finished, "no_ckpt": no_ckpt}
 
 
-# name -> (arguments with {root}/{finished}/{no_ckpt} placeholders, exit code, a fragment of the one line)
+# name -> (arguments with {root}/{finished}/{no_ckpt} placeholders ({{ }} for a brace), exit code, a fragment of the one line)
 CASES: dict[str, tuple[list[str], int, str]] = {
     "no command": ([], 2, "required"),
     "unknown command": (["frobnicate"], 2, "invalid choice"),
@@ -57,6 +60,29 @@ CASES: dict[str, tuple[list[str], int, str]] = {
     "export not a run dir": (["export", "{root}/nowhere", "--onnx"], 2, "not a run directory"),
     "export without checkpoint": (["export", "{no_ckpt}", "--onnx"], 2, "checkpoint.pt"),
     "export without --onnx": (["export", "{finished}"], 2, "--onnx"),
+    "export unknown run id": (["export", "nope", "--onnx", "--runs-dir", "{root}/runs"], 2, "nor the id of a run"),
+    "resume unknown run id": (["run", "--resume", "nope", "--runs-dir", "{root}/runs"], 2, "nor the id of a run"),
+    "plot unknown run id": (["plot", "nope", "--runs-dir", "{root}/runs"], 2, "nor the id of a run"),
+    "plot ambiguous run id": (["plot", "tiny", "--runs-dir", "{root}/twins", "--out", "{root}/p.png"], 2,
+                              "2 runs match"),
+    "ls unknown --state": (["ls", "--state", "finshed"], 2, "did you mean 'finished'"),
+    "ls bad --tag": (["ls", "--tag", "a b"], 2, "tag 'a b'"),
+    "tag unknown run id": (["tag", "nope", "--runs-dir", "{root}/runs", "--add", "x"], 2, "nor the id of a run"),
+    "tag not a run dir": (["tag", "{root}/a-file", "--add", "x"], 2, "not a run directory"),
+    "tag bad tag": (["tag", "{finished}", "--add", "a,b"], 2, "no spaces or commas"),
+    "tag notes twice": (["tag", "{finished}", "--notes", "x", "--notes-file", "{root}/tiny.toml"], 2, "not both"),
+    "tag missing notes file": (["tag", "{finished}", "--notes-file", "{root}/nope.md"], 2, "no such file"),
+    "tag name too long": (["tag", "{finished}", "--name", "x" * 201], 2, "display name"),
+    "run --set stop not a list": (["run", "{root}/tiny.toml", "--set", "stop=5"], 2, "array of inline tables"),
+    "run --set stop.KEY": (["run", "{root}/tiny.toml", "--set", "stop.kind=patience"], 2, "replace it whole"),
+    "check --set bad stop table": (["check", "{root}/tiny.toml", "--set", "stop=[{{kind='patience', patience=0}}]"],
+                                   2, "--set stop: stop.patience: must be >= 1"),
+    "check --set stop kind rounds": (["check", "{root}/tiny.toml", "--set", "stop=[{{kind='rounds', rounds=9}}]"],
+                                     2, "--set run.rounds="),
+    "check --set case slip": (["check", "{root}/tiny.toml", "--set", "algorithm.k=3"], 2, "did you mean 'K'"),
+    "check case slip in a file": (["check", "{root}/slip.toml"], 2, "algorithm.k: unknown key (did you mean 'K'?)"),
+    "sweep --set bad measure": (["sweep", "{root}/sweep.toml", "--set", "measure=[{{unit='nope'}}]"], 2,
+                                "unknown measurement unit"),
 }
 
 
