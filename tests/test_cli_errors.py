@@ -31,7 +31,8 @@ def _setup(root: Path) -> dict[str, Path]:
     return {"finished": finished, "no_ckpt": no_ckpt}
 
 
-# name -> (arguments with {root}/{finished}/{no_ckpt} placeholders ({{ }} for a brace), exit code, a fragment of the one line)
+# name -> (arguments with {root}/{finished}/{no_ckpt} placeholders, {{ }} for a brace; exit code; a fragment of
+# the one line)
 CASES: dict[str, tuple[list[str], int, str]] = {
     "no command": ([], 2, "required"),
     "unknown command": (["frobnicate"], 2, "invalid choice"),
