@@ -392,3 +392,66 @@ def test_measure_at_start_is_a_bool(write_recipe):
     assert ok.measure[0].unit == "grad_norm" and ok.measure[0].at_start is True
     message = recipe_error(write_recipe(tiny_recipe(append='\n[[measure]]\nunit = "grad_norm"\nat_start = 1\n')))
     assert "measure.at_start" in message
+
+
+# ----------------------------------------------------------------------------------------------------------
+# --set of a whole [[stop]] / [[measure]] list, and case slips
+
+STOPPED = TINY + '\n[[stop]]\nkind = "divergence"\n\n[[stop]]\nkind = "patience"\npatience = 3\n'
+
+
+def test_set_replaces_or_clears_the_stop_and_measure_lists(write_recipe):
+    path = write_recipe(STOPPED)
+    assert [s.kind for s in load_recipe(path).stop] == ["divergence", "patience"]
+    assert load_recipe(path, ["stop=[]"]).stop == []
+    r = load_recipe(path, ['stop=[{kind="target_accuracy", value=0.9}, {kind="wall_time", seconds=60}]'])
+    assert [(s.kind, s.metric) for s in r.stop] == [("target_accuracy", "val_acc"), ("wall_time", "")]
+    assert (r.stop[0].value, r.stop[1].seconds) == (0.9, 60)
+    r = load_recipe(path, ['measure=[{unit="grad_norm", every=5}]', "stop=[]"])
+    assert [(m.unit, m.every, m.at_start) for m in r.measure] == [("grad_norm", 5, False)]
+    assert load_recipe(path, ['measure=[{unit="grad_norm"}]', "measure=[]"]).measure == []  # the last one wins
+    # the resolved recipe (what a run stores and resumes from) carries the replacement
+    again = parse_recipe(tomllib.loads(to_toml(r.to_dict())))
+    assert again.stop == [] and again.measure == r.measure
+    assert load_recipe(path).to_dict()["stop"][1] == {"kind": "patience", "metric": "val_loss", "patience": 3,
+                                                      "min_delta": 0.0}  # the file itself is untouched
+
+
+@pytest.mark.parametrize("item, fragments", [
+    ("stop=5", ["--set stop: expected an array of inline tables", "--set stop=[]"]),
+    ("stop=[{kind=patience}]", ["--set stop: not a TOML array of inline tables"]),
+    ("stop=[1, 2]", ["--set stop: expected an array of inline tables"]),
+    ("stop.kind=patience", ["[[stop]] is a list of tables; replace it whole", "--set stop=[]"]),
+    ('stop=[{kind="patience", patience=0}]', ["--set stop: stop.patience: must be >= 1"]),
+    ('stop=[{kind="patience", patiense=2}]', ["--set stop: stop.patiense", "did you mean 'patience'"]),
+    ('stop=[{kind="rounds", rounds=600}]', ["no 'rounds' stopper", "--set run.rounds=600"]),
+    ('measure=[{unit="grad_norm", every=0}]', ["--set measure: measure.every: must be >= 1"]),
+    ("stp=[]", ["expected SECTION.KEY", "did you mean 'stop'"]),
+    ("algorithm.k=3", ["--set algorithm.k: unknown key (did you mean 'K'?)"]),
+    ("Algorithm.K=3", ["unknown section [Algorithm] (did you mean 'algorithm'?)"]),
+    ("run.Rounds=3", ["did you mean 'rounds'"]),
+])
+def test_set_list_and_case_errors_are_one_line_naming_the_set(write_recipe, item, fragments):
+    message = recipe_error(write_recipe(STOPPED), [item])
+    for fragment in fragments:
+        assert fragment in message, message
+    assert ".toml:" not in message  # blamed on the --set, not on a line of the file
+
+
+@pytest.mark.parametrize("word, choices, shown", [
+    ("k", ("K", "lr"), "K"),  # one letter: no close match for difflib, but a case slip
+    ("LR", ("K", "lr"), "lr"),
+    ("Lamda", ("lambda", "K"), "lambda"),  # spelling compared without case
+    ("zzz", ("K", "lr"), None),
+])
+def test_did_you_mean_catches_case_slips(word, choices, shown):
+    from bcdcore.recipe import did_you_mean
+
+    assert did_you_mean(word, choices) == (f" (did you mean {shown!r}?)" if shown else "")
+
+
+def test_a_case_slip_in_the_file_names_its_line(write_recipe):
+    text = tiny_recipe(replace={"K = 2": "k = 2"})
+    path = write_recipe(text)
+    message = recipe_error(path)
+    assert f"{path}:{line_of(text, 'k = 2')}: algorithm.k: unknown key (did you mean 'K'?)" == message
