@@ -205,10 +205,10 @@ def cmd_tag(args) -> int:
 
 def read_notes_file(name: str) -> str:
     """The text of `--notes-file` (`-` reads stdin); a file that is missing, not text or too large is one line."""
-    if name == "-":
-        return sys.stdin.read(MAX_NOTES_FILE + 1)[:MAX_NOTES_FILE + 1]
     path = Path(name)
     try:
+        if name == "-":
+            return sys.stdin.buffer.read(MAX_NOTES_FILE + 1).decode("utf-8")  # too long: check_notes says so
         if not path.is_file():
             raise AnnotationError(f"--notes-file {printable(name)}: no such file (or not a regular file)")
         if path.stat().st_size > MAX_NOTES_FILE:

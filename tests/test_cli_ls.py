@@ -173,3 +173,15 @@ def test_tag_on_an_ambiguous_reference_names_the_candidates(runs, capsys):
     write_run(runs, "adam-20261202-121500-a1b2c3", state="finished", rounds=3)  # the same recipe again
     code, _, err = tag(capsys, "adam-a1b2c3", "--add", "x")
     assert code == 2 and "2 runs match" in err and IDS["done"] in err and "adam-20261202-121500-a1b2c3" in err
+
+
+def test_notes_from_stdin_must_be_utf8(runs, capsys, monkeypatch):
+    import io
+
+    monkeypatch.setattr("sys.stdin", io.TextIOWrapper(io.BytesIO("première\nligne".encode())))
+    code, out, _ = tag(capsys, "adam", "--notes-file", "-")
+    assert code == 0 and out.splitlines()[3:] == ["notes: première", "       ligne"]
+    monkeypatch.setattr("sys.stdin", io.TextIOWrapper(io.BytesIO(b"ok\xff")))
+    code, out, err = tag(capsys, "adam", "--notes-file", "-")
+    assert (code, out) == (2, "") and "not UTF-8 text (byte 2)" in err
+    assert json.loads((runs / IDS["done"] / "annotations.json").read_text())["notes"] == "première\nligne"
