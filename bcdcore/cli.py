@@ -13,8 +13,6 @@ from bcdcore.cli_runs import cmd_ls, cmd_tag
 from bcdcore.rundir import RunLockedError, default_runs_dir
 from bcdcore.runref import resolve_run
 
-__all__ = ["cmd_ls", "cmd_tag", "main"]  # cmd_ls and cmd_tag live in bcdcore.cli_runs
-
 
 def _parser() -> argparse.ArgumentParser:
     parser = _Parser(prog="bcdcore", description="Block coordinate descent workstation engine")
