@@ -8,8 +8,8 @@ import signal
 import sys
 from pathlib import Path
 
-from bcdcore.recipe import RecipeError, expand_grid, load_recipe, os_reason, toml_value
 from bcdcore.cli_runs import cmd_ls, cmd_tag
+from bcdcore.recipe import RecipeError, expand_grid, load_recipe, os_reason, toml_value
 from bcdcore.rundir import RunLockedError, default_runs_dir
 from bcdcore.runref import resolve_run
 
