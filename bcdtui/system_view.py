@@ -7,6 +7,7 @@ from bcdcore.rundir import display_id, printable
 from bcdtui.system import GpuSample, ProcSample, SystemSnapshot
 
 BAR_W = 10
+GPU_BAR_W = 6
 GPU_COLUMNS = ("GPU", "name", "util", "memory", "power")
 PROC_COLUMNS = ("run", "pid", "CPU %", "RSS", "GPU mem")
 
@@ -43,11 +44,14 @@ def _ratio(a: float, b: float) -> float:
 
 
 def gpu_cells(gpu: GpuSample) -> list[str]:
-    util = f"{bar(gpu.util_pct / 100)} {percent(gpu.util_pct):>4}"
-    memory = f"{bar(_ratio(gpu.mem_used_mib, gpu.mem_total_mib))} {mib(gpu.mem_used_mib)} / {mib(gpu.mem_total_mib)}"
-    power = "—" if not math.isfinite(gpu.power_w) else f"{gpu.power_w:.0f} W" + (
-        f" / {gpu.power_limit_w:.0f} W" if math.isfinite(gpu.power_limit_w) else "")
-    return [str(gpu.index), printable(gpu.name), util, memory, power]
+    """GPU, name, util, memory, power: about 70 columns with an H100's name, so a row fits at 80."""
+    util = f"{bar(gpu.util_pct / 100, GPU_BAR_W)} {percent(gpu.util_pct):>4}"
+    used, total = gpu.mem_used_mib / 1024, gpu.mem_total_mib / 1024
+    memory = f"{bar(_ratio(used, total), GPU_BAR_W)} " + (
+        f"{used:.1f}/{total:.0f} GiB" if math.isfinite(used) and math.isfinite(total) else mib(gpu.mem_used_mib))
+    power = "—" if not math.isfinite(gpu.power_w) else f"{gpu.power_w:.0f}" + (
+        f"/{gpu.power_limit_w:.0f} W" if math.isfinite(gpu.power_limit_w) else " W")
+    return [str(gpu.index), printable(gpu.name).removeprefix("NVIDIA "), util, memory, power]
 
 
 def proc_cells(proc: ProcSample) -> list[str]:

@@ -297,4 +297,5 @@ async def _until(pilot, predicate, what: str, timeout: float = 90.0) -> None:
 
 
 def test_plot_path_of_the_screen_is_in_the_first_run(tmp_path):
-    assert plot_path(Path("runs/a"), "train_loss", "round", 0.0) == Path("runs/a/figures/compare_train_loss_vs_round.png")
+    expected = Path("runs/a/figures/compare_train_loss_vs_round.png")
+    assert plot_path(Path("runs/a"), "train_loss", "round", 0.0) == expected

@@ -255,12 +255,13 @@ def test_local_runs_are_running_runs_of_this_host_with_a_pid():
 # cells
 
 def test_cells_bars_and_units():
-    assert bar(0.5, 4) == "██  " and bar(1.5, 2) == "██" and bar(math.nan, 3) == "   " and bar(0.5, 1) == "▌" and bar(1 / 8, 1) == "▏"
+    assert bar(0.5, 4) == "██  " and bar(1.5, 2) == "██" and bar(math.nan, 3) == "   "
+    assert bar(0.5, 1) == "▌" and bar(1 / 8, 1) == "▏"  # eighths of a cell
     assert human_bytes(512) == "512 B" and human_bytes(3 * 1024 ** 3) == "3.0 GiB" and human_bytes(math.nan) == "—"
     cells = gpu_cells(GpuSample(0, "H200", 87.0, 1024.0, 4096.0, 250.4, 700.0))
-    assert cells[0:2] == ["0", "H200"] and cells[2].endswith(" 87%") and cells[2].startswith("████████▊ ")
-    assert cells[3].endswith("1.0 GiB / 4.0 GiB") and cells[4] == "250 W / 700 W"
-    assert gpu_cells(GpuSample(1, "x"))[2:] == [" " * 10 + "    —", " " * 10 + " — / —", "—"]
+    assert cells == ["0", "H200", "█████▎  87%", "█▌     1.0/4 GiB", "250/700 W"]
+    assert gpu_cells(GpuSample(1, "NVIDIA A100", power_w=70.0))[1:] == ["A100", " " * 6 + "    —", " " * 6 + " —",
+                                                                         "70 W"]
     cells = proc_cells(ProcSample("quickstart-20261126-025404-92c6eb", 42, 153.2, 2 * 1024 ** 2, 100.0))
     assert cells == ["quickstart-92c6eb", "42", "153", "2.0 MiB", "100.0 MiB"]
     assert proc_cells(ProcSample("r", 1))[2:] == ["…", "—", "—"]
@@ -330,8 +331,8 @@ async def test_f4_shows_gpus_and_live_runs_sampled_off_the_ui_thread(place):
     async with app.run_test(size=(120, 36)) as pilot:
         screen = await _open_system(pilot, app)
         gpus = _cells(screen.query_one("#gpus", DataTable))
-        assert [row[:2] for row in gpus] == [["0", "NVIDIA H200"], ["1", "NVIDIA H200"]]
-        assert gpus[0][3].endswith("1.0 GiB / 141.0 GiB") and gpus[1][4] == "250 W / 700 W"
+        assert [row[:2] for row in gpus] == [["0", "H200"], ["1", "H200"]]
+        assert gpus[0][3].endswith(" 1.0/141 GiB") and gpus[1][2].endswith(" 51%") and gpus[1][4] == "250/700 W"
         assert _cells(screen.query_one("#procs", DataTable)) == [["live-abcdef", "4242", "97", "1.5 GiB", "1.0 GiB"]]
         host = str(screen.query_one("#sys-host", Static).render())
         assert "42%" in host and "16.0 GiB / 64.0 GiB" in host and "GPUs via NVML" in host
