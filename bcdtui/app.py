@@ -44,8 +44,8 @@ class BcdApp(App):
         Binding("f1", "help", "Help", tooltip="this key map"),
         Binding("f2", "show_runs", "Runs", tooltip="the runs table (from any screen)"),
         Binding("f3", "show_recipes", "Recipes", tooltip="the recipes screen: tree, editor with live validation"),
-        Binding("f4", "show_system", "System", show=False, tooltip="the system panel: per GPU utilisation, memory, power; "
-                                                        "per live run CPU %, RSS, GPU memory"),
+        Binding("f4", "show_system", "System", show=False,
+                tooltip="the system panel: per GPU utilisation, memory, power; per live run CPU %, RSS, GPU memory"),
         Binding("ctrl+q", "quit_app", "Quit", priority=True,
                 tooltip="quit (runs keep running; the next start re-attaches)"),
     ]
