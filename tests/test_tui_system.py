@@ -15,6 +15,8 @@ from types import SimpleNamespace
 
 import psutil
 import pytest
+from hypothesis import given
+from hypothesis import strategies as st
 from textual.widgets import DataTable, Static
 
 from bcdtui.app import BcdApp
@@ -55,6 +57,13 @@ def test_parse_smi_gpus_reads_numbers_and_unknowns():
         ("NVIDIA H100 80GB HBM3", 87.0, 40321.0, 81559.0, 512.33, 700.0)
     assert math.isnan(g1.util_pct) and math.isnan(g1.power_w) and g1.mem_used_mib == 3.0
     assert parse_smi_gpus("") == []
+
+
+@given(st.text(alphabet=st.sampled_from("0123456789,.[]N/A \n-eE+infa"), max_size=300))
+def test_parse_smi_never_raises_and_reads_only_well_formed_lines(text):
+    for gpu in parse_smi_gpus(text):
+        assert isinstance(gpu.index, int) and isinstance(gpu.util_pct, float)
+    assert all(isinstance(pid, int) and math.isfinite(mib) for pid, mib in parse_smi_apps(text).items())
 
 
 def test_parse_smi_apps_sums_per_pid():
