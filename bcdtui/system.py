@@ -273,31 +273,44 @@ class ProcessSampler:
         self._procs[pid] = proc
         return proc, True
 
+    def _children(self) -> dict[int, list[int]]:
+        """parent pid -> child pids, from one pass over the process table (Process.children would make one pass
+        per run: 64 live runs cost 64 scans of /proc)."""
+        kids: dict[int, list[int]] = {}
+        for proc in self.psutil.process_iter(["ppid"]):
+            ppid = (getattr(proc, "info", None) or {}).get("ppid")
+            if isinstance(ppid, int) and ppid > 0:
+                kids.setdefault(ppid, []).append(proc.pid)
+        return kids
+
     def sample(self, runs: list[tuple[str, int]], gpu_mem: dict[int, float]) -> list[ProcSample]:
         ps, out, seen = self.psutil, [], set()
+        kids = self._children() if runs else {}
         for run_id, pid in runs:
             sample = ProcSample(run_id, pid)
             try:
                 root, fresh = self._process(pid)
-                tree = [root] + list(root.children(recursive=True))
-                cpu, rss, gpu = 0.0, 0.0, NAN
-                for proc in tree:
+                seen.add(pid)
+                tree, cpu, rss, gpu = [pid], 0.0, 0.0, NAN
+                for member in tree:  # grows as it goes: the run's process tree, breadth first
+                    tree.extend(k for k in kids.get(member, ()) if k not in tree)
                     try:
-                        kept = root if proc is root else self._process(proc.pid)[0]  # a new child adds 0
-                        seen.add(kept.pid)
+                        kept = root if member == pid else self._process(member)[0]  # a new child adds 0
+                        seen.add(member)
                         cpu += kept.cpu_percent(None)
                         rss += kept.memory_info().rss
                     except (ps.NoSuchProcess, ps.ZombieProcess):
+                        if member == pid:
+                            raise
                         continue  # a child that ended between the listing and the read
-                    if kept.pid in gpu_mem:
-                        gpu = (0.0 if math.isnan(gpu) else gpu) + gpu_mem[kept.pid]
+                    if member in gpu_mem:
+                        gpu = (0.0 if math.isnan(gpu) else gpu) + gpu_mem[member]
                 sample.cpu_pct = NAN if fresh else cpu
                 sample.rss_bytes, sample.gpu_mem_mib = rss, gpu
-                seen.add(pid)
             except (ps.NoSuchProcess, ps.ZombieProcess):
                 sample.alive = False
             except ps.AccessDenied:
-                seen.add(pid)  # another user's process: its numbers stay unknown
+                pass  # another user's process: its numbers stay unknown
             out.append(sample)
         for pid in set(self._procs) - seen:
             del self._procs[pid]

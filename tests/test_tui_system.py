@@ -244,6 +244,10 @@ def test_process_sampler_access_denied_leaves_numbers_unknown():
         AccessDenied = Denied
 
         @staticmethod
+        def process_iter(attrs):
+            return []
+
+        @staticmethod
         def Process(pid):
             raise Denied()
 
