@@ -194,7 +194,10 @@ class CompareScreen(ChartAxes, WsScreen):
 
     def _plot(self, cmd: list[str]) -> None:
         ok, line = run_plot(cmd)
-        self.app.call_from_thread(self._plotted, ok, line)
+        try:
+            self.app.call_from_thread(self._plotted, ok, line)
+        except RuntimeError:  # the app closed while the plot ran (the PNG is still written)
+            pass
 
     def _plotted(self, ok: bool, line: str) -> None:
         self.message = line if ok else f"error: {line.removeprefix('error: ')}"
