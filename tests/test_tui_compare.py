@@ -299,3 +299,19 @@ async def _until(pilot, predicate, what: str, timeout: float = 90.0) -> None:
 def test_plot_path_of_the_screen_is_in_the_first_run(tmp_path):
     expected = Path("runs/a/figures/compare_train_loss_vs_round.png")
     assert plot_path(Path("runs/a"), "train_loss", "round", 0.0) == expected
+
+
+async def test_runs_with_one_recipe_are_named_by_short_id_or_display_name(place):
+    from bcdcore.annotations import update_annotations
+
+    recipe = resolved_recipe("same")
+    for i, run_id in enumerate(("same-20261126-060000-aaaaaa", "same-20261126-061000-bbbbbb")):
+        write_run(place / "runs", run_id, recipe=recipe, started=1_795_010_000.0 + 600 * i)
+    update_annotations(place / "runs" / "same-20261126-061000-bbbbbb", name="baseline")
+    app = BcdApp(place / "runs", place / "recipes", slots=[cpu_slot()], refresh_s=0.1)
+    async with app.run_test(size=(160, 48)) as pilot:
+        screen = CompareScreen(app.ws.compare(["same-20261126-060000-aaaaaa", "same-20261126-061000-bbbbbb"]))
+        await app.push_screen(screen)
+        await pilot.pause()
+        assert [s.label for s in screen.query_one("#cmp-chart").series] == ["same-aaaaaa", "baseline-bbbbbb"]
+        assert "(the recipes are identical)" in str(screen.query_one("#diff", DataTable).get_row_at(0)[0])
