@@ -12,7 +12,6 @@ from textual.binding import Binding
 from textual.containers import Grid, Horizontal
 from textual.widgets import DataTable, Static
 
-from bcdcore.annotations import read_annotations
 from bcdcore.rundir import display_id
 from bcdtui.charts import PALETTE, line_chart
 from bcdtui.compare import (
@@ -72,6 +71,8 @@ class CompareScreen(ChartAxes, WsScreen):
         self.recipe_rows = diff_runs(paths)  # every key, once: the table filters it, the legend reads it
         # the short ids (with the display name a user gave a run, bcdcore.annotations) name the runs' columns and,
         # where the recipes cannot tell runs apart, their curves
+        from bcdcore.annotations import read_annotations  # here: the app's start imports no more of bcdcore
+
         self.short_ids = [display_id(r, read_annotations(f.path)[0].name)
                           for r, f in zip(comparison.run_ids, comparison.followers)]
         self.labels = legend_names(self.recipe_rows, self.short_ids)
