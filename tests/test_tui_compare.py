@@ -315,3 +315,24 @@ async def test_runs_with_one_recipe_are_named_by_short_id_or_display_name(place)
         await pilot.pause()
         assert [s.label for s in screen.query_one("#cmp-chart").series] == ["same-aaaaaa", "baseline-bbbbbb"]
         assert "(the recipes are identical)" in str(screen.query_one("#diff", DataTable).get_row_at(0)[0])
+
+
+async def test_summary_and_chart_follow_a_live_run(place):
+    import json
+
+    live = "sweep_k-20261126-040000-a1b2c3"  # running, 75 of 200 rounds written
+    app = BcdApp(place / "runs", place / "recipes", slots=[cpu_slot()], refresh_s=0.1)
+    async with app.run_test(size=(160, 48)) as pilot:
+        screen = CompareScreen(app.ws.compare([A, live]))
+        await app.push_screen(screen)
+        await pilot.pause()
+        assert _rows(screen.query_one("#summary", DataTable))["grad_evals"][1] == f"{75 * 4 * 5:,}"
+        event = {"v": 1, "kind": "metric", "t": 1_795_004_300.0, "round": 76, "grad_evals": 76 * 4 * 5,
+                 "wall_s": 38.0, "train_loss": 0.0123}
+        with open(place / "runs" / live / "metrics.jsonl", "a") as f:
+            f.write(json.dumps(event) + "\n")
+        await _until(pilot, lambda: _rows(screen.query_one("#summary", DataTable))["train_loss final"][1] == "0.0123",
+                     "the new line in the summary")
+        summary = _rows(screen.query_one("#summary", DataTable))
+        assert summary["grad_evals"][1] == "1,520" and summary["train_loss best"][1] == "0.0123"
+        assert screen.query_one("#cmp-chart").series[1].ys[-1] == 0.0123
