@@ -23,15 +23,7 @@ from types import SimpleNamespace
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
-from bcdtui.system import (  # noqa: E402
-    GpuProbe,
-    GpuSample,
-    ProcSample,
-    SystemMonitor,
-    SystemSnapshot,
-    default_probe,
-    local_runs,
-)
+from bcdtui import system  # noqa: E402
 
 
 def median_ms(fn, repeat: int) -> float:
@@ -48,12 +40,12 @@ def rows(n: int, live: int) -> list[SimpleNamespace]:
                             pid=10_000 + i, host="box") for i in range(n)]
 
 
-def snapshot(n_gpus: int, n_runs: int) -> SystemSnapshot:
-    gpus = [GpuSample(i, "NVIDIA H100 80GB HBM3", 40.0 + i, 30_000.0 + i, 81_559.0, 300.0 + i, 700.0)
+def snapshot(n_gpus: int, n_runs: int) -> system.SystemSnapshot:
+    gpus = [system.GpuSample(i, "NVIDIA H100 80GB HBM3", 40.0 + i, 30_000.0 + i, 81_559.0, 300.0 + i, 700.0)
             for i in range(n_gpus)]
-    procs = [ProcSample(f"run{i:05d}-20261126-000000-{i:06x}", 10_000 + i, 99.0, 2.5e9, 4_000.0)
+    procs = [system.ProcSample(f"run{i:05d}-20261126-000000-{i:06x}", 10_000 + i, 99.0, 2.5e9, 4_000.0)
              for i in range(n_runs)]
-    return SystemSnapshot(gpus, "NVML", "", 37.0, 30e9, 64e9, procs)
+    return system.SystemSnapshot(gpus, "NVML", "", 37.0, 30e9, 64e9, procs)
 
 
 async def draw_ms(repeat: int) -> float:
@@ -70,7 +62,7 @@ async def draw_ms(repeat: int) -> float:
     with tempfile.TemporaryDirectory() as tmp:
         app = BcdApp(Path(tmp) / "runs", Path(tmp) / "recipes", slots=[cpu_slot()], refresh_s=3600)
         async with app.run_test(size=(160, 48)) as pilot:
-            screen = Still(SystemMonitor(GpuProbe([])), "box")
+            screen = Still(system.SystemMonitor(system.GpuProbe([])), "box")
             await app.push_screen(screen)
             await pilot.pause()
             snap = snapshot(8, 64)
@@ -81,13 +73,13 @@ def main() -> int:
     print(f"machine: {platform.node()} {platform.machine()}, python {platform.python_version()}")
     for n in (1_000, 10_000):
         table = rows(n, 10)
-        took = median_ms(lambda: local_runs(table, "box"), 51)
+        took = median_ms(lambda: system.local_runs(table, "box"), 51)
         print(f"UI thread: local_runs over {n:>6,} rows          {took:7.2f} ms")
     print(f"UI thread: draw a snapshot (8 GPUs, 64 runs)     {asyncio.run(draw_ms(21)):7.2f} ms")
     children = [subprocess.Popen([sys.executable, "-c", "import time; time.sleep(600)"]) for _ in range(64)]
     try:
         for k in (1, 16, 64):
-            monitor = SystemMonitor(default_probe())
+            monitor = system.SystemMonitor(system.default_probe())
             monitor.runs = [(f"r{i}", c.pid) for i, c in enumerate(children[:k])]
             monitor.sample()  # the first: GPU probe, psutil baselines
             took = median_ms(monitor.sample, 11)
