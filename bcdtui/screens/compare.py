@@ -67,6 +67,7 @@ class CompareScreen(ChartAxes, WsScreen):
         self.smooth = 0.0
         self.grid = False
         self.message = ""
+        self.plots = 0
         paths = [f.path for f in comparison.followers]
         self.recipe_rows = diff_runs(paths)  # every key, once: the table filters it, the legend reads it
         # the short ids (with the display name a user gave a run, bcdcore.annotations) name the runs' columns and,
@@ -195,16 +196,19 @@ class CompareScreen(ChartAxes, WsScreen):
         cmd = plot_command(paths, self.metric, self.x_axis, out, log_y=self.log_y, smooth=self.smooth)
         self.message = f"writing {out} …"
         self._draw_status()
-        self.run_worker(partial(self._plot, cmd), thread=True, exclusive=True, group="plot")
+        self.plots += 1  # a second p while one runs: only the latest one's outcome is shown
+        self.run_worker(partial(self._plot, cmd, self.plots), thread=True, group="plot")
 
-    def _plot(self, cmd: list[str]) -> None:
+    def _plot(self, cmd: list[str], number: int) -> None:
         ok, line = run_plot(cmd)
         try:
-            self.app.call_from_thread(self._plotted, ok, line)
+            self.app.call_from_thread(self._plotted, ok, line, number)
         except RuntimeError:  # the app closed while the plot ran (the PNG is still written)
             pass
 
-    def _plotted(self, ok: bool, line: str) -> None:
+    def _plotted(self, ok: bool, line: str, number: int) -> None:
+        if number != self.plots:
+            return
         self.message = line if ok else f"error: {line.removeprefix('error: ')}"
         if self.is_attached:
             self._draw_status()
