@@ -143,7 +143,9 @@ class BcdApp(App):
             self.push_screen("recipes")
 
     def action_show_system(self) -> None:
-        if isinstance(self.screen, SystemScreen):
+        if any(isinstance(s, SystemScreen) for s in self.screen_stack):  # one panel (and one sampler) at a time
+            while not isinstance(self.screen, SystemScreen):
+                self.pop_screen()
             return
         if self.system_monitor is None:
             self.system_monitor = SystemMonitor()  # kept: the GPU probe's answer and psutil's CPU baselines

@@ -350,6 +350,9 @@ async def test_f4_shows_gpus_and_live_runs_sampled_off_the_ui_thread(place):
         host = str(screen.query_one("#sys-host", Static).render())
         assert "42%" in host and "16.0 GiB / 64.0 GiB" in host and "GPUs via NVML" in host
         assert sampler.threads and threading.main_thread() not in sampler.threads
+        await pilot.press("f4")  # F4 again: the same panel, not a second sampler
+        await pilot.pause()
+        assert app.screen is screen and sum(isinstance(s, SystemScreen) for s in app.screen_stack) == 1
         await pilot.press("escape")
         assert not isinstance(app.screen, SystemScreen)
 
@@ -365,3 +368,34 @@ async def test_f4_on_this_machine_says_no_gpu_and_lists_this_run(place):
         if shutil.which("nvidia-smi") is None:
             assert not screen.query_one("#gpus", DataTable).display
             assert "no GPU" in str(screen.query_one("#sys-host", Static).render())
+
+
+async def test_a_driver_call_that_hangs_never_blocks_the_ui(place):
+    release = threading.Event()
+
+    class Hanging:
+        name = "NVML"
+
+        def read(self):
+            release.wait(60)  # a driver call that does not return (until the test lets it)
+            return [GpuSample(0, "H200")], {}
+
+    app = BcdApp(place / "runs", place / "recipes", slots=[cpu_slot()], refresh_s=0.1)
+    app.system_monitor = SystemMonitor(GpuProbe([Hanging()]), FakeSampler(), psutil_module=FakePsutil)
+    try:
+        async with app.run_test(size=(80, 24)) as pilot:
+            await pilot.pause()
+            await pilot.press("f4")
+            await pilot.pause()
+            screen = app.screen
+            assert isinstance(screen, SystemScreen) and screen.snapshot is None  # still sampling
+            assert "sampling" in str(screen.query_one("#sys-host", Static).render())
+            await pilot.press("escape")  # the UI answers while the sample hangs
+            await pilot.pause()
+            assert not isinstance(app.screen, SystemScreen)
+            await pilot.press("f1")
+            await pilot.pause()
+            assert type(app.screen).__name__ == "HelpScreen"
+            release.set()
+    finally:
+        release.set()
