@@ -72,6 +72,8 @@ def _parser() -> argparse.ArgumentParser:
     plot.add_argument("--logy", action="store_true", help="log-scale y axis")
     plot.add_argument("--logx", action="store_true", help="log-scale x axis")
     plot.add_argument("--title", default=None)
+    plot.add_argument("--smooth", type=float, default=0.0, metavar="F",
+                      help="EMA smoothing factor in [0, 1) (0: raw); the raw curve is drawn faint under it")
 
     export = sub.add_parser("export", help="export a run's trained model")
     export.add_argument("run_dir", metavar="RUN", help="a run directory or a run id (looked up in --runs-dir)")
@@ -228,7 +230,8 @@ def cmd_plot(args) -> int:
     runs = [resolve_run(ref, args.runs_dir or default_runs_dir()) for ref in args.runs]
     out = args.out or (runs[0] / "figures" / f"{args.y}_vs_{args.x}.png")
     try:
-        plot_runs(runs, x=args.x, y=args.y, out=out, logy=args.logy, logx=args.logx, title=args.title)
+        plot_runs(runs, x=args.x, y=args.y, out=out, logy=args.logy, logx=args.logx, title=args.title,
+                  smooth=args.smooth)
     except PlotError as exc:
         raise RecipeError(str(exc)) from None
     print(f"wrote {out}")

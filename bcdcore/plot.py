@@ -79,9 +79,19 @@ def series(run: Path, x: str, y: str) -> tuple[np.ndarray, np.ndarray]:
     return xs[keep], ys[keep]
 
 
+def ema(ys: np.ndarray, factor: float) -> np.ndarray:
+    """Exponential moving average s_i = factor * s_(i-1) + (1 - factor) * y_i from the first value (the same
+    formula as bcdtui's compare screen, so its `p` key writes the curve it shows)."""
+    out = np.array(ys, dtype=float)
+    for i in range(1, len(out)):
+        out[i] = factor * out[i - 1] + (1.0 - factor) * out[i]
+    return out
+
+
 def plot_runs(runs: list[Path], x: str = "grad_evals", y: str = "train_loss", out: Path | None = None,
-              logy: bool = False, logx: bool = False, title: str | None = None):
-    """Draw the runs and return the matplotlib Figure (saved to `out` as PNG or PDF by its suffix)."""
+              logy: bool = False, logx: bool = False, title: str | None = None, smooth: float = 0.0):
+    """Draw the runs and return the matplotlib Figure (saved to `out` as PNG or PDF by its suffix). `smooth`
+    in [0, 1) draws each curve's EMA over its raw curve (drawn faint)."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -91,6 +101,8 @@ def plot_runs(runs: list[Path], x: str = "grad_evals", y: str = "train_loss", ou
         raise PlotError(f"--x {x!r}: choose one of {', '.join(X_AXES)}")
     if out is not None and Path(out).suffix.lower() not in (".png", ".pdf"):
         raise PlotError(f"--out {out}: use a .png or .pdf file name")
+    if not 0.0 <= smooth < 1.0:
+        raise PlotError(f"--smooth {smooth}: use a factor from 0 (raw) up to, not including, 1")
     runs = [Path(r) for r in runs]
     for r in runs:
         if not (r / "metrics.jsonl").is_file():
@@ -101,7 +113,11 @@ def plot_runs(runs: list[Path], x: str = "grad_evals", y: str = "train_loss", ou
         curves = [series(r, x, y) for r in group]
         drawn = [c for c in curves if len(c[0])]  # a run without finite points adds nothing to a band
         if len(drawn) <= 1:
-            ax.plot(*(drawn or curves)[0], color=colour, label=label, linewidth=1.5)
+            cx, cy = (drawn or curves)[0]
+            if smooth:
+                ax.plot(cx, cy, color=colour, linewidth=1.0, alpha=0.25)
+                cy = ema(cy, smooth)
+            ax.plot(cx, cy, color=colour, label=label, linewidth=1.5)
             continue
         curves = [(cx[order], cy[order]) for cx, cy in drawn for order in [np.argsort(cx, kind="stable")]]
         # mean +/- std over seeds on a common x grid (the shortest run bounds it)
@@ -109,10 +125,12 @@ def plot_runs(runs: list[Path], x: str = "grad_evals", y: str = "train_loss", ou
         grid = np.unique(np.concatenate([c[0][c[0] <= end] for c in curves]))
         stack = np.stack([np.interp(grid, cx, cy) for cx, cy in curves])
         mean, std = stack.mean(0), stack.std(0)
+        if smooth:
+            mean, std = ema(mean, smooth), ema(std, smooth)
         ax.plot(grid, mean, color=colour, label=label, linewidth=1.5)
         ax.fill_between(grid, mean - std, mean + std, color=colour, alpha=0.2, linewidth=0)
     ax.set_xlabel(x)
-    ax.set_ylabel(y)
+    ax.set_ylabel(y + (f" (EMA {smooth:g})" if smooth else ""))
     if logy:
         ax.set_yscale("log")
     if logx:

@@ -7,6 +7,7 @@ quitting leaves them running, and the next start re-attaches to them through the
 from __future__ import annotations
 
 import argparse
+import socket
 import sys
 from functools import partial
 from pathlib import Path
@@ -31,6 +32,8 @@ from bcdtui.screens import (
     RunsScreen,
     WsScreen,
 )
+from bcdtui.screens.system import SystemScreen
+from bcdtui.system import SystemMonitor
 from bcdtui.widgets import TopBar
 from bcdtui.workstation import Workstation
 
@@ -41,6 +44,8 @@ class BcdApp(App):
         Binding("f1", "help", "Help", tooltip="this key map"),
         Binding("f2", "show_runs", "Runs", tooltip="the runs table (from any screen)"),
         Binding("f3", "show_recipes", "Recipes", tooltip="the recipes screen: tree, editor with live validation"),
+        Binding("f4", "show_system", "System", show=False,
+                tooltip="the system panel: per GPU utilisation, memory, power; per live run CPU %, RSS, GPU memory"),
         Binding("ctrl+q", "quit_app", "Quit", priority=True,
                 tooltip="quit (runs keep running; the next start re-attaches)"),
     ]
@@ -55,6 +60,7 @@ class BcdApp(App):
         self.refresh_s = refresh_s
         self.runs_screen: RunsScreen | None = None
         self.first_paint_callbacks: list = []
+        self.system_monitor: SystemMonitor | None = None  # made at the first F4 (tests set one with fake readers)
 
     # --- start
     def get_default_screen(self) -> Screen:
@@ -136,6 +142,15 @@ class BcdApp(App):
             self.action_show_runs()
             self.push_screen("recipes")
 
+    def action_show_system(self) -> None:
+        if any(isinstance(s, SystemScreen) for s in self.screen_stack):  # one panel (and one sampler) at a time
+            while not isinstance(self.screen, SystemScreen):
+                self.pop_screen()
+            return
+        if self.system_monitor is None:
+            self.system_monitor = SystemMonitor()  # kept: the GPU probe's answer and psutil's CPU baselines
+        self.push_screen(SystemScreen(self.system_monitor, socket.gethostname()))
+
     def action_quit_app(self) -> None:
         waiting = len(self.ws.runner.queued())
         if not waiting:
@@ -168,6 +183,7 @@ def key_sections() -> list[Section]:
         ("Runs (the start screen)", RunsScreen.BINDINGS, [("arrows, pgup/pgdn", "move in the table")]),
         ("Run (enter on a run)", RunScreen.BINDINGS, []),
         ("Compare (space marks runs, c compares)", CompareScreen.BINDINGS, []),
+        ("System (F4)", SystemScreen.BINDINGS, []),
         ("Recipes (F3 or e)", RecipesScreen.BINDINGS, [("tab", "move between the tree and the editor"),
                                                        ("enter (tree)", "edit the highlighted recipe")]),
         ("Launch dialog (l, or ctrl+l on a recipe)", LaunchScreen.BINDINGS, [("tab", "next field; space ticks a GPU")]),

@@ -22,6 +22,15 @@ class Series:
     color: str = PALETTE[0]
 
 
+def faded(color: str, keep: float = 0.45) -> str:
+    """`#rrggbb` moved towards black (`keep` of its brightness): a raw curve drawn under its smoothed one."""
+    try:
+        r, g, b = (int(color[i:i + 2], 16) for i in (1, 3, 5))
+    except (ValueError, IndexError):
+        return color
+    return "#{:02x}{:02x}{:02x}".format(*(round(c * keep) for c in (r, g, b)))
+
+
 LIMIT = 1e300  # values are clipped here: spans of finite float64 values (a diverged loss) must not overflow
 
 
@@ -162,8 +171,9 @@ def line_chart(series: Sequence[Series], width: int, height: int, *, log_y: bool
     lines.append(Text(tick_line[:width], style="dim"))
     if show_legend:
         legend_line = Text()
-        room = max(6, (width - (8 if log_y else 0)) // max(1, len(clean)) - 4)
-        for s, _, _ in clean:
+        named = [s for s, _, _ in clean if s.label]  # an unlabelled series (a raw curve under its EMA) has none
+        room = max(6, (width - (8 if log_y else 0)) // max(1, len(named)) - 4)
+        for s in named:
             label = s.label if len(s.label) <= room else s.label[:room - 1] + "…"
             if legend_line.cell_len + len(label) + 4 > width:
                 break

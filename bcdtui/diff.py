@@ -71,3 +71,25 @@ def recipe_diff(recipes: list[dict], only_differences: bool = False) -> list[Dif
 
 def diff_runs(run_dirs: list[Path], only_differences: bool = False) -> list[DiffRow]:
     return recipe_diff([load_recipe_dict(p) for p in run_dirs], only_differences)
+
+
+def _short(key: str) -> str:
+    """`algorithm.lambda` -> `lambda`, `stop[0].kind` -> `kind`."""
+    return key.rsplit(".", 1)[-1].split("[", 1)[0]
+
+
+def legend_names(rows: list[DiffRow], fallback: list[str], max_keys: int = 3) -> list[str]:
+    """A legend label per run from the recipe keys that differ (`lambda=0.05 K=5`), not the run ids: run.name
+    never (it is in the id), run.* keys (seed, ...) after the others, `[[stop]]` / `[[measure]]` entries only
+    when nothing else differs; a short key name unless two chosen keys share it. At most `max_keys` keys;
+    where that leaves two runs with one label (or nothing differs) the run's `fallback` name is added."""
+    n = len(fallback)
+    differing = [r for r in rows if r.differs and r.key != "run.name" and len(r.values) == n]
+    plain = [r for r in differing if not r.key.startswith(("stop[", "measure["))] or differing
+    chosen = ([r for r in plain if not r.key.startswith("run.")] + [r for r in plain if r.key.startswith("run.")])
+    chosen = chosen[:max_keys]
+    shorts = [_short(r.key) for r in chosen]
+    names = [s if shorts.count(s) == 1 else r.key for s, r in zip(shorts, chosen)]
+    labels = [" ".join(f"{name}={show_value(r.values[i])}" for name, r in zip(names, chosen)) for i in range(n)]
+    return [fallback[i] if not label else f"{label} ({fallback[i]})" if labels.count(label) > 1 else label
+            for i, label in enumerate(labels)]
