@@ -11,6 +11,7 @@ import tomllib
 from pathlib import Path
 from typing import Any
 
+from bcdcore.recipe.plugin_keys import set_key, sweep_key
 from bcdcore.recipe.schema import Recipe, RecipeError
 from bcdcore.recipe.validate import SECTIONS, TABLES, Validator, did_you_mean
 
@@ -91,8 +92,11 @@ def apply_override(raw: dict, item: str) -> None:
         raise RecipeError(f"--set {item!r}: expected KEY=VALUE, e.g. --set algorithm.K=5")
     key, value = item.split("=", 1)
     parts = key.strip().split(".")
+    if len(parts) == 3 and sweep_key(key.strip(), TABLES):  # a plugin's argument: model.args.depth
+        set_key(raw, parts, parse_value(value.strip()))
+        return
     if len(parts) != 2 or not all(parts):
-        raise RecipeError(f"--set {key!r}: expected SECTION.KEY, e.g. algorithm.K")
+        raise RecipeError(f"--set {key!r}: expected SECTION.KEY, e.g. algorithm.K (or SECTION.args.KEY)")
     section, name = parts
     if section in SECTIONS and SECTIONS[section] is None:
         raise RecipeError(f"--set {key!r}: [{section}] cannot be set from the command line; edit the recipe")
@@ -121,8 +125,12 @@ def to_toml(data: dict) -> str:
                 lines.append("")
         else:
             lines.append(f"[{section}]")
-            lines += [f"{toml_key(k)} = {toml_value(v)}" for k, v in table.items()]
+            lines += [f"{toml_key(k)} = {toml_value(v)}" for k, v in table.items() if not isinstance(v, dict)]
             lines.append("")
+            for key, sub in ((k, v) for k, v in table.items() if isinstance(v, dict)):  # [model.args]
+                lines.append(f"[{section}.{toml_key(key)}]")
+                lines += [f"{toml_key(k)} = {toml_value(v)}" for k, v in sub.items()]
+                lines.append("")
     return "\n".join(lines)
 
 
@@ -143,4 +151,6 @@ def toml_value(value: Any) -> str:
         return json.dumps(value)
     if isinstance(value, list):
         return "[" + ", ".join(toml_value(v) for v in value) + "]"
+    if isinstance(value, dict):  # an inline table (a plugin argument that is itself a table)
+        return "{" + ", ".join(f"{toml_key(k)} = {toml_value(v)}" for k, v in value.items()) + "}"
     raise TypeError(f"cannot write {value!r} as TOML")
