@@ -109,7 +109,7 @@ def resolve(path: str, kind: str, where: str) -> Any:
     found = kind_of(obj)
     wanted = {"model": ("model", "function"), "data": ("function",)}.get(kind, (kind,))
     if found not in wanted:
-        what = {"value": f"a {type(obj).__name__} value", "function": "a function",
+        what = {"value": f"the {type(obj).__name__} {repr(obj)[:40]}", "function": "a function",
                 "model": "an nn.Module"}.get(found, f"a {found} class")
         raise PluginError(f"{where} = {path!r} is {what}, not a {kind} plugin; {where} needs {CONTRACTS[kind]}")
     return obj

@@ -42,6 +42,16 @@ class PluginSolver:
         probe = torch.zeros(1)
         plugins.check_call(self.impl.step, cfg.solver, WHERE, "solver", probe, probe, probe,
                            [probe] * n_state, lr=1.0, lam=0.0, step=1)
+        # One step of a separate instance on a tiny slice: a wrong return is refused before the run starts
+        # (exit 2), not by a failed run; the run's own instance has taken no step.
+        trial = plugins.call(cls, cfg.solver, WHERE, "solver", **cfg.args)
+        x, g, a = torch.ones(4), torch.full((4,), 0.5), torch.zeros(4)
+        self.impl, kept = trial, self.impl
+        try:
+            self.step(x, g, a, [torch.zeros(4) for _ in range(n_state)], lr=1e-3, lam=0.1, step=1, gamma=None,
+                      out=None, skip=None, backend="reference")
+        finally:
+            self.impl = kept
 
     def step(self, x: Tensor, g: Tensor, a: Tensor, state: list[Tensor], *, lr: float, lam: float, step: int,
              gamma: float | None, out: Tensor | None, skip: Tensor | None, backend: str) -> tuple[Tensor, Tensor]:
