@@ -48,8 +48,8 @@ def train(recipe: RecipeLike, model: Any = None, data: Any = None, *, runs_dir: 
 
     Recipe problems raise bcdcore.recipe.RecipeError (one line) before anything is written; a run that fails
     returns with `state == "failed"` and the reason, as `bcdcore run` records it."""
-    from bcdcore.rundir import default_runs_dir
     from bcdcore.run import final_summary, launch_distributed, start_run
+    from bcdcore.rundir import default_runs_dir
 
     parsed = build_recipe(recipe, model, data, overrides)
     if parsed.sweep:

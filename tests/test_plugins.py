@@ -189,8 +189,8 @@ def test_every_plugin_error_is_one_line_and_exit_2(plugdir, tmp_path, capsys, wh
 
 
 def test_good_plugins_pass_check_with_their_blocks(plugdir, tmp_path, capsys):
-    text = recipe(solver=f"{PKG}.opt:Sign", extra=f'[algorithm.args]\nscale = 0.5\n[[stop]]\nkind = "{PKG}.stop:After"\n'
-                                                  f'rounds = 1\n[model.args]\nwidth = 6\n')
+    extra = f'[algorithm.args]\nscale = 0.5\n[[stop]]\nkind = "{PKG}.stop:After"\nrounds = 1\n[model.args]\nwidth = 6\n'
+    text = recipe(solver=f"{PKG}.opt:Sign", extra=extra)
     code, out, err = check(plugdir, tmp_path, text, capsys)
     assert code == 0, err
     assert out.startswith("ok: ") and "2 blocks" in out

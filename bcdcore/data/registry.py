@@ -19,9 +19,9 @@ from bcdcore.data.images import (
     load_mnist_flat,
     load_svhn,
 )
+from bcdcore.data.plugin import load_plugin
 from bcdcore.data.tabular import load_california_housing
 from bcdcore.data.text import load_imdb, load_stdlib_text
-from bcdcore.data.plugin import load_plugin
 from bcdcore.data.types import DataBundle
 from bcdcore.recipe import DataConfig
 from bcdcore.recipe.plugin_keys import is_plugin
