@@ -60,13 +60,12 @@ def train(recipe: RecipeLike, model: Any = None, data: Any = None, *, runs_dir: 
         if any(name.startswith("live:") for name in (parsed.model.name, parsed.data.name)):
             raise RecipeError("distributed.nproc > 1 starts new processes, which cannot see objects passed to "
                               "train; pass an importable builder or loader ('package.module:name') instead")
-        before = set(runs_dir.glob("*")) if runs_dir.is_dir() else set()
         lines: list[str] = []
         code = launch_distributed(parsed, runs_dir, None, not progress, lines.append)
-        made = [p for p in runs_dir.glob("*") if p not in before and p.is_dir()]
+        made = [line.removeprefix("run directory: ") for line in lines if line.startswith("run directory: ")]
         if not made:
             raise RecipeError(lines[-1] if lines else "the distributed run wrote no run directory")
-        result = load_run(max(made, key=lambda p: p.stat().st_mtime))
+        result = load_run(Path(made[0]))
         result.exit_code = code
         return result
     console = None

@@ -278,3 +278,41 @@ def test_model_config_keeps_builtin_recipes_unchanged():
     r = Recipe()
     assert "blocks" not in r.to_dict()["model"] and "args" not in r.to_dict()["model"]
     assert ModelConfig().blocks == "auto"
+
+
+def test_a_tied_weight_belongs_to_the_block_of_its_first_name_and_trains(tmp_path):
+    """Tied weights, as the built-in nanogpt ties them: the embedding's block owns the shared matrix."""
+    import torch
+    from torch import nn
+
+    import bcdcore
+    from bcdcore.data import DataBundle, Split
+    from bcdcore.models.plugin import partition
+    from bcdcore.rundir import read_events
+
+    class Tied(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.encode = nn.Linear(6, 4, bias=False)
+            self.middle = nn.Linear(4, 4)
+            self.decode = nn.Linear(4, 6)
+            self.decode.weight = self.encode.weight  # tied (used transposed in forward)
+
+        def forward(self, x):
+            h = torch.tanh(self.middle(self.encode(x)))
+            return h @ self.encode.weight + self.decode.bias
+
+    net = Tied()
+    groups = partition(net, ["encode", "middle", "decode"])
+    assert [ps for _, ps, _ in groups] == [["encode.weight"], ["middle.weight", "middle.bias"], ["decode.bias"]]
+    g = torch.Generator().manual_seed(0)
+    x = torch.randn(80, 6, generator=g)
+    before = net.encode.weight.detach().clone()
+    run = bcdcore.train({"run": {"name": "tied", "rounds": 2, "device": "cpu"}, "data": {"batch_size": 16},
+                         "model": {"blocks": ["encode", "middle", "decode"]}, "algorithm": {"K": 2}},
+                        model=net, data=DataBundle("t", "classification", (6,), 6, Split(x, x.argmax(1))),
+                        runs_dir=tmp_path)
+    assert run.state == "finished"
+    start = next(e for e in read_events(run.path) if e["kind"] == "start")
+    assert start["block_sizes"] == [24, 20, 6]  # the shared matrix counted once, in the encoder's block
+    assert net.decode.weight is net.encode.weight and not torch.equal(before, net.encode.weight.detach())

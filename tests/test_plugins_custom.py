@@ -32,6 +32,27 @@ def test_custom_recipe_runs_from_the_cli_with_plugins_dir(tmp_path):
     assert not (tmp_path / "lost").exists()
 
 
+def test_custom_recipe_through_the_python_api_gives_the_cli_numbers(tmp_path, monkeypatch, capsys):
+    """The same recipe and seed through bcdcore.train and through `bcdcore run` (in process): the same numbers."""
+    import sys
+
+    import numpy as np
+
+    import bcdcore
+    from bcdcore.cli import main
+
+    monkeypatch.setattr(sys, "path", [str(CUSTOM), *sys.path])
+    monkeypatch.setenv("PYTHONPATH", os.environ.get("PYTHONPATH", ""))
+    api = bcdcore.train(CUSTOM / "custom.toml", runs_dir=tmp_path / "api", overrides=["run.rounds=5"])
+    assert main(["run", str(CUSTOM / "custom.toml"), "--set", "run.rounds=5", "--runs-dir", str(tmp_path / "cli"),
+                 "--quiet"]) == 0
+    capsys.readouterr()
+    cli = bcdcore.load_run(list_runs(tmp_path / "cli")[0])
+    assert api.state == cli.state == "finished" and api.recipe.algorithm.solver == "mypkg.opt:Lion"
+    np.testing.assert_array_equal(api.history["train_loss"], cli.history["train_loss"])
+    assert api.final["test_acc"] == cli.final["test_acc"] and len(api.history["round"]) == 5
+
+
 @pytest.mark.slow
 def test_custom_sweep_compares_blockwise_and_entire_in_one_plot(tmp_path):
     done = run_cli("--plugins", CUSTOM, "sweep", CUSTOM / "compare.toml", "--set", "run.rounds=3", "--per-gpu", "2",

@@ -164,7 +164,8 @@ def own_blocks(net: nn.Module, params: dict, buffers: dict) -> list[tuple[str, l
             name = param_name[id(p)]
             if name in owner:
                 raise ValueError(f"model.blocks: parameter {name!r} is in block {owner[name]} and block {i} "
-                                 f"(doubly owned); every parameter must belong to exactly one block")
+                                 f"(doubly owned); every parameter must belong to exactly one block (a tied "
+                                 f"weight: partition by prefixes, model.blocks = [...], where its first name owns it)")
             owner[name] = i
             ps.append(name)
         bs = [buffer_name[id(b)] for b in block.buffers() if id(b) in buffer_name]
