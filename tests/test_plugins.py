@@ -316,3 +316,21 @@ def test_a_tied_weight_belongs_to_the_block_of_its_first_name_and_trains(tmp_pat
     start = next(e for e in read_events(run.path) if e["kind"] == "start")
     assert start["block_sizes"] == [24, 20, 6]  # the shared matrix counted once, in the encoder's block
     assert net.decode.weight is net.encode.weight and not torch.equal(before, net.encode.weight.detach())
+
+
+def test_plugin_weights_come_from_a_local_state_dict(plugdir, tmp_path, monkeypatch):
+    import torch
+
+    from bcdcore.models import build_model
+
+    monkeypatch.syspath_prepend(str(plugdir))
+    cfg = ModelConfig(name=f"{PKG}.nets:build", args={"width": 5})
+    first = build_model(cfg, (4,), 2, seed=1)
+    torch.save(first.net.state_dict(), tmp_path / "w.pt")
+    other = build_model(ModelConfig(name=cfg.name, args=cfg.args, weights=str(tmp_path / "w.pt")), (4,), 2, seed=2)
+    for key, value in first.net.state_dict().items():
+        assert torch.equal(other.net.state_dict()[key], value)
+    (tmp_path / "code.pt").write_bytes(b"\x80\x04cos\nsystem\n.")  # a pickle that would run code: refused
+    with pytest.raises(ValueError, match="cannot read it as a torch state_dict") as info:
+        build_model(ModelConfig(name=cfg.name, weights=str(tmp_path / "code.pt")), (4,), 2, seed=2)
+    assert "\n" not in str(info.value)

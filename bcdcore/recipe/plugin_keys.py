@@ -15,7 +15,7 @@ if TYPE_CHECKING:
 # "package.module:name" or "package.module.name": identifiers separated by dots, at most one ':'
 _PATH = re.compile(r"[A-Za-z_]\w*(\.[A-Za-z_]\w*)*(:[A-Za-z_]\w*(\.[A-Za-z_]\w*)*)?")
 ARGS_SECTIONS = ("model", "data", "algorithm")  # sections with an [X.args] table
-TORCHVISION = "torchvision:"  # [model] name = "torchvision:resnet50": a torchvision.models builder
+TORCHVISION = "torchvision:"  # [model] name = "torchvision:resnet50": a torchvision.models builder (bcdcore.models)
 BLOCK_RULES = ("auto", "children")
 
 
@@ -97,8 +97,8 @@ def check_plugin_keys(v: "Validator", recipe) -> None:
 
 
 def model_key_users(name: str, users: tuple[str, ...], key: str) -> bool:
-    """Whether model option `key` applies to model `name` (torchvision models read weights)."""
-    return name in users or (key == "weights" and name.startswith(TORCHVISION))
+    """Whether model option `key` applies to model `name` (torchvision and plugin models read weights)."""
+    return name in users or (key == "weights" and is_plugin(name))
 
 
 def plugin_stop(v: "Validator", raw: dict, stop_cls) -> Any:
