@@ -334,3 +334,29 @@ def test_plugin_weights_come_from_a_local_state_dict(plugdir, tmp_path, monkeypa
     with pytest.raises(ValueError, match="cannot read it as a torch state_dict") as info:
         build_model(ModelConfig(name=cfg.name, weights=str(tmp_path / "code.pt")), (4,), 2, seed=2)
     assert "\n" not in str(info.value)
+
+
+TOML_SCALARS = st.one_of(st.integers(-2**53, 2**53), st.booleans(), st.text(max_size=12),
+                         st.floats(allow_nan=False, allow_infinity=False))
+ARGS = st.dictionaries(st.from_regex(r"[a-z_][a-z0-9_]{0,8}", fullmatch=True),
+                       st.one_of(TOML_SCALARS, st.lists(st.integers(-99, 99), max_size=3),
+                                 st.dictionaries(st.from_regex(r"[a-z]{1,5}", fullmatch=True), TOML_SCALARS,
+                                                 max_size=2)), max_size=4)
+
+
+@settings(max_examples=60, deadline=None)
+@given(model_args=ARGS, data_args=ARGS, solver_args=ARGS)
+def test_args_tables_survive_the_resolved_recipe(model_args, data_args, solver_args):
+    """Whatever a plugin's args hold, the run directory's recipe.toml reads back to the same recipe (and hash)."""
+    from bcdcore.recipe import flatten, parse_toml, to_toml
+
+    raw = {"model": {"name": "pkg.nets:build", "args": model_args}, "data": {"name": "pkg.data:load",
+                                                                              "args": data_args},
+           "algorithm": {"solver": "pkg.opt:Lion", "args": solver_args}}
+    recipe = parse_recipe(raw)
+    again = parse_recipe(parse_toml(to_toml(recipe.to_dict()), "resolved.toml"))
+    assert again.to_dict() == recipe.to_dict() and again.digest() == recipe.digest()
+    flat = flatten(recipe.to_dict())
+    for key, value in model_args.items():
+        if not isinstance(value, dict):
+            assert flat[f"model.args.{key}"] == value  # what the TUI's recipe diff and plot legends show

@@ -4,7 +4,6 @@ resolved recipe as TOML.
 from __future__ import annotations
 
 import copy
-import json
 import math
 import re
 import tomllib
@@ -135,7 +134,21 @@ def to_toml(data: dict) -> str:
 
 
 def toml_key(key: str) -> str:
-    return key if re.fullmatch(r"[A-Za-z0-9_-]+", key) else json.dumps(key)
+    return key if re.fullmatch(r"[A-Za-z0-9_-]+", key) else toml_string(key)
+
+
+def toml_string(text: str) -> str:
+    """A TOML basic string. Not json.dumps: JSON writes characters beyond U+FFFF as surrogate pairs, which TOML
+    refuses, and leaves DEL raw, which TOML forbids; TOML takes every other character as it is."""
+    out = []
+    for ch in text:
+        if ch in '"\\':
+            out.append("\\" + ch)
+        elif ord(ch) < 0x20 or ord(ch) == 0x7F:
+            out.append(f"\\u{ord(ch):04X}")
+        else:
+            out.append(ch)
+    return '"' + "".join(out) + '"'
 
 
 def toml_value(value: Any) -> str:
@@ -148,7 +161,7 @@ def toml_value(value: Any) -> str:
             return "inf" if value > 0 else "-inf"
         return repr(value)
     if isinstance(value, str):
-        return json.dumps(value)
+        return toml_string(value)
     if isinstance(value, list):
         return "[" + ", ".join(toml_value(v) for v in value) + "]"
     if isinstance(value, dict):  # an inline table (a plugin argument that is itself a table)
