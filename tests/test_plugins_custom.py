@@ -26,6 +26,9 @@ def test_custom_recipe_runs_from_the_cli_with_plugins_dir(tmp_path):
     assert start["block_sizes"] == [8 * 32 + 32, 32 * 32 + 32, 32 * 32 + 32, 32 * 3 + 3]
     losses = run.history["train_loss"]
     assert losses[-1] < losses[0]  # Lion on the spirals learns
+    exported = run_cli("--plugins", CUSTOM, "export", run.path, "--onnx", cwd=tmp_path)
+    assert exported.returncode == 0, exported.stderr
+    assert (run.path / "model.onnx").stat().st_size > 1000
     # without the folder on the path: one line, exit 2, nothing written
     lost = run_cli("run", CUSTOM / "custom.toml", "--runs-dir", tmp_path / "lost", cwd=tmp_path)
     assert lost.returncode == 2 and lost.stderr.count("\n") == 1 and "cannot import module 'mypkg" in lost.stderr
