@@ -130,8 +130,12 @@ def cmd_check(args) -> int:
         return 0
     prepared = prepare(recipe)
     _check_stoppers(recipe)
+    from bcdcore.recipe.plugin_keys import plugin_names
+
+    checked = plugin_names(recipe)  # each imported, its kind, signature and return checked by prepare
     print(f"ok: {args.recipe} ({recipe.model.name}, {prepared.params.n_blocks} blocks, "
-          f"{recipe.data.name}, {recipe.algorithm.mode}/{recipe.algorithm.schedule}, ops {prepared.backend})")
+          f"{recipe.data.name}, {recipe.algorithm.mode}/{recipe.algorithm.schedule}, ops {prepared.backend})"
+          + (f"; {len(checked)} plugins checked" if checked else ""))
     return 0
 
 

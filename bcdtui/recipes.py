@@ -14,6 +14,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from bcdcore.recipe import Recipe, RecipeError, expand_grid, parse_recipe, toml_value
+from bcdcore.recipe.plugin_keys import plugin_names
 from bcdcore.recipe import read_recipe_text as core_read_recipe_text
 from bcdcore.rundir import RecordError, plain, printable
 from bcdcore.scheduler import point_overrides
@@ -251,14 +252,6 @@ def add_plugin_dirs(dirs: list[Path] | tuple[Path, ...]) -> None:
             raise RecipeError(f"--plugins {path}: no such folder; give the folder that holds your package")
     current = [p for p in os.environ.get("PYTHONPATH", "").split(os.pathsep) if p]
     os.environ["PYTHONPATH"] = os.pathsep.join(dict.fromkeys([*paths, *current]))
-
-
-def plugin_names(recipe: Recipe) -> list[tuple[str, str]]:
-    """(recipe key, plugin path) for every dotted name in the recipe."""
-    keys = [("model.name", recipe.model.name), ("data.name", recipe.data.name),
-            ("algorithm.solver", recipe.algorithm.solver)]
-    keys += [("stop.kind", s.kind) for s in recipe.stop] + [("measure.unit", m.unit) for m in recipe.measure]
-    return [(key, name) for key, name in keys if ":" in name or "." in name]
 
 
 def find_plugins(recipe: Recipe, search: list[str] | None = None) -> dict[str, str]:

@@ -24,6 +24,15 @@ def is_plugin(name: Any) -> bool:
     return isinstance(name, str) and (":" in name or "." in name)
 
 
+def plugin_names(recipe) -> list[tuple[str, str]]:
+    """(recipe key, plugin path) for every plugin a recipe names: what `bcdcore check` imports and checks, and
+    what bcdtui's launch dialog looks for on the path."""
+    keys = [("model.name", recipe.model.name), ("data.name", recipe.data.name),
+            ("algorithm.solver", recipe.algorithm.solver)]
+    keys += [("stop.kind", s.kind) for s in recipe.stop] + [("measure.unit", m.unit) for m in recipe.measure]
+    return [(key, name) for key, name in keys if is_plugin(name)]
+
+
 def check_name(v: "Validator", dotted: str, value: Any, choices) -> str:
     """A built-in name from `choices`, or a well-formed plugin path (imported later, by bcdcore check)."""
     value = v.typed(dotted, value, "str")
