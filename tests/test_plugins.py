@@ -61,6 +61,12 @@ MODULES = {
             return nn.Sequential(nn.Flatten(), nn.Linear(input_shape[0], 8), nn.BatchNorm1d(8), nn.ReLU(),
                                  nn.Linear(8, n_outputs))
 
+        def wrong_inputs(input_shape, n_outputs):  # expects 99 features
+            return Good(99, n_outputs)
+
+        def wrong_outputs(input_shape, n_outputs):
+            return Good(input_shape[0], n_outputs + 1)
+
         def raises(input_shape, n_outputs):
             raise RuntimeError("out of ideas\\nsecond line")
         """,
@@ -169,6 +175,10 @@ ERRORS = [
     ("wrong return type", {"model": f"{PKG}.nets:not_a_module"}, ["returned int, not Module"]),
     ("bad signature", {"model": f"{PKG}.nets:bad_signature"}, ["bad signature bad_signature(n_outputs)"]),
     ("plugin raises", {"model": f"{PKG}.nets:raises"}, ["raised RuntimeError: out of ideas"]),
+    ("forward raises", {"model": f"{PKG}.nets:wrong_inputs"},
+     ["forward on a batch of the training data (2, 4) raised RuntimeError"]),
+    ("wrong output shape", {"model": f"{PKG}.nets:wrong_outputs"},
+     ["output for 2 samples is (2, 3); a classification task with n_outputs = 2 needs (2, 2)"]),
     ("data wrong return type", {"data": f"{PKG}.data:wrong_type"}, ["returned tuple, not DataBundle"]),
     ("data bad labels", {"data": f"{PKG}.data:bad_labels"}, ["targets lie in [5, 5]"]),
     ("unknown data argument", {"extra": "[data.args]\nbogus = 1\n"}, ["bad signature load(n=120, seed=0)",

@@ -183,3 +183,35 @@ def own_blocks(net: nn.Module, params: dict, buffers: dict) -> list[tuple[str, l
             raise ValueError(f"model.blocks: buffer {name!r} is outside model.blocks (orphan); move its module "
                              f"into blocks")
     return groups
+
+
+def check_forward(model: nn.Module, x: Tensor, task: str, n_outputs: int, name: str) -> None:
+    """One eval-mode forward of a plugin model on two training rows, before anything is written: a model that
+    raises, or whose output does not fit the task (N, n_outputs), is one PluginError line (exit 2), not a failed
+    run. Eval mode and no_grad: no BatchNorm statistics or gradients change."""
+    from bcdcore.recipe import LANGUAGE_MODEL, REGRESSION
+
+    was_training = model.training
+    model.eval()
+    try:
+        with torch.no_grad():
+            out = model(x)
+    except Exception as exc:
+        raise plugins.PluginError(f"model.name = {name!r}: forward on a batch of the training data {tuple(x.shape)} "
+                                  f"raised {type(exc).__name__}: {plugins.first_line(exc)[:300]}") from None
+    finally:
+        model.train(was_training)
+    n = x.shape[0]
+    if task == REGRESSION:
+        ok = isinstance(out, Tensor) and tuple(out.shape) in ((n,), (n, 1))
+        want = f"({n},) or ({n}, 1)"
+    elif task == LANGUAGE_MODEL:
+        ok = isinstance(out, Tensor) and tuple(out.shape) == (*x.shape, n_outputs)
+        want = str((*x.shape, n_outputs))
+    else:
+        ok = isinstance(out, Tensor) and tuple(out.shape) == (n, n_outputs)
+        want = str((n, n_outputs))
+    if not ok:
+        got = tuple(out.shape) if isinstance(out, Tensor) else type(out).__name__
+        raise plugins.PluginError(f"model.name = {name!r}: the model's output for {n} samples is {got}; a {task} "
+                                  f"task with n_outputs = {n_outputs} needs {want}")
