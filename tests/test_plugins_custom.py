@@ -67,6 +67,10 @@ def test_custom_sweep_compares_blockwise_and_entire_in_one_plot(tmp_path):
     recipes = [load_run(r).recipe for r in runs]
     assert sorted((r.algorithm.mode, r.model.args["depth"]) for r in recipes) == [
         ("blockwise", 2), ("blockwise", 3), ("entire", 2), ("entire", 3)]
+    from bcdtui.diff import diff_runs
+
+    # the TUI's recipe diff of the four runs: exactly the swept keys, the plugin's argument by its dotted name
+    assert {row.key for row in diff_runs(runs, only_differences=True)} == {"algorithm.mode", "model.args.depth"}
     out = tmp_path / "compare.png"
     plot = run_cli("plot", *runs, "--y", "val_loss", "--out", out, cwd=tmp_path)
     assert plot.returncode == 0, plot.stderr
