@@ -161,7 +161,10 @@ def own_blocks(net: nn.Module, params: dict, buffers: dict) -> list[tuple[str, l
     for i, block in enumerate(net.blocks):
         ps, bs = [], []
         for p in block.parameters():
-            name = param_name[id(p)]
+            name = param_name.get(id(p))
+            if name is None:  # `blocks` not registered as a submodule: the model would not own its parameters
+                raise ValueError(f"model.blocks: block {i} holds a parameter the model does not register; assign "
+                                 f"blocks as an attribute of the module (self.blocks = nn.ModuleList(...))")
             if name in owner:
                 raise ValueError(f"model.blocks: parameter {name!r} is in block {owner[name]} and block {i} "
                                  f"(doubly owned); every parameter must belong to exactly one block (a tied "
