@@ -34,6 +34,7 @@ from bcdcore import ops
 from bcdcore.data.batches import BatchStream
 from bcdcore.params import FlatParams
 from bcdcore.recipe import AlgorithmConfig
+from bcdcore.solvers import BUILTIN_STATE, PluginSolver
 
 if TYPE_CHECKING:  # a distributed run's communicator (bcdcore.run.distributed); only its type is named
     from bcdcore.run.distributed import Comm
@@ -69,7 +70,9 @@ class Solver:
     def __init__(self, cfg: AlgorithmConfig, like: Tensor, n_blocks: int, backend: str) -> None:
         self.cfg, self.backend = cfg, backend
         state_dtype = torch.float64 if like.dtype == torch.float64 else torch.float32
-        n_state = {"sgd": 0, "momentum": 1, "adam": 2}[cfg.solver]
+        # a plugin solver ("pkg.module:Solver", bcdcore.solvers) says how many state buffers it needs
+        self.plugin = PluginSolver(cfg) if cfg.solver not in BUILTIN_STATE else None
+        n_state = self.plugin.n_state if self.plugin is not None else BUILTIN_STATE[cfg.solver]
         self.state = [torch.zeros(like.numel(), dtype=state_dtype, device=like.device) for _ in range(n_state)]
         self.steps = [0] * n_blocks  # Adam's bias-correction counters, per block
 
@@ -83,6 +86,9 @@ class Solver:
              skip: Tensor | None = None) -> tuple[Tensor, Tensor]:
         c, b = self.cfg, self.backend
         self.steps[block] += 1  # a skipped step is taken back by the caller once it knows (uncount)
+        if self.plugin is not None:
+            return self.plugin.step(x, g, a, [view(s) for s in self.state], lr=c.lr, lam=lam,
+                                    step=self.steps[block], gamma=gamma, out=out, skip=skip, backend=b)
         if c.solver == "sgd":
             return ops.prox_sgd_step_(x, g, a, lr=c.lr, lam=lam, gamma=gamma, out=out, skip=skip, backend=b)
         if c.solver == "momentum":

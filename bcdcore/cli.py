@@ -16,6 +16,9 @@ from bcdcore.runref import resolve_run
 
 def _parser() -> argparse.ArgumentParser:
     parser = _Parser(prog="bcdcore", description="Block coordinate descent workstation engine")
+    parser.add_argument("--plugins", action="append", default=[], metavar="DIR",
+                        help="a folder of your own packages (models, datasets, solvers, stoppers named by dotted "
+                             "path in recipes); added to sys.path and to PYTHONPATH for the runs it starts")
     sub = parser.add_subparsers(dest="command", required=True, parser_class=_Parser)
 
     run = sub.add_parser("run", help="run one recipe")
@@ -100,6 +103,10 @@ def main(argv: list[str] | None = None) -> int:
     commands = {"run": cmd_run, "check": cmd_check, "ls": cmd_ls, "sweep": cmd_sweep, "plot": cmd_plot,
                 "export": cmd_export, "tag": cmd_tag}
     try:
+        if args.plugins:
+            from bcdcore.plugins import add_plugin_dirs
+
+            add_plugin_dirs(args.plugins)
         return commands[args.command](args)
     except (RecipeError, RunLockedError) as exc:
         return _fail(f"error: {exc}", EXIT_BAD_INPUT)
@@ -138,13 +145,28 @@ def cmd_check(args) -> int:
     if recipe.sweep:
         points = expand_grid(recipe.sweep)
         for point in points:
-            prepare(load_recipe(args.recipe, [*args.overrides, *(f"{k}={toml_value(v)}" for k, v in point.items())]))
+            point_recipe = load_recipe(args.recipe, [*args.overrides,
+                                                     *(f"{k}={toml_value(v)}" for k, v in point.items())])
+            prepare(point_recipe)
+            _check_stoppers(point_recipe)
         print(f"ok: {args.recipe} (sweep of {len(points)} runs over {', '.join(recipe.sweep)})")
         return 0
     prepared = prepare(recipe)
+    _check_stoppers(recipe)
+    from bcdcore.recipe.plugin_keys import plugin_names
+
+    checked = plugin_names(recipe)  # each imported, its kind, signature and return checked by prepare
     print(f"ok: {args.recipe} ({recipe.model.name}, {prepared.params.n_blocks} blocks, "
-          f"{recipe.data.name}, {recipe.algorithm.mode}/{recipe.algorithm.schedule}, ops {prepared.backend})")
+          f"{recipe.data.name}, {recipe.algorithm.mode}/{recipe.algorithm.schedule}, ops {prepared.backend})"
+          + (f"; {len(checked)} plugins checked" if checked else ""))
     return 0
+
+
+def _check_stoppers(recipe) -> None:
+    """Plugin stoppers are created (imported, their signature checked) as the run will create them."""
+    from bcdcore.stoppers import build_stoppers
+
+    build_stoppers(recipe.stop, recipe.run.wall_time_s)
 
 
 def _announce(line: str) -> None:
@@ -214,6 +236,9 @@ def cmd_sweep(args) -> int:
             raise RecipeError(f"--gpus {args.gpus!r}: give GPU ids like 0,1")
     else:
         devices = detect_gpus() if recipe.run.device != "cpu" else []
+    from bcdcore.plugins import share_sys_path
+
+    share_sys_path()  # every point imports the plugins this process can
     sweep = Sweep(Path(args.recipe), recipe, args.runs_dir or default_runs_dir(), devices or [None],
                   args.per_gpu, args.overrides)
     print(f"sweep directory: {sweep.dir} ({len(sweep.points)} runs, {len(sweep.slots)} slots)", flush=True)

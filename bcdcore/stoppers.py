@@ -8,6 +8,7 @@ from __future__ import annotations
 import math
 from typing import Protocol
 
+from bcdcore import plugins
 from bcdcore.recipe import StopConfig
 
 Verdict = tuple[str, str] | None
@@ -109,11 +110,42 @@ def build_stoppers(configs: list[StopConfig], wall_time_s: float) -> list[Stoppe
             stoppers.append(WallTime(c.seconds))
         elif c.kind == "divergence":
             stoppers.append(Divergence(c.metric, c.max_loss))
+        else:  # "pkg.module:Stopper"
+            stoppers.append(PluginStopper(c))
     if not any(isinstance(s, Divergence) for s in stoppers):
         stoppers.insert(0, Divergence())
     if wall_time_s > 0:
         stoppers.append(WallTime(wall_time_s))
     return stoppers
+
+
+class PluginStopper:
+    """A plugin stopper (a class with update(metrics, wall_s) -> None | (state, reason), created with the
+    [[stop]] table's other keys), its verdicts checked; state_dict/load_state_dict are optional."""
+
+    def __init__(self, cfg: StopConfig) -> None:
+        cls = plugins.resolve(cfg.kind, "stopper", "stop.kind")
+        self.path = cfg.kind
+        self.impl = plugins.call(cls, cfg.kind, "stop.kind", "stopper", **cfg.args)
+        plugins.check_call(self.impl.update, cfg.kind, "stop.kind", "stopper", {}, 0.0)
+
+    def update(self, metrics: dict, wall_s: float) -> Verdict:
+        verdict = self.impl.update(dict(metrics), wall_s)
+        if verdict is None:
+            return None
+        if not (isinstance(verdict, tuple) and len(verdict) == 2 and verdict[0] in ("finished", "failed")):
+            raise plugins.PluginError(f"stop.kind = {self.path!r}: update returned {verdict!r}; return None to go "
+                                      f"on, or (\"finished\" | \"failed\", reason)")
+        return verdict[0], str(verdict[1])
+
+    def state_dict(self) -> dict:
+        get = getattr(self.impl, "state_dict", None)
+        return dict(get()) if callable(get) else {}
+
+    def load_state_dict(self, state: dict) -> None:
+        put = getattr(self.impl, "load_state_dict", None)
+        if callable(put):
+            put(state)
 
 
 def first_verdict(stoppers: list[Stopper], metrics: dict, wall_s: float) -> Verdict:

@@ -17,8 +17,10 @@ from textual.app import App, SystemCommand
 from textual.binding import Binding
 from textual.screen import Screen
 
+from bcdcore.recipe import RecipeError
 from bcdcore.rundir import default_runs_dir, printable
 from bcdtui.keymap import Section, key_map_text
+from bcdtui.recipes import add_plugin_dirs
 from bcdtui.runner import Slot, cpu_slot, detect_slots
 from bcdtui.screens import (
     CompareScreen,
@@ -202,7 +204,15 @@ def main(argv: list[str] | None = None) -> int:
                         help="GPU indices to use, e.g. 0,2 (default: all that nvidia-smi reports); 'none' = CPU")
     parser.add_argument("--grace", type=float, default=30.0, metavar="S",
                         help="seconds between SIGTERM and SIGKILL when killing a run (default 30)")
+    parser.add_argument("--plugins", action="append", type=Path, default=[], metavar="DIR",
+                        help="a folder of your own packages named by recipes (models, datasets, solvers); runs "
+                             "launched from here get it on PYTHONPATH")
     args = parser.parse_args(argv)
+    if args.plugins:
+        try:
+            add_plugin_dirs(args.plugins)
+        except RecipeError as exc:
+            parser.error(str(exc))
     if args.per_gpu < 1:
         parser.error("--per-gpu must be at least 1")
     if args.gpus is not None and args.gpus.strip().lower() in ("none", "cpu", ""):

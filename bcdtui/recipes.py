@@ -3,6 +3,7 @@ through bcdcore's validator (with the offending line), templates, saving, overri
 launch plans. Pure Python: bcdcore.recipe is the only engine module used here (no torch)."""
 from __future__ import annotations
 
+import importlib.machinery
 import os
 import re
 import shlex
@@ -13,6 +14,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from bcdcore.recipe import Recipe, RecipeError, expand_grid, parse_recipe, toml_value
+from bcdcore.recipe.plugin_keys import plugin_names
 from bcdcore.recipe import read_recipe_text as core_read_recipe_text
 from bcdcore.rundir import RecordError, plain, printable
 from bcdcore.scheduler import point_overrides
@@ -228,9 +230,55 @@ def plan_launch(path: Path, overrides: list[str] | tuple[str, ...] = (), source:
     recipe = check.recipe
     base = list(overrides)
     summary = check.message.removeprefix("ok: ")
+    found = find_plugins(recipe)  # a plugin the runs could not import is refused here, not in every run
+    if found:
+        summary += "; plugins: " + ", ".join(f"{name} ({where})" for name, where in found.items())
     if not check.points:
         return LaunchPlan(path, [base], recipe.run.name, summary)
     swept = set(recipe.sweep)
     fixed = [o for o in base if o.split("=", 1)[0].strip() not in swept]
     runs = [fixed + point_overrides(point) for point in check.points]
     return LaunchPlan(path, runs, recipe.run.name, summary, check.points)
+
+
+# ----------------------------------------------------------------------------------------------------------
+# plugins: found, never imported (the engine imports and checks them: `bcdcore check`)
+
+def add_plugin_dirs(dirs: list[Path] | tuple[Path, ...]) -> None:
+    """`bcdtui --plugins DIR`: DIR goes on PYTHONPATH, which every run the workstation starts inherits."""
+    paths = [str(Path(d).expanduser().resolve()) for d in dirs]
+    for path in paths:
+        if not Path(path).is_dir():
+            raise RecipeError(f"--plugins {path}: no such folder; give the folder that holds your package")
+    current = [p for p in os.environ.get("PYTHONPATH", "").split(os.pathsep) if p]
+    os.environ["PYTHONPATH"] = os.pathsep.join(dict.fromkeys([*paths, *current]))
+
+
+def find_plugins(recipe: Recipe, search: list[str] | None = None) -> dict[str, str]:
+    """Top-level package of each plugin -> the folder it was found in, looked up on the path a launched run
+    will have (PYTHONPATH, the working directory, this interpreter's sys.path). RecipeError when one is missing."""
+    if search is None:
+        search = [p for p in os.environ.get("PYTHONPATH", "").split(os.pathsep) if p] + [os.getcwd(), *sys.path]
+    found: dict[str, str] = {}
+    for key, name in plugin_names(recipe):
+        if name.startswith("live:"):
+            raise RecipeError(f"{key} = {name!r} is an object of a Python session; name an importable "
+                              f"'package.module:name' to launch it from here")
+        top = re.split(r"[.:]", name, maxsplit=1)[0]
+        if top in found or top in sys.builtin_module_names:
+            continue
+        spec = importlib.machinery.PathFinder.find_spec(top, [p or os.getcwd() for p in search])
+        if spec is None:
+            raise RecipeError(f"{key} = {name!r}: package {top!r} not found on PYTHONPATH; start bcdtui with "
+                              f"--plugins DIR (the folder that holds {top}/) or add it to PYTHONPATH")
+        locations = list(spec.submodule_search_locations or [])
+        origin = Path(locations[0]) if locations else Path(spec.origin or ".")
+        found[top] = display_folder(origin.parent)  # the folder that holds the package (or module file)
+    return found
+
+
+def display_folder(path: Path) -> str:
+    try:
+        return str(path.resolve().relative_to(Path.cwd().resolve())) or "."
+    except ValueError:
+        return str(path)

@@ -19,10 +19,12 @@ from bcdcore.data.images import (
     load_mnist_flat,
     load_svhn,
 )
+from bcdcore.data.plugin import load_plugin
 from bcdcore.data.tabular import load_california_housing
 from bcdcore.data.text import load_imdb, load_stdlib_text
 from bcdcore.data.types import DataBundle
 from bcdcore.recipe import DataConfig
+from bcdcore.recipe.plugin_keys import is_plugin
 
 Loader = Callable[[DataConfig, int], DataBundle]
 
@@ -57,6 +59,8 @@ def register(name: str, loader: Loader) -> None:
 
 def load_data(cfg: DataConfig, seed: int) -> DataBundle:
     """Build the dataset named by ``cfg.name`` with splits determined by ``seed``."""
+    if is_plugin(cfg.name) and cfg.name not in LOADERS:  # "pkg.module:load"
+        return load_plugin(cfg, seed)
     try:
         loader = LOADERS[cfg.name]
     except KeyError:

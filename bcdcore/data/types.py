@@ -48,8 +48,10 @@ class DataBundle:
     input_shape: tuple[int, ...]  # one sample; a TokenShape for token inputs
     n_outputs: int  # classes; 1 for regression; the vocabulary size for a language model
     train: Split
-    val: Split
-    test: Split
+    # A plugin loader may leave val and test out (None): the engine carves them from train, seeded
+    # (bcdcore.data.plugin); every built-in loader gives all three.
+    val: Split | None = None
+    test: Split | None = None
     vocab: tuple[str, ...] = ()  # text datasets: token id -> word or character
     info: dict = field(default_factory=dict)  # dataset facts (e.g. stdlib_text's unigram baseline losses)
 

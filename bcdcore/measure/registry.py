@@ -2,12 +2,11 @@
 """
 from __future__ import annotations
 
-import importlib
-
 from bcdcore.measure.gradnorm import GradNorm
 from bcdcore.measure.hessian import HessianBlocks, HessianDense
 from bcdcore.measure.memory import MemoryUsage
 from bcdcore.measure.protocol import Measurement
+from bcdcore.plugins import import_object
 from bcdcore.recipe import did_you_mean
 
 BUILTIN: dict[str, type] = {
@@ -49,20 +48,5 @@ def load_unit(unit: str, **options) -> Measurement:
 
 
 def import_class(unit: str):
-    if ":" in unit:
-        module_name, _, attr = unit.partition(":")
-    else:
-        module_name, _, attr = unit.rpartition(".")
-    if not module_name or not attr:
-        raise ValueError(f"measure unit {unit!r}: a dotted path needs a module and a class, "
-                         f"'package.module:Class' or 'package.module.Class'")
-    try:
-        module = importlib.import_module(module_name)
-    except ImportError as exc:
-        raise ValueError(f"measure unit {unit!r}: cannot import module {module_name!r}: {exc}") from None
-    obj = module
-    for part in attr.split("."):
-        if not hasattr(obj, part):
-            raise ValueError(f"measure unit {unit!r}: module {module_name!r} has no attribute {attr!r}")
-        obj = getattr(obj, part)
-    return obj
+    """The object at a dotted path (the one resolver of every plugin kind: bcdcore.plugins)."""
+    return import_object(unit, "measure.unit")

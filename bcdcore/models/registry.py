@@ -16,10 +16,12 @@ from torch import nn
 from bcdcore.models.blocks import BlockModel, group_blocks
 from bcdcore.models.ensembles import ensemble
 from bcdcore.models.gpt import nanogpt_blocks
+from bcdcore.models.plugin import build_plugin
 from bcdcore.models.resnet import RESNET_LAYERS, load_weights_file, resnet_blocks
 from bcdcore.models.small import block_linear_blocks, cnn_blocks, mlp_blocks, residual_blocks
 from bcdcore.models.text import text_blocks
 from bcdcore.recipe import TOKEN_MODELS, ModelConfig
+from bcdcore.recipe.plugin_keys import is_plugin
 
 Builder = Callable[[ModelConfig, tuple, int, int, int], Union[list, BlockModel]]
 
@@ -72,6 +74,13 @@ def build_model(cfg: ModelConfig, input_shape: tuple[int, ...], n_outputs: int, 
     if cfg.group < 0:
         raise ValueError(f"model.group must be >= 0 (0 = no grouping), got {cfg.group}")
     known = tuple(BUILDERS)
+    if is_plugin(cfg.name) and cfg.name not in known:  # "pkg.module:build", "torchvision:resnet50"
+        if cfg.group:
+            raise ValueError("model.group: use [model] blocks to partition a plugin model (entries may join "
+                             "several prefixes with '|'), not group")
+        with torch.random.fork_rng(devices=[]):
+            torch.manual_seed(seed)
+            return build_plugin(cfg, input_shape, n_outputs).float()
     if cfg.name not in known:
         raise ValueError(f"model.name: unknown model {cfg.name!r}; known models: {', '.join(known)}")
     token_model = cfg.name in TOKEN_MODELS

@@ -31,7 +31,7 @@ MEANINGS: dict[str, tuple[str, str]] = {
     'run.ops_backend': ('"auto" \\| "reference" \\| "cpu" \\| "cuda"',
         'update-op backend; auto = fastest available'),
     'data.name': ('string',
-        '`digits` (8x8 images, 10 classes), `digits_flat` (64 features), `diabetes` (regression), `toy_regression` (y = Xw + noise), `quadratic` (least squares with coupled features)'),
+        '`digits` (8x8 images, 10 classes), `digits_flat` (64 features), `diabetes` (regression), `toy_regression` (y = Xw + noise), `quadratic` (least squares with coupled features); or a plugin loader `"pkg.module:load"` (docs/plugins.md)'),
     'data.root': ('string',
         'folder of dataset files (for datasets that need files)'),
     'data.download': ('bool',
@@ -53,7 +53,7 @@ MEANINGS: dict[str, tuple[str, str]] = {
     'data.noise': ('number >= 0',
         '`toy_regression`, `quadratic`: noise standard deviation'),
     'model.name': ('string',
-        '`mlp` (ReLU), `linear` (identity activations), `cnn`, `residual_cnn`, `block_linear`; adds `resnet18`, `resnet34`, `nanogpt`, `mlp_ensemble`, `cnn_ensemble`, `text_classifier`'),
+        '`mlp` (ReLU), `linear` (identity activations), `cnn`, `residual_cnn`, `block_linear`; adds `resnet18`, `resnet34`, `nanogpt`, `mlp_ensemble`, `cnn_ensemble`, `text_classifier`; or a plugin builder `"pkg.module:build"`, or any torchvision model `"torchvision:resnet50"` (docs/plugins.md)'),
     'model.widths': ('list of int',
         'mlp/linear: hidden widths (one block per layer + the output layer); cnn: conv channels (one block each, + a head block); residual_cnn: stem width then one residual unit per width (+ head); block_linear: features per block (`[]` = 4 equal blocks)'),
     'model.group': ('int >= 0',
@@ -76,8 +76,8 @@ MEANINGS: dict[str, tuple[str, str]] = {
         'proximal weight lambda_i'),
     'algorithm.accuracy_factor': ('number',
         'c of the inexactness rule; < 0 disables it'),
-    'algorithm.solver': ('"sgd" \\| "momentum" \\| "adam"',
-        'inner solver'),
+    'algorithm.solver': ('"sgd" \\| "momentum" \\| "adam" \\| "pkg.module:Solver"',
+        'inner solver; a plugin solver class by dotted path (docs/plugins.md)'),
     'algorithm.lr': ('> 0',
         'solver step size'),
     'algorithm.momentum': ('[0, 1)',
@@ -106,10 +106,12 @@ MEANINGS: dict[str, tuple[str, str]] = {
         'characters of standard-library source read (applies to `stdlib_text`)'),
     'data.storage': ('"memory" \\| "disk"',
         '`memory`: every image decoded once into a tensor; `disk`: only the file paths are held and each minibatch (and evaluation batch) is decoded from its files, for trees that do not fit in memory (applies to `imagenet`, `mini_imagenet`)'),
+    'data.args': ('table',
+        'plugin datasets (`name = "pkg.module:load"`): keyword arguments of the loader, as a `[data.args]` table; in diffs and sweeps as `data.args.KEY` (docs/plugins.md)'),
     'model.cifar_stem': ('bool',
         '3x3 stride-1 stem conv and no max-pool, for 32x32 inputs (applies to `resnet18`, `resnet34`)'),
     'model.weights': ('string',
-        'a torchvision state_dict file (`torch.save(torchvision.models.resnet18().state_dict(), path)`, bare or under `"state_dict"`) loaded strictly at build time (applies to `resnet18`, `resnet34`)'),
+        'resnet18/34 and `torchvision:` models: a torchvision state_dict file (`torch.save(torchvision.models.resnet18().state_dict(), path)`, bare or under `"state_dict"`) loaded strictly at build time (applies to `resnet18`, `resnet34`, and `torchvision:` and plugin models, loaded with weights_only)'),
     'model.n_layer': ('int >= 1',
         'transformer layers (one block each) (applies to `nanogpt`)'),
     'model.n_head': ('int >= 1',
@@ -124,6 +126,10 @@ MEANINGS: dict[str, tuple[str, str]] = {
         ' (applies to `mlp_ensemble`, `cnn_ensemble`)'),
     'model.voting': ('"average" \\| "random"',
         'below (applies to `mlp_ensemble`, `cnn_ensemble`)'),
+    'model.blocks': ('"auto" \\| "children" \\| list of strings',
+        'plugin and torchvision models: the partition into blocks. `auto`: the module\'s own `blocks` (an nn.ModuleList) when it has one, else `children`; `children`: one block per top-level child with parameters; a list of `"prefix\\|prefix"` entries: a parameter (or buffer) belongs to the first entry one of whose prefixes is its qualified name or followed in it by a dot (docs/plugins.md)'),
+    'model.args': ('table',
+        'plugin models (`name = "pkg.module:build"`, `"torchvision:resnet50"`): keyword arguments of the builder, as a `[model.args]` table; in diffs and sweeps as `model.args.KEY`'),
     'algorithm.beta1': ('[0, 1)',
         "Adam's first-moment decay"),
     'algorithm.beta2': ('[0, 1)',
@@ -136,6 +142,8 @@ MEANINGS: dict[str, tuple[str, str]] = {
         '`lambda = "auto"`: rows per measurement batch'),
     'algorithm.lambda_batches': ('int >= 1',
         '`lambda = "auto"`: disjoint seeded training batches measured (the spread is logged)'),
+    'algorithm.args': ('table',
+        'plugin solvers (`solver = "pkg.module:Solver"`): keyword arguments of the solver class, as an `[algorithm.args]` table; in sweeps as `algorithm.args.KEY`'),
     'eval.every': ('int >= 0',
         'evaluate on the validation split every N rounds; 0 = only at the end'),
     'eval.batch_size': ('int >= 1',
@@ -158,7 +166,7 @@ SHIPPED = '| recipe | what |\n|---|---|\n| `recipes/quickstart.toml` | 3-block M
 
 ALGORITHM_NOTES = 'Per-block lists must have one entry per block of the built (grouped) model; `bcdcore check` verifies it.\n`lambda = "auto"` sets every block\'s lambda to sqrt(n) * max_i Lbar_i, measured by `hessian_blocks` in training\nmode on `lambda_batches` (3) training batches of `lambda_batch_size` (1024) rows at the start (and every\n`lambda_every` rounds, an int >= 0, default 0 = only at the start); each choice is logged as a\n`measure` event with `purpose = "lambda auto"` and the lambdas, and kept in the checkpoint.\nIn `entire` mode lambda, gamma, schedule and active_share play no part.'
 
-STOP_MEASURE_SWEEP = '`[[stop]]` (any number; the first that fires ends the run):\n\n| kind | keys (defaults) | ends the run as |\n|---|---|---|\n| patience | metric ("val_loss"), patience (5 evaluations), min_delta (0) | finished |\n| target_loss | metric ("val_loss"), value (required) | finished |\n| target_accuracy | metric ("val_acc"), value in (0, 1] (required) | finished |\n| wall_time | seconds (> 0) | finished |\n| divergence | metric ("train_loss"), max_loss (inf) | failed: diverged |\n\nA non-finite train or validation loss always ends the run as `failed` ("diverged: train_loss is nan"), with\nor without a divergence stopper. Metrics: train_loss, val_loss, val_acc. On the command line a list is replaced\nwhole: `--set \'stop=[{kind="patience", patience=10}]\'`, or cleared: `--set stop=[]` (the same for measure).\n\n`[[measure]]` (any number): `unit` (`memory`, `hessian_dense`, `hessian_blocks`, `grad_norm`, or a third-party\nclass as `"pkg.module:Class"`), `every` (rounds, default 1), `at_start` (also at x_0, default false). See\n"Instruments" below.\n\n`[sweep]`: dotted keys mapped to lists, e.g. `"algorithm.K" = [1, 5, 10]` and `"run.seed" = [0, 1, 2]`, or a\nnested `[sweep.algorithm]` table; the grid is their cartesian product (last key fastest) and every point is\nvalidated. `bcdcore run` refuses a recipe with a `[sweep]` table and points to `bcdcore sweep`.'
+STOP_MEASURE_SWEEP = '`[[stop]]` (any number; the first that fires ends the run):\n\n| kind | keys (defaults) | ends the run as |\n|---|---|---|\n| patience | metric ("val_loss"), patience (5 evaluations), min_delta (0) | finished |\n| target_loss | metric ("val_loss"), value (required) | finished |\n| target_accuracy | metric ("val_acc"), value in (0, 1] (required) | finished |\n| wall_time | seconds (> 0) | finished |\n| divergence | metric ("train_loss"), max_loss (inf) | failed: diverged |\n| "pkg.module:Stopper" | any: the keyword arguments of the plugin class (docs/plugins.md) | what its update returns |\n\nA non-finite train or validation loss always ends the run as `failed` ("diverged: train_loss is nan"), with\nor without a divergence stopper. Metrics: train_loss, val_loss, val_acc. On the command line a list is replaced\nwhole: `--set \'stop=[{kind="patience", patience=10}]\'`, or cleared: `--set stop=[]` (the same for measure).\n\n`[[measure]]` (any number): `unit` (`memory`, `hessian_dense`, `hessian_blocks`, `grad_norm`, or a third-party\nclass as `"pkg.module:Class"`), `every` (rounds, default 1), `at_start` (also at x_0, default false). See\n"Instruments" below.\n\n`[sweep]`: dotted keys mapped to lists, e.g. `"algorithm.K" = [1, 5, 10]` and `"run.seed" = [0, 1, 2]`, or a\nnested `[sweep.algorithm]` table; a plugin\'s argument is `"model.args.depth" = [2, 4]`; the grid is their cartesian product (last key fastest) and every point is\nvalidated. `bcdcore run` refuses a recipe with a `[sweep]` table and points to `bcdcore sweep`.'
 
 
 PIPE = "\\|"  # a literal | inside a markdown table cell

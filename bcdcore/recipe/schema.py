@@ -67,6 +67,9 @@ DATASETS: dict[str, DatasetSpec] = {
 DATASET_OPTION_KEYS = ("image_size", "channels", "n_samples", "n_features", "noise", "per_class", "augment",
                        "seq_len", "vocab_size", "corpus_chars", "storage")
 
+# a plugin loader ("pkg.module:load"): no built-in options; its bundle says the task
+PLUGIN_DATASET = DatasetSpec(task="")
+
 MODELS = ("mlp", "linear", "cnn", "residual_cnn", "block_linear", "resnet18", "resnet34", "nanogpt",
           "mlp_ensemble", "cnn_ensemble", "text_classifier")
 TOKEN_MODELS = ("nanogpt", "text_classifier")  # models that embed token ids (datasets with inputs = TOKENS)
@@ -139,6 +142,7 @@ class DataConfig:
     vocab_size: int = 20000  # imdb: words kept, including <pad> and <unk>
     corpus_chars: int = 1_000_000  # stdlib_text: characters of standard-library source read
     storage: str = "memory"  # imagenet, mini_imagenet: "memory" (decoded once) | "disk" (decoded per minibatch)
+    args: dict = field(default_factory=dict)  # [data.args]: keyword arguments of a plugin loader
 
 
 @dataclass
@@ -156,6 +160,10 @@ class ModelConfig:
     tie_weights: bool = False  # nanogpt: share the token embedding with the output head (the embedding block owns it)
     members: int = 3  # mlp_ensemble, cnn_ensemble
     voting: str = "average"  # ensembles: "average" (mean of member outputs) | "random" (one member per sample)
+    # plugin and torchvision models: "auto" (the module's own `blocks`, else "children"), "children", or a list
+    # of "prefix|prefix" entries (a parameter belongs to the first entry one of whose prefixes names it)
+    blocks: str | list[str] = "auto"
+    args: dict = field(default_factory=dict)  # [model.args]: keyword arguments of a plugin builder
 
 
 @dataclass
@@ -179,6 +187,7 @@ class AlgorithmConfig:
     lambda_every: int = 0  # lambda = "auto": re-measure every N rounds (0 = once, at the start)
     lambda_batch_size: int = 1024  # lambda = "auto": rows of each training batch the Hessian is measured on
     lambda_batches: int = 3  # lambda = "auto": independent batches (their mean is used, their spread logged)
+    args: dict = field(default_factory=dict)  # [algorithm.args]: keyword arguments of a plugin solver class
 
 
 @dataclass
@@ -196,6 +205,7 @@ class StopConfig:
     min_delta: float = 0.0
     seconds: float = 0.0
     max_loss: float = math.inf
+    args: dict = field(default_factory=dict)  # a plugin stopper's keys (every key but kind), its keyword arguments
 
 
 @dataclass
@@ -230,7 +240,8 @@ class Recipe:
 
     @property
     def task(self) -> str:
-        return DATASETS[self.data.name].task
+        spec = DATASETS.get(self.data.name)
+        return spec.task if spec is not None else ""  # a plugin dataset says its task when it is loaded
 
     def to_dict(self) -> dict:
         """The resolved recipe as plain TOML-able data (every default filled in)."""
@@ -240,9 +251,14 @@ class Recipe:
             if name == "algorithm":
                 section = {("lambda" if k == "lam" else k): v for k, v in section.items()}
             if name == "data":
-                spec = DATASETS[self.data.name]
+                spec = DATASETS.get(self.data.name, PLUGIN_DATASET)
                 section = {k: v for k, v in section.items()
                            if k not in DATASET_OPTION_KEYS or k in spec.options}
+            # plugin keys only where they say something: built-in recipes resolve (and hash) as before
+            if not section.get("args", True):
+                del section["args"]
+            if name == "model" and self.model.name in MODELS:
+                del section["blocks"]
             out[name] = section
         out["stop"] = [stop_to_dict(s) for s in self.stop]
         out["measure"] = [dataclasses.asdict(m) for m in self.measure]
@@ -268,6 +284,8 @@ STOP_DEFAULT_METRIC = {"patience": "val_loss", "target_loss": "val_loss",
 
 
 def stop_to_dict(stop: StopConfig) -> dict:
+    if stop.kind not in STOP_KEYS:  # a plugin stopper: its own keys
+        return {"kind": stop.kind, **stop.args}
     d = {"kind": stop.kind}
     for key in STOP_KEYS[stop.kind]:
         d[key] = getattr(stop, key)

@@ -4,13 +4,13 @@ resolved recipe as TOML.
 from __future__ import annotations
 
 import copy
-import json
 import math
 import re
 import tomllib
 from pathlib import Path
 from typing import Any
 
+from bcdcore.recipe.plugin_keys import set_key, sweep_key
 from bcdcore.recipe.schema import Recipe, RecipeError
 from bcdcore.recipe.validate import SECTIONS, TABLES, Validator, did_you_mean
 
@@ -97,9 +97,12 @@ def apply_override(raw: dict, item: str) -> None:
                               f"{LISTS[parts[0]]}, or clear it with --set {parts[0]}=[]")
         raw[parts[0]] = _table_list(parts[0], value.strip())  # checked like the file's (Validator.array)
         return
+    if len(parts) == 3 and sweep_key(key.strip(), TABLES):  # a plugin's argument: model.args.depth
+        set_key(raw, parts, parse_value(value.strip()))
+        return
     if len(parts) != 2 or not all(parts):
         lists = did_you_mean(parts[0], LISTS) if len(parts) == 1 else ""
-        raise RecipeError(f"--set {key!r}: expected SECTION.KEY, e.g. algorithm.K{lists}")
+        raise RecipeError(f"--set {key!r}: expected SECTION.KEY, e.g. algorithm.K (or SECTION.args.KEY){lists}")
     section, name = parts
     if section in SECTIONS and SECTIONS[section] is None:
         raise RecipeError(f"--set {key!r}: [{section}] cannot be set from the command line; edit the recipe")
@@ -146,13 +149,31 @@ def to_toml(data: dict) -> str:
                 lines.append("")
         else:
             lines.append(f"[{section}]")
-            lines += [f"{toml_key(k)} = {toml_value(v)}" for k, v in table.items()]
+            lines += [f"{toml_key(k)} = {toml_value(v)}" for k, v in table.items() if not isinstance(v, dict)]
             lines.append("")
+            for key, sub in ((k, v) for k, v in table.items() if isinstance(v, dict)):  # [model.args]
+                lines.append(f"[{section}.{toml_key(key)}]")
+                lines += [f"{toml_key(k)} = {toml_value(v)}" for k, v in sub.items()]
+                lines.append("")
     return "\n".join(lines)
 
 
 def toml_key(key: str) -> str:
-    return key if re.fullmatch(r"[A-Za-z0-9_-]+", key) else json.dumps(key)
+    return key if re.fullmatch(r"[A-Za-z0-9_-]+", key) else toml_string(key)
+
+
+def toml_string(text: str) -> str:
+    """A TOML basic string. Not json.dumps: JSON writes characters beyond U+FFFF as surrogate pairs, which TOML
+    refuses, and leaves DEL raw, which TOML forbids; TOML takes every other character as it is."""
+    out = []
+    for ch in text:
+        if ch in '"\\':
+            out.append("\\" + ch)
+        elif ord(ch) < 0x20 or ord(ch) == 0x7F:
+            out.append(f"\\u{ord(ch):04X}")
+        else:
+            out.append(ch)
+    return '"' + "".join(out) + '"'
 
 
 def toml_value(value: Any) -> str:
@@ -165,7 +186,9 @@ def toml_value(value: Any) -> str:
             return "inf" if value > 0 else "-inf"
         return repr(value)
     if isinstance(value, str):
-        return json.dumps(value)
+        return toml_string(value)
     if isinstance(value, list):
         return "[" + ", ".join(toml_value(v) for v in value) + "]"
+    if isinstance(value, dict):  # an inline table (a plugin argument that is itself a table)
+        return "{" + ", ".join(f"{toml_key(k)} = {toml_value(v)}" for k, v in value.items()) + "}"
     raise TypeError(f"cannot write {value!r} as TOML")

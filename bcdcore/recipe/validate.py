@@ -11,6 +11,7 @@ import re
 from pathlib import Path
 from typing import Any
 
+from bcdcore.recipe import plugin_keys as plug
 from bcdcore.recipe.schema import (
     ACTIVE_RULES,
     DATASET_OPTION_KEYS,
@@ -26,6 +27,7 @@ from bcdcore.recipe.schema import (
     MODELS,
     MODES,
     OPS_BACKENDS,
+    PLUGIN_DATASET,
     REGRESSION,
     SCHEDULES,
     SOLVERS,
@@ -138,6 +140,9 @@ class Validator:
     def field_value(self, section: str, key: str, value: Any, f: dataclasses.Field) -> Any:
         dotted = f"{section}.{key}"
         hint = str(f.type)
+        plugin_value = plug.field_value(self, dotted, value, hint)  # args tables, model.blocks
+        if plugin_value is not None:
+            return plugin_value
         if dotted in ("algorithm.gamma", "algorithm.lambda"):
             return self.per_block(dotted, value)
         if hint.startswith("list[int]"):
@@ -190,6 +195,8 @@ class Validator:
     def stop(self, index: int, raw: dict) -> StopConfig:
         if "kind" not in raw:
             raise self.fail("stop.kind", f"[[stop]] #{index + 1} needs kind = one of {', '.join(STOP_KINDS)}")
+        if plug.is_plugin(raw["kind"]):
+            return plug.plugin_stop(self, raw, StopConfig)
         if raw["kind"] == "rounds":  # "run it longer" is run.rounds, not a stopper
             raise self.fail("stop.kind", "there is no 'rounds' stopper: a run stops after run.rounds; "
                                          "set that instead (e.g. --set run.rounds=600)")
@@ -255,13 +262,13 @@ class Validator:
              f"unknown device {r.run.device!r}; use \"auto\", \"cpu\", \"cuda\" or \"cuda:N\"")
         self.choice("run.ops_backend", r.run.ops_backend, OPS_BACKENDS)
 
-        self.choice("data.name", r.data.name, DATASETS)
+        plug.check_name(self, "data.name", r.data.name, DATASETS)
         need(r.data.batch_size >= 1, "data.batch_size", f"must be >= 1, got {r.data.batch_size}")
         need(0 <= r.data.val_fraction < 1, "data.val_fraction", f"must be in [0, 1), got {r.data.val_fraction}")
         need(0 <= r.data.test_fraction < 1, "data.test_fraction", f"must be in [0, 1), got {r.data.test_fraction}")
         need(r.data.val_fraction + r.data.test_fraction < 0.9, "data.test_fraction",
              "val_fraction + test_fraction must leave at least 10% of the data for training")
-        spec = DATASETS[r.data.name]
+        spec = DATASETS.get(r.data.name, PLUGIN_DATASET)
         for key in DATASET_OPTION_KEYS:
             if key not in spec.options and key in self.data_keys:
                 accepted = ", ".join(spec.options) or "none"
@@ -285,14 +292,15 @@ class Validator:
                  f"folder {r.data.root!r} does not exist; create it or set data.download = true")
 
         m = r.model
-        self.choice("model.name", m.name, MODELS)
+        plug.check_name(self, "model.name", m.name, MODELS)
+        plug.check_plugin_keys(self, r)
         need(all(w >= 1 for w in m.widths), "model.widths", f"widths must be >= 1, got {m.widths}")
         need(m.group >= 0, "model.group", f"must be >= 0 (0 = no grouping), got {m.group}")
         if m.name in ("cnn", "residual_cnn", "cnn_ensemble"):
             need(bool(m.widths), "model.widths", f"{m.name} needs at least one width")
         defaults = ModelConfig()
         for key, users in MODEL_OPTION_KEYS.items():
-            if m.name not in users and getattr(m, key) != getattr(defaults, key):
+            if not plug.model_key_users(m.name, users, key) and getattr(m, key) != getattr(defaults, key):
                 raise self.fail(f"model.{key}", f"does not apply to model {m.name!r} (it is a key of "
                                                 f"{', '.join(users)}); remove it")
         need(m.n_layer >= 1, "model.n_layer", f"must be >= 1, got {m.n_layer}")
@@ -307,7 +315,9 @@ class Validator:
             need(Path(m.weights).expanduser().is_file(), "model.weights",
                  f"no such file {m.weights!r}; give the path of a torchvision state_dict (.pt/.pth)")
         # model <-> dataset: token ids need a model that embeds them, and only nanogpt predicts next tokens
-        if spec.task == LANGUAGE_MODEL:
+        if plug.is_plugin(m.name) or plug.is_plugin(r.data.name):
+            pass  # a plugin says what it takes when it is built (bcdcore check)
+        elif spec.task == LANGUAGE_MODEL:
             need(m.name == "nanogpt", "model.name", f"dataset {r.data.name!r} is a language-model task; "
                                                     f"use model \"nanogpt\"")
         elif spec.inputs == TOKENS:
@@ -321,7 +331,7 @@ class Validator:
         a = r.algorithm
         self.choice("algorithm.mode", a.mode, MODES)
         self.choice("algorithm.schedule", a.schedule, SCHEDULES)
-        self.choice("algorithm.solver", a.solver, SOLVERS)
+        plug.check_name(self, "algorithm.solver", a.solver, SOLVERS)
         self.choice("algorithm.active_rule", a.active_rule, ACTIVE_RULES)
         self.choice("algorithm.state_policy", a.state_policy, STATE_POLICIES)
         need(0 < a.active_share <= 1, "algorithm.active_share", f"must be in (0, 1], got {a.active_share}")
@@ -364,10 +374,9 @@ class Validator:
             raise self.fail("sweep", f"expected a table [sweep] of KEY = [values], got {show_value(table)}")
         flat = flatten(table)
         for key, values in flat.items():
-            parts = key.split(".")
-            if len(parts) != 2 or parts[0] not in TABLES:
-                raise self.fail(f"sweep.{key}", "sweep keys name a recipe key as SECTION.KEY, "
-                                                "e.g. \"algorithm.K\" = [1, 5]")
+            if plug.sweep_key(key, TABLES) is None:
+                raise self.fail(f"sweep.{key}", "sweep keys name a recipe key as SECTION.KEY (or SECTION.args.KEY "
+                                                "for a plugin's argument), e.g. \"algorithm.K\" = [1, 5]")
             if not isinstance(values, list) or not values:
                 raise self.fail(f"sweep.{key}", f"expected a non-empty list of values, got {show_value(values)}")
         size = math.prod(len(v) for v in flat.values())
@@ -377,8 +386,7 @@ class Validator:
         for point in expand_grid(flat):
             trial = copy.deepcopy({k: v for k, v in raw.items() if k != "sweep"})
             for key, value in point.items():
-                section, name = key.split(".")
-                trial.setdefault(section, {})[name] = value
+                plug.set_key(trial, key.split("."), value)
             try:
                 self.recipe(trial)
             except RecipeError as exc:

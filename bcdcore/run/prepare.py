@@ -16,6 +16,7 @@ from bcdcore.data import DataBundle, Split, load_data
 from bcdcore.data.batches import BatchStream, eval_batches, stream_seed
 from bcdcore.measure import load_unit
 from bcdcore.models import build_model
+from bcdcore.models.plugin import PartitionedModel, check_forward
 from bcdcore.params import FlatParams
 from bcdcore.recipe import CLASSIFICATION, Recipe, RecipeError, check_block_lists, per_block
 from bcdcore.resources import check_model_fits, is_out_of_memory
@@ -119,6 +120,8 @@ def prepare(recipe: Recipe, comm: "Comm | None" = None) -> Prepared:
         raise RecipeError(f"{recipe.source}: model: {recipe.model.name} does not fit in memory; use smaller "
                           "model.widths") from None
     model.to(device)
+    if isinstance(model, PartitionedModel):  # a plugin's forward is checked before anything is written
+        check_forward(model, data.train.x[:2].to(device), data.task, data.n_outputs, recipe.model.name)
     n_blocks = len(model.blocks)
     check_block_lists(recipe, n_blocks)
     # Last of the recipe checks: a fallback notice must not come before a recipe error.

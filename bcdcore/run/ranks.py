@@ -71,8 +71,10 @@ def launch_distributed(recipe: Recipe | None, runs_dir: Path | None, resume: Pat
                        announce) -> int:
     """`bcdcore run` with nproc > 1: validate, create (or reopen) the run directory, start the ranks under
     torchrun's agent, wait, and make sure the run directory ends with a final state."""
+    from bcdcore.plugins import share_sys_path
     from bcdcore.run.distributed import launch
 
+    share_sys_path()  # the ranks are new interpreters: they import plugins from what this process can see
     # This process holds the run's writer lock for the whole launch; rank 0 writes under it (--attach).
     if resume is not None:
         require_run_directory(resume)
