@@ -59,6 +59,33 @@ def balance_blocks(costs: list[float], world: int) -> list[int]:
     return [new[o] for o in owner]
 
 
+def pack_reports(mine: list, blocks: list[int], K: int, code: int, signum: int) -> list[float]:
+    """A rank's header and reports as float64 values: [code, signal], then per block of `blocks` (in that
+    order) its BlockReport fields, the number of its losses and K loss slots (unused ones 0)."""
+    by_block = {report.block: (report, losses) for report, losses in mine}
+    values = [float(code), float(signum)]
+    for i in blocks:
+        report, losses = by_block[i]
+        if len(losses) > K:
+            raise ValueError(f"block {i}: {len(losses)} losses, more than K = {K}")
+        values += [float(getattr(report, name)) for name in REPORT_FIELDS] + [float(len(losses))]
+        values += [float(v) for v in losses] + [0.0] * (K - len(losses))
+    return values
+
+
+def unpack_reports(meta: list[float], n_blocks: int, K: int) -> list[tuple[BlockReport, list[float]]]:
+    """The inverse of pack_reports (after the header): [(report, losses)] for the rank's n_blocks blocks."""
+    row = len(REPORT_FIELDS) + 1 + K
+    out = []
+    for j in range(n_blocks):
+        start = HEADER + j * row
+        fields = meta[start:start + len(REPORT_FIELDS)]
+        report = BlockReport(**{name: cast(v) for name, cast, v in zip(REPORT_FIELDS, REPORT_TYPES, fields)})
+        n = int(meta[start + len(REPORT_FIELDS)])
+        out.append((report, meta[start + len(REPORT_FIELDS) + 1:start + len(REPORT_FIELDS) + 1 + n]))
+    return out
+
+
 def _bytes(t: Tensor) -> Tensor:
     return t.reshape(-1).view(torch.uint8)
 
@@ -126,14 +153,8 @@ class RoundComm(Comm):
         state, lengths = self._lengths(params, per_rank)
         total = sum(state)
         self.account((self.world - 1) * total, max(total - s for s in state))
-        meta = torch.zeros(self._meta_len(per_rank[self.rank]), dtype=torch.float64)
-        meta[1] = self.local_signal()
-        row = len(REPORT_FIELDS) + 1 + self.K
-        by_block = {report.block: (report, losses) for report, losses in mine}
-        for j, i in enumerate(per_rank[self.rank]):
-            report, losses = by_block[i]
-            values = [float(getattr(report, name)) for name in REPORT_FIELDS] + [len(losses)] + list(losses)
-            meta[HEADER + j * row:HEADER + j * row + len(values)] = torch.tensor(values, dtype=torch.float64)
+        meta = torch.tensor(pack_reports(mine, per_rank[self.rank], self.K, 0, self.local_signal()),
+                            dtype=torch.float64)
         buf = torch.zeros(max(lengths), dtype=torch.uint8, device=params.flat.device)
         buf[:meta.numel() * 8].copy_(_bytes(meta))
         offset = meta.numel() * 8
@@ -151,7 +172,7 @@ class RoundComm(Comm):
         self.peer_signal = int(max(m[1] for m in metas))
         out = []
         for r, blocks in enumerate(per_rank):
-            out.append([self._report(metas[r], j, row) for j in range(len(blocks))])
+            out.append(unpack_reports(metas[r], len(blocks), self.K))
             if r == self.rank:
                 continue
             offset = 8 * self._meta_len(blocks)
@@ -161,15 +182,6 @@ class RoundComm(Comm):
                     _bytes(t).copy_(gathered[r][offset:offset + n])
                     offset += n
         return out
-
-    @staticmethod
-    def _report(meta: list[float], j: int, row: int) -> tuple[BlockReport, list[float]]:
-        start = HEADER + j * row
-        fields = meta[start:start + len(REPORT_FIELDS)]
-        report = BlockReport(**{name: cast(v) for name, cast, v in zip(REPORT_FIELDS, REPORT_TYPES, fields)})
-        n = int(meta[start + len(REPORT_FIELDS)])
-        losses = meta[start + len(REPORT_FIELDS) + 1:start + len(REPORT_FIELDS) + 1 + n]
-        return report, losses
 
     # --- rank 0's stop, in the slot of the next collective
     def send_stop(self, code: int, signum: int, params, active: list[int]) -> None:
