@@ -18,7 +18,7 @@ import signal
 
 from bcdcore.algorithm import RoundResult
 from bcdcore.checkpoint import save_checkpoint, to_cpu
-from bcdcore.run.collective import STOP_STATES, LeaderStopped, balance_blocks
+from bcdcore.run.collective import STOP_STATES, LeaderStopped, RoundComm, balance_blocks
 from bcdcore.run.distributed import Comm, launched_by_bcdcore, write_rank_error, write_rank_file
 from bcdcore.run.loop import Run
 from bcdcore.run.prepare import Prepared
@@ -35,7 +35,7 @@ class DistributedRun(Run):
         super().__init__(prepared, rundir, resume=resume)
         comm.local_signal = lambda: self.signals.received or 0
         # blockwise with a RoundComm: one collective per round (bcdcore.run.collective)
-        self.piggyback = prepared.recipe.algorithm.mode == "blockwise" and hasattr(comm, "piggyback")
+        self.piggyback = prepared.recipe.algorithm.mode == "blockwise" and isinstance(comm, RoundComm)
         self._inflight = None  # a rank other than 0: the state its current round started from
         if self.piggyback:
             comm.piggyback, comm.K = True, prepared.recipe.algorithm.K
