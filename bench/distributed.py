@@ -2,17 +2,27 @@
 simulated time of a stated network.
 
 Each configuration is a real `bcdcore run` (2 processes: gloo, started by bcdcore through torchrun's agent), one
-after another, each process with --threads OpenMP threads. The recipe: digits_flat, a 4-block MLP (widths
-below; 3 hidden layers + head = 4 blocks), Jacobi, all blocks active, K inner SGD steps per block, batch 128,
-eval only at the end. Rounds/s is measured from the runs' own metric events: (rounds - 2) / (wall_s of the
-second-last round - wall_s of the first round), so process start, the first round (warm-up) and the final
-evaluation are excluded. bytes/round is the metric `bytes_round` (model state on the wire, counted as a ring
-all-gather moves it, summed over ranks); sim_time_s is wall_s + communication_delay per message (3 per round)
-+ the largest per-rank received bytes / bandwidth, for the latency and bandwidth given below. The 2-process run
-is checked to give the same final parameters as the 1-process run (bit for bit).
+after another. Three configurations per model, in this order, repeated --repeat times (interleaved, so a change
+in the machine's load hits all three alike):
 
-    PYTHONPATH=. python bench/distributed.py                 # the recorded run (bench/RESULTS.md)
-    PYTHONPATH=. python bench/distributed.py --rounds 30     # quicker
+- `1p default`: 1 process with the threads a user gets by default (OMP_NUM_THREADS unset: torch uses every
+  core). This is the baseline of the speedup column.
+- `1p 1 thread`: 1 process with OMP_NUM_THREADS=1, the per-core work of one rank.
+- `2p`: 2 processes with bcdcore's default, OMP_NUM_THREADS = cores / processes (1 on a 2-core machine).
+
+The recipe: digits_flat, a 4-block MLP (widths below; 3 hidden layers + head = 4 blocks), Jacobi, all blocks
+active, K inner SGD steps per block, batch 128, eval only at the end. Rounds/s is measured from the runs' own
+metric events: (rounds - 2) / (wall_s of the second-last round - wall_s of the first round), so process start,
+the first round (warm-up) and the final evaluation are excluded. bytes/round is the metric `bytes_round` (model
+state on the wire, counted as a ring all-gather moves it, summed over ranks); sim_time_s is wall_s +
+communication_delay per message (1 per round: the round's single collective) + the largest per-rank received
+bytes / bandwidth, for the latency and bandwidth given below. "same params": the final parameters equal the
+`1p 1 thread` run's bit for bit (the 2-process claim; other thread counts may order reductions differently).
+The load average (`os.getloadavg`) is printed before each repetition: on a shared machine the numbers are only
+as good as it is quiet.
+
+    PYTHONPATH=. python bench/distributed.py                          # the recorded run (bench/RESULTS.md)
+    PYTHONPATH=. python bench/distributed.py --rounds 30 --repeat 1   # quicker
 """
 from __future__ import annotations
 
@@ -46,11 +56,15 @@ def recipe_text(nproc: int, args, widths: list[int]) -> str:
     })
 
 
-def run(tmp: Path, nproc: int, args, widths) -> dict:
-    recipe = tmp / f"w{widths[0]}-n{nproc}.toml"
+def run(tmp: Path, nproc: int, args, widths, threads: int | None, tag: str) -> dict:
+    """One `bcdcore run`; threads None: OMP_NUM_THREADS unset (torch's default, or bcdcore's per-rank share)."""
+    recipe = tmp / f"w{widths[0]}-n{nproc}-{tag}.toml"
     recipe.write_text(recipe_text(nproc, args, widths))
-    env = dict(os.environ, OMP_NUM_THREADS=str(args.threads), PYTHONPATH=str(ROOT))
+    env = dict(os.environ, PYTHONPATH=str(ROOT))
     env.pop("BCD_OPS", None)
+    env.pop("OMP_NUM_THREADS", None)
+    if threads is not None:
+        env["OMP_NUM_THREADS"] = str(threads)
     proc = subprocess.run([sys.executable, "-m", "bcdcore", "run", str(recipe), "--runs-dir", str(tmp / "runs"),
                            "--quiet"], env=env, capture_output=True, text=True, timeout=1200)
     if proc.returncode != 0:
@@ -65,40 +79,57 @@ def run(tmp: Path, nproc: int, args, widths) -> dict:
 
     flat = torch.load(run_dir / "checkpoint.pt", weights_only=False)["flat"]
     return {"rate": rate, "bytes": metrics[-1].get("bytes_round", 0), "sim": metrics[-1].get("sim_time_s"),
-            "wall": metrics[-1]["wall_s"], "comm_sim": metrics[-1].get("comm_sim_s", 0.0),
-            "sizes": start["block_sizes"], "owner": start.get("block_owner"), "flat": flat}
+            "wall": metrics[-1]["wall_s"], "sizes": start["block_sizes"], "owner": start.get("block_owner"),
+            "flat": flat}
+
+
+CONFIGS = (("1p default", 1, None), ("1p 1 thread", 1, 1), ("2p", 2, None))
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--rounds", type=int, default=100)
     parser.add_argument("--K", type=int, default=5)
-    parser.add_argument("--threads", type=int, default=1, help="OpenMP threads per process")
+    parser.add_argument("--repeat", type=int, default=3, help="repetitions of the three configurations")
     parser.add_argument("--delay", type=float, default=1e-3, help="simulated latency per message, s")
     parser.add_argument("--bandwidth", type=float, default=1.25e9, help="simulated bandwidth, bytes/s")
     parser.add_argument("--widths", default="16x16x16,256x256x256", help="comma-separated 4-block MLP widths")
     args = parser.parse_args()
-    print(f"# {platform.processor() or platform.machine()}, {os.cpu_count()} cores, python {platform.python_version()}, "
-          f"{args.threads} thread(s) per process, {args.rounds} rounds, K {args.K}, batch 128")
+    import statistics
+
+    import torch
+
+    print(f"# {platform.processor() or platform.machine()}, {os.cpu_count()} cores, python {platform.python_version()},"
+          f" torch {torch.__version__}, {args.rounds} rounds, K {args.K}, batch 128, {args.repeat} repetition(s)")
     print(f"# simulated network: {args.delay * 1e3:g} ms per message, {args.bandwidth / 1e9:g} GB/s")
-    header = ("model (block sizes)", "nproc", "rounds/s", "speedup", "bytes/round", "wall_s", "sim_time_s",
-              "same params")
-    print("| " + " | ".join(header) + " |")
-    print("|" + "---|" * len(header))
+    header = ("model (block sizes)", "config", "rounds/s (median)", "speedup vs 1p default", "each repetition",
+              "bytes/round", "sim_time_s - wall_s", "block_owner", "same params")
+    rows = []
     with tempfile.TemporaryDirectory() as tmp:
         tmp = Path(tmp)
         for spec in args.widths.split(","):
             widths = [int(w) for w in spec.split("x")]
-            one = run(tmp, 1, args, widths)
-            two = run(tmp, 2, args, widths)
-            import torch
-
-            same = torch.equal(one["flat"], two["flat"])
-            for nproc, r in ((1, one), (2, two)):
-                sim = f"{r['sim']:.3f}" if r["sim"] is not None else f"{r['wall']:.3f} (= wall)"
-                print(f"| mlp {spec} ({'/'.join(map(str, r['sizes']))}) | {nproc} | {r['rate']:.1f} | "
-                      f"{r['rate'] / one['rate']:.2f}x | {r['bytes']:,} | {r['wall']:.3f} | {sim} | "
-                      f"{'yes' if same else 'NO'} |")
+            results: dict[str, list[dict]] = {name: [] for name, _, _ in CONFIGS}
+            for rep in range(args.repeat):
+                print(f"# {spec} repetition {rep + 1}: load average {os.getloadavg()[0]:.2f}", flush=True)
+                for name, nproc, threads in CONFIGS:
+                    results[name].append(run(tmp, nproc, args, widths, threads, f"{name.replace(' ', '')}{rep}"))
+            reference = results["1p 1 thread"][0]["flat"]
+            base = [r["rate"] for r in results["1p default"]]
+            for name, _, _ in CONFIGS:
+                rs = results[name]
+                ratios = [r["rate"] / b for r, b in zip(rs, base)]  # against the same repetition's baseline
+                last = rs[-1]
+                sim = f"{last['sim'] - last['wall']:.3f}" if last["sim"] is not None else "0"
+                same = all(torch.equal(r["flat"], reference) for r in rs)
+                rows.append(f"| mlp {spec} ({'/'.join(map(str, last['sizes']))}) | {name} | "
+                            f"{statistics.median(r['rate'] for r in rs):.1f} | {statistics.median(ratios):.2f}x | "
+                            f"{' '.join(f'{x:.2f}x' for x in ratios)} | {last['bytes']:,} | {sim} | "
+                            f"{last['owner'] or '-'} | {'yes' if same else 'NO'} |")
+    print(f"# load average at the end: {os.getloadavg()[0]:.2f}")
+    print("| " + " | ".join(header) + " |")
+    print("|" + "---|" * len(header))
+    print("\n".join(rows))
 
 
 if __name__ == "__main__":

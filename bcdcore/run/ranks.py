@@ -123,7 +123,8 @@ def _run_rank(attach: Path | None, attach_resume: bool, recipe: Recipe | None, r
               resume: Path | None, quiet: bool, announce, known: list) -> int:
     import torch.distributed as dist
 
-    from bcdcore.run.distributed import Comm, init_rank, launched_by_bcdcore, rank_device
+    from bcdcore.run.collective import RoundComm
+    from bcdcore.run.distributed import init_rank, launched_by_bcdcore, rank_device
 
     resuming = resume is not None or attach_resume
     path = attach or resume
@@ -131,7 +132,7 @@ def _run_rank(attach: Path | None, attach_resume: bool, recipe: Recipe | None, r
         recipe = load_recipe(Path(path) / "recipe.toml")
     rank, world, local_rank = init_rank(recipe.distributed)
     recipe.run.device = rank_device(recipe.run.device, local_rank)
-    comm = Comm(recipe.distributed, resolve_device(recipe.run.device))
+    comm = RoundComm(recipe.distributed, resolve_device(recipe.run.device))
     prepared = prepare(recipe, comm)
     made = None
     if path is None:  # external torchrun, new run: rank 0 makes the directory, everyone learns where
