@@ -89,6 +89,7 @@ MODES = ("blockwise", "entire")
 SCHEDULES = ("jacobi", "gauss_seidel")
 ACTIVE_RULES = ("random", "cyclic")
 STATE_POLICIES = ("reset", "keep")
+CUDA_GRAPHS = ("auto", "off")
 OPS_BACKENDS = ("auto", "reference", "cpu", "cuda")
 STOP_KINDS = ("patience", "target_loss", "target_accuracy", "wall_time", "divergence")
 METRICS = ("train_loss", "val_loss", "val_acc")
@@ -179,6 +180,7 @@ class AlgorithmConfig:
     lambda_every: int = 0  # lambda = "auto": re-measure every N rounds (0 = once, at the start)
     lambda_batch_size: int = 1024  # lambda = "auto": rows of each training batch the Hessian is measured on
     lambda_batches: int = 3  # lambda = "auto": independent batches (their mean is used, their spread logged)
+    cuda_graphs: str = "auto"  # blockwise rounds on a GPU replay captured inner steps where capture applies
 
 
 @dataclass
