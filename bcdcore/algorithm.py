@@ -138,6 +138,7 @@ class BlockwiseTrainer:
         decision = graphs.decide(model, streams, cfg, params.flat.device, comm=comm)
         graphs.say_once(decision)
         self.graph_round = graphs.GraphRound(self) if decision.use else None
+        self.graphs_note = graphs.note(decision)  # the line the run's log gets (bcdcore.run.loop)
 
     def active_blocks(self, t: int) -> list[int]:
         n = self.params.n_blocks

@@ -82,16 +82,20 @@ def capturable(model: nn.Module, streams: list, cfg, device: torch.device) -> De
     return Decision(True, "")
 
 
+def note(decision: Decision) -> str:
+    """The decision as one log line."""
+    if decision.use:
+        return "CUDA graphs: each block's inner steps are captured in the first round and replayed after it"
+    return f"CUDA graphs not used (eager rounds): {decision.reason}"
+
+
 def say_once(decision: Decision) -> None:
     """Log the decision once per process and reason: the fallback's reason, or that graphs are used."""
     key = decision.reason or "used"
     if key in _said:
         return
     _said.add(key)
-    if decision.use:
-        log.info("CUDA graphs: each block's inner steps are captured in the first round and replayed after it")
-    else:
-        log.info("CUDA graphs not used (eager rounds): %s", decision.reason)
+    log.info("%s", note(decision))
 
 
 class Replayable(Protocol):
@@ -163,6 +167,7 @@ class GraphRound:
         self.norms = torch.zeros(n, 2, dtype=torch.float64, device=p.flat.device)  # last step's r2, d2
         self.losses: Tensor | None = None  # [n, K] in the loss's dtype, allocated at the first capture
         self.shape = (n, k)
+        self.failed = ""  # why a capture failed: the round finishes eagerly and the run stays eager after it
 
     def run_round(self, t: int) -> object:
         tr = self.tr
@@ -176,6 +181,8 @@ class GraphRound:
         loss = values[6 * na] if active else math.nan
         reports = [self.report(i, rules[4 * j:4 * j + 4], norms[2 * j:2 * j + 2], base)
                    for j, (i, base) in enumerate(zip(active, bases))]
+        if self.failed:
+            tr.graph_round = None
         return tr.result(loss, reports)
 
     def report(self, i: int, rule: list[float], norms: list[float], base: int):
@@ -212,11 +219,19 @@ class GraphRound:
             self.batch.fill(xb, yb)
             key = (i, k, tr.lams[i], tr.gammas[i])
             graph = self.graphs.get(key)
-            if graph is None:
+            if self.failed:
+                self.step_fn(i, k, base)()
+            elif graph is None:
                 step = self.step_fn(i, k, base)
                 self.cap.warm(step)  # the step's real work this round, and the warm-up before capture
                 self.graphs = {kk: g for kk, g in self.graphs.items() if kk[:2] != (i, k)}  # a stale lambda
-                self.graphs[key] = self.cap.capture(step)
+                try:
+                    self.graphs[key] = self.cap.capture(step)
+                except RuntimeError as exc:  # capture records, runs nothing: this round's work is done
+                    self.failed = f"capturing block {i}'s step {k} failed ({str(exc).strip().splitlines()[0]})"
+                    failed = Decision(False, self.failed + "; the rest of the run is eager")
+                    say_once(failed)
+                    self.tr.graphs_note = note(failed)
             else:
                 graph.replay()
         return base

@@ -91,6 +91,7 @@ def test_decide_falls_back_on_cpu_when_off_and_when_distributed():
     assert not d.use and "distributed" in d.reason
     d = graphs.decide(tr.model, tr.streams, tr.cfg, "cuda")  # the split lives on the CPU here
     assert not d.use and "copied from the host" in d.reason
+    assert tr.graphs_note == "CUDA graphs not used (eager rounds): the run is on cpu, not on a GPU"
 
 
 def test_capturable_accepts_a_plain_model_and_names_each_reason():
@@ -233,6 +234,27 @@ def test_a_new_lambda_captures_again():
     tr.lams[0] *= 2  # lambda = "auto" re-measured
     tr.run_round(2)
     assert cap.captured == first + tr.cfg.K and len(tr.graph_round.graphs) == first
+
+
+def test_a_failed_capture_finishes_the_round_eagerly_and_says_so(caplog, monkeypatch):
+    class Failing(FakeCapture):
+        def capture(self, fn):
+            if self.captured == 2:
+                raise RuntimeError("operation not permitted when stream is capturing\nmore")
+            return super().capture(fn)
+
+    monkeypatch.setattr(graphs, "_said", set())
+    eager, replay = make(cfg_of(accuracy_factor=1e-3)), make(cfg_of(accuracy_factor=1e-3))
+    replay.graph_round = graphs.GraphRound(replay, Failing())
+    with caplog.at_level(logging.INFO, logger="bcdcore.graphs"):
+        for t in range(2):
+            eager.run_round(t)
+            replay.run_round(t)
+            assert torch.equal(eager.params.flat, replay.params.flat)
+    assert replay.graph_round is None  # eager from the next round on
+    lines = [r.getMessage() for r in caplog.records if "failed" in r.getMessage()]
+    assert len(lines) == 1 and "step 2 failed (operation not permitted when stream is capturing)" in lines[0]
+    assert replay.graphs_note == lines[0]  # the run's log gets it too (bcdcore.run.loop)
 
 
 # ------------------------------------------------------------------------------------------------------------
