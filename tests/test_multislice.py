@@ -200,15 +200,20 @@ def test_multi_slice_bad_layouts_raise(backend):
         fns["damp_multi"](x, a, bounds=[(0, 4)], gammas=[0.5, 0.5])
 
 
-@pytest.mark.parametrize("backend", ["reference", pytest.param("cpu", marks=needs_cpu)])
+CUDA_MARKS = [pytest.mark.cuda, pytest.mark.skipif(not HAS_GPU, reason="no CUDA device"),
+              pytest.mark.skipif(CUDA is None, reason="compiled cuda backend absent")]
+
+
+@pytest.mark.parametrize("backend", ["reference", pytest.param("cpu", marks=needs_cpu),
+                                     pytest.param("cuda", marks=CUDA_MARKS)])
 @pytest.mark.parametrize("form", ["sgd", "adam", "damp"])
 def test_out_without_gamma_moves_the_undamped_point(backend, form):
     """gamma=None with out=: out <- x_new (the undamped step) and x <- a, bit-exact restore."""
-    fns = ops.REFERENCE if backend == "reference" else CPU
+    fns = {"reference": ops.REFERENCE, "cpu": CPU, "cuda": CUDA}[backend]
     seed = _seed()
-    case = Case(form, "out", torch.float32, [(0, 5000)], 5000, seed)
+    case = Case(form, "out", torch.float32, [(0, 5000)], 5000, seed, device="cuda" if backend == "cuda" else "cpu")
     plain, moved = case.make(), case.make()
-    moved["out"] = torch.full((5000,), float("nan"))
+    moved["out"] = torch.full((5000,), float("nan"), device=case.device)
     kw = case.kw
     if form == "sgd":
         fns["sgd"](plain["x"], plain["g"], plain["a"], lr=kw["lr"], lam=0.3)
@@ -231,7 +236,8 @@ def test_out_without_gamma_moves_the_undamped_point(backend, form):
 @pytest.mark.parametrize("form", FORMS)
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 @pytest.mark.parametrize("count", [1, 10, 33, 70])
-def test_cuda_multi_slice_matches_reference_and_one_call_per_slice(form, dtype, count):
+@pytest.mark.parametrize("mode", ["gamma+out", "out"])
+def test_cuda_multi_slice_matches_reference_and_one_call_per_slice(form, dtype, count, mode):
     """Up to 70 slices (more than one launch's 32), lengths 0..70,000 with one empty slice, odd gaps."""
     seed = _seed()
     gen = torch.Generator().manual_seed(seed)
@@ -239,6 +245,6 @@ def test_cuda_multi_slice_matches_reference_and_one_call_per_slice(form, dtype, 
     lengths[count // 2] = 0
     gaps = [int(v) for v in torch.randint(0, 9, (count + 1,), generator=gen)]
     bounds, n = layout(lengths, gaps)
-    mode = "gamma+out" if form != "damp" else "gamma"
+    mode = mode if form != "damp" else {"gamma+out": "gamma", "out": "out"}[mode]
     case = Case(form, mode, dtype, bounds, n, seed, device="cuda")
     check(CUDA, case, f"[cuda {form} {dtype} {count} slices seed={seed}]", True)
