@@ -248,3 +248,38 @@ def test_cuda_multi_slice_matches_reference_and_one_call_per_slice(form, dtype, 
     mode = mode if form != "damp" else {"gamma+out": "gamma", "out": "out"}[mode]
     case = Case(form, mode, dtype, bounds, n, seed, device="cuda")
     check(CUDA, case, f"[cuda {form} {dtype} {count} slices seed={seed}]", True)
+
+
+@pytest.mark.parametrize("backend", ["reference", pytest.param("cpu", marks=needs_cpu)])
+@pytest.mark.parametrize("kw", [dict(gamma=0.6), dict(gamma=1.0, accuracy_factor=50.0), dict(active_share=0.5),
+                                dict(solver="adam", lr=0.01, gamma=0.8, accuracy_factor=2.0)])
+def test_jacobi_damping_at_the_round_end_gives_the_fused_bits(backend, kw):
+    """A round's damping writes as one multi-slice call equal the damping fused into each block's last step
+    (float32: the undamped point is stored exactly), rule stops included."""
+    import torch.nn.functional as F
+
+    from bcdcore.algorithm import BlockwiseTrainer
+    from bcdcore.data.batches import BatchStream, stream_seed
+    from bcdcore.models import build_model
+    from bcdcore.params import FlatParams
+    from bcdcore.recipe import AlgorithmConfig, ModelConfig
+
+    def trainer(defer: bool):
+        model = build_model(ModelConfig(name="mlp", widths=[12, 8]), (10,), 3, 0)
+        params = FlatParams(model, model.blocks)
+        gen = torch.Generator().manual_seed(5)
+        x, y = torch.randn(64, 10, generator=gen), torch.randint(0, 3, (64,), generator=gen)
+        n = params.n_blocks
+        cfg = AlgorithmConfig(**{**dict(mode="blockwise", schedule="jacobi", K=4, lam=0.1, lr=0.1), **kw})
+        streams = [BatchStream(x, y, 16, stream_seed(0, i)) for i in range(n)]
+        tr = BlockwiseTrainer(model, params, F.cross_entropy, streams, cfg, [0.1 * (i + 1) for i in range(n)],
+                              [cfg.gamma * (1 - 0.1 * i) for i in range(n)], backend, 0)
+        assert tr.defer_damping  # float32 Jacobi in one process
+        tr.defer_damping = defer
+        return tr
+
+    deferred, fused = trainer(True), trainer(False)
+    for t in range(3):
+        a, b = deferred.run_round(t), fused.run_round(t)
+        assert torch.equal(deferred.params.flat, fused.params.flat), f"round {t}"
+        assert [vars(r) for r in a.blocks] == [vars(r) for r in b.blocks] and a.train_loss == b.train_loss
