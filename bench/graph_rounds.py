@@ -105,8 +105,12 @@ def busy_share(tr: BlockwiseTrainer, t: int, device: torch.device) -> float | No
         tr.run_round(t)
         sync(device)
         wall = time.perf_counter() - t0
+    def on_gpu(e) -> bool:  # kernels, copies and sets; not the GPU-side ranges of user annotations
+        kind = str(e.activity_type()) if hasattr(e, "activity_type") else ""
+        return e.device_type() == torch.autograd.DeviceType.CUDA and "annotation" not in kind.lower()
+
     spans = sorted((e.start_ns(), e.start_ns() + e.duration_ns()) for e in prof.profiler.kineto_results.events()
-                   if e.device_type() == torch.autograd.DeviceType.CUDA)
+                   if on_gpu(e))
     busy, end = 0, None
     for lo, hi in spans:
         if end is None or lo > end:
