@@ -5,7 +5,7 @@ pass of the inexactness rule, the fused update), and small models leave the GPU 
 inner step k of block i (forward and backward on a static minibatch buffer, the rule's norms pass, the fused
 step predicated on the device-side stopped flag, the damped write of the last step) is captured once as a CUDA
 graph and replayed in later rounds; the stream fills the static buffer with the block's next minibatch before
-each replay. The rule's stop stays a device flag: nothing is read by the host until the round's end, where the
+each replay (the block's K index vectors go to the GPU in one copy that nobody waits for). The rule's stop stays a device flag: nothing is read by the host until the round's end, where the
 rule states, the last norms and the mean loss of every solved block come back in one copy, the round's only
 synchronisation. A step the rule has stopped still replays (the kernels skip it on the device), so a block whose
 rule fires consumes K minibatches where the eager loop consumes k + 2; its returned point is the same.
@@ -132,9 +132,8 @@ class StaticBatch:
         self.y: Tensor | None = None
 
     def fill(self, xb: Tensor, yb: Tensor) -> None:
-        if self.x is None:
-            fmt = torch.channels_last if xb.dim() == 4 and xb.is_contiguous(memory_format=torch.channels_last) \
-                else torch.contiguous_format
+        if self.x is None:  # image batches channels-last, as BatchStream hands them out
+            fmt = torch.channels_last if xb.dim() == 4 else torch.contiguous_format
             self.x = torch.empty_like(xb, memory_format=fmt)
             self.y = torch.empty_like(yb)
         for mine, new, what in ((self.x, xb, "inputs"), (self.y, yb, "targets")):
@@ -144,6 +143,24 @@ class StaticBatch:
                                    'cuda_graphs = "off" for data with changing shapes')
         self.x.copy_(xb)
         self.y.copy_(yb)
+
+
+def draw_indices(stream: BatchStream, k: int, device: torch.device) -> Tensor:
+    """The rows of the stream's next k minibatches as a [k, batch] index tensor on `device`, advancing the
+    stream exactly as k calls of BatchStream.next would (its host-side part, repeated here because next() copies
+    each index vector to the device with a blocking copy, which waits for the GPU). One copy from pinned memory,
+    not waited for."""
+    rows = []
+    for _ in range(k):
+        if stream.position + stream.batch_size > len(stream.order):
+            stream.order = torch.randperm(stream.n, generator=stream.generator)
+            stream.position = 0
+        rows.append(stream.order[stream.position:stream.position + stream.batch_size])
+        stream.position += stream.batch_size
+    host = torch.stack(rows)
+    if device.type != "cuda":
+        return host
+    return host.pin_memory().to(device, non_blocking=True)
 
 
 def read_back(*parts: Tensor) -> list[float]:
@@ -173,9 +190,11 @@ class GraphRound:
         tr = self.tr
         active = tr.active_blocks(t)
         bases = tr.solve_blocks(active, self.solve_block)
-        rows = torch.tensor(active, dtype=torch.long, device=self.rules.device)
-        mean = self.losses.index_select(0, rows).reshape(-1).mean() if active else torch.zeros(0)
-        values = read_back(self.rules.index_select(0, rows), self.norms.index_select(0, rows), mean)
+        if active:  # rows gathered on the device (an index tensor would be a blocking host-to-device copy)
+            pick = lambda t: torch.stack([t[i] for i in active])  # noqa: E731
+            values = read_back(pick(self.rules), pick(self.norms), pick(self.losses).reshape(-1).mean())
+        else:
+            values = []
         na = len(active)
         rules, norms = values[:4 * na], values[4 * na:6 * na]
         loss = values[6 * na] if active else math.nan
@@ -214,9 +233,10 @@ class GraphRound:
         base = tr.solver.steps[i]
         if self.rule_on(i):
             self.rules[i].zero_()
+        stream = tr.streams[i]
+        rows = draw_indices(stream, cfg.K, p.flat.device)
         for k in range(cfg.K):
-            xb, yb = tr.streams[i].next()
-            self.batch.fill(xb, yb)
+            self.batch.fill(stream.x.index_select(0, rows[k]), stream.y.index_select(0, rows[k]))
             key = (i, k, tr.lams[i], tr.gammas[i])
             graph = self.graphs.get(key)
             if self.failed:

@@ -156,6 +156,18 @@ def test_static_batch_keeps_its_memory_and_layout_and_refuses_a_new_shape():
         sb.fill(torch.randn(3, 3, 5, 5), torch.arange(3))
 
 
+def test_draw_indices_advances_the_stream_as_next_does():
+    x, y = torch.randn(50, 3), torch.arange(50)
+    a, b = BatchStream(x, y, 16, 7), BatchStream(x, y, 16, 7)
+    for k in (2, 3, 1, 4):  # 16-row batches of 50 rows: epochs end (and reshuffle) inside these draws
+        rows = graphs.draw_indices(b, k, torch.device("cpu"))
+        for j in range(k):
+            xb, yb = a.next()
+            assert torch.equal(x.index_select(0, rows[j]), xb) and torch.equal(y.index_select(0, rows[j]), yb)
+        assert a.position == b.position and torch.equal(a.order, b.order)
+        assert torch.equal(a.generator.get_state(), b.generator.get_state())
+
+
 def test_read_back_is_one_copy_in_order():
     a = torch.tensor([[1.0, 0.0, 2.0, 3.0]], dtype=torch.float64)
     b = torch.tensor([0.5, 0.25], dtype=torch.float32)
@@ -275,3 +287,23 @@ def test_cuda_graph_rounds_equal_eager_rounds(kw):
         torch.testing.assert_close(replay.params.flat, eager.params.flat, rtol=1e-5, atol=1e-6)
         assert abs(a.train_loss - b.train_loss) <= 1e-5 * max(1.0, abs(a.train_loss))
         assert [r.inner_steps for r in a.blocks] == [r.inner_steps for r in b.blocks]
+
+
+@pytest.mark.cuda
+@pytest.mark.skipif(not HAS_GPU, reason="no CUDA device")
+def test_cuda_replayed_round_synchronises_once():
+    import warnings
+
+    tr = make(cfg_of(accuracy_factor=1e-3), device="cuda")
+    assert tr.graph_round is not None
+    tr.run_round(0)  # the capture round
+    torch.cuda.synchronize()
+    torch.cuda.set_sync_debug_mode("warn")
+    try:
+        with warnings.catch_warnings(record=True) as seen:
+            warnings.simplefilter("always")
+            tr.run_round(1)
+    finally:
+        torch.cuda.set_sync_debug_mode("default")
+    syncs = [w for w in seen if "synchroniz" in str(w.message)]
+    assert len(syncs) == 1, [str(w.message) for w in syncs]
