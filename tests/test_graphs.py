@@ -125,6 +125,18 @@ def test_capturable_accepts_a_plain_model_and_names_each_reason():
     assert graphs.capturable(tr.model, tr.streams, cfg_of(solver="adam"), dev).use
 
 
+def test_recipe_key_cuda_graphs(write_recipe):
+    from conftest import TINY
+
+    from bcdcore.recipe import RecipeError, load_recipe
+
+    assert load_recipe(write_recipe(TINY)).algorithm.cuda_graphs == "auto"
+    assert load_recipe(write_recipe(TINY), ['algorithm.cuda_graphs="off"']).algorithm.cuda_graphs == "off"
+    with pytest.raises(RecipeError, match="algorithm.cuda_graphs") as info:
+        load_recipe(write_recipe(TINY), ['algorithm.cuda_graphs="on"'])
+    assert "\n" not in str(info.value).strip()
+
+
 def test_fallback_reason_is_logged_once(caplog, monkeypatch):
     monkeypatch.setattr(graphs, "_said", set())
     with caplog.at_level(logging.INFO, logger="bcdcore.graphs"):
