@@ -196,6 +196,8 @@ class BlockwiseTrainer:
         return RoundResult(train_loss=loss, grad_evals=passes, samples=passes * self.streams[0].batch_size,
                            blocks=reports, flops=flops)
 
+    _result = result  # its earlier name, still used by code written against it (the distributed round)
+
     def _run_round_distributed(self, t: int) -> RoundResult:
         """Jacobi over ranks: solve the owned active blocks from x_t, then exchange the damped results so
         every rank holds the x_{t+1} (and buffers) of the 1-process run. Reports and per-step losses are
@@ -225,7 +227,7 @@ class BlockwiseTrainer:
         reports = [r for r, _ in everything]
         values = [v for _, vs in everything for v in vs]
         loss = torch.tensor(values, dtype=p.flat.dtype).mean().item() if values else math.nan
-        return self.result(loss, reports)
+        return self._result(loss, reports)
 
     def merge_states(self, states: list[dict]) -> dict:
         """One checkpointable state from every rank's: each block's solver state, step counter and stream
