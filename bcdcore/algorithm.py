@@ -12,8 +12,10 @@ With the rule on, an inner step is a norms pass (ops.rule_check_) and a step pre
 stopped flag (skip=rule): the decision never leaves the device. The host reads the flag through a pinned,
 non-blocking copy checked one step later (`rule_lag` = 1 on CUDA), so after a stop one more forward/backward
 runs, changes nothing and is counted; on the CPU, where reading it costs nothing, at once (`rule_lag` = 0).
-Jacobi: every subproblem sees the other blocks at x_t (each block's damped result goes to `next`, its slice
-of x is put back to a_i in the same fused pass). Gauss-Seidel: blocks in order, each damped in place, so later
+Jacobi: every subproblem sees the other blocks at x_t (each block's result goes to `next`, its slice of x is
+put back to a_i in the same fused pass; for fp32/fp64 parameters the result is undamped and one multi-slice
+write damps every solved block into x at the round's end). On a GPU the rounds replay CUDA graphs where capture
+applies (bcdcore.graphs). Gauss-Seidel: blocks in order, each damped in place, so later
 blocks see earlier blocks' new values. Memory beyond the model: anchor, next (Jacobi), the flat gradient and
 the solver state, all flat and independent of the number of blocks.
 
