@@ -12,8 +12,10 @@ With the rule on, an inner step is a norms pass (ops.rule_check_) and a step pre
 stopped flag (skip=rule): the decision never leaves the device. The host reads the flag through a pinned,
 non-blocking copy checked one step later (`rule_lag` = 1 on CUDA), so after a stop one more forward/backward
 runs, changes nothing and is counted; on the CPU, where reading it costs nothing, at once (`rule_lag` = 0).
-Jacobi: every subproblem sees the other blocks at x_t (each block's damped result goes to `next`, its slice
-of x is put back to a_i in the same fused pass). Gauss-Seidel: blocks in order, each damped in place, so later
+Jacobi: every subproblem sees the other blocks at x_t (each block's result goes to `next`, its slice of x is
+put back to a_i in the same fused pass; for fp32/fp64 parameters the result is undamped and one multi-slice
+write damps every solved block into x at the round's end). On a GPU the rounds replay CUDA graphs where capture
+applies (bcdcore.graphs). Gauss-Seidel: blocks in order, each damped in place, so later
 blocks see earlier blocks' new values. Memory beyond the model: anchor, next (Jacobi), the flat gradient and
 the solver state, all flat and independent of the number of blocks.
 
@@ -30,7 +32,7 @@ from typing import TYPE_CHECKING, Callable
 import torch
 from torch import Tensor, nn
 
-from bcdcore import ops
+from bcdcore import graphs, ops
 from bcdcore.data.batches import BatchStream
 from bcdcore.params import FlatParams
 from bcdcore.recipe import AlgorithmConfig
@@ -135,6 +137,16 @@ class BlockwiseTrainer:
         self.comm = comm  # bcdcore.run.distributed.Comm when the blocks are spread over ranks
         if comm is not None:
             comm.assign([n * params.flat.element_size() for n in params.sizes])
+        # Jacobi damps every solved block at the round's end in one multi-slice write (each block's last step
+        # moves its undamped point to `next`): the bits of damping each block in its last step where the
+        # parameters' storage is their math type (fp32, fp64); 16-bit parameters keep the fused damping.
+        self.defer_damping = (self.next is not None and comm is None
+                              and params.flat.dtype in (torch.float32, torch.float64))
+        # CUDA graphs: each block's inner steps captured once and replayed (bcdcore.graphs), where they apply
+        decision = graphs.decide(model, streams, cfg, params.flat.device, comm=comm)
+        graphs.say_once(decision)
+        self.graph_round = graphs.GraphRound(self) if decision.use else None
+        self.graphs_note = graphs.note(decision)  # the line the run's log gets (bcdcore.run.loop)
 
     def active_blocks(self, t: int) -> list[int]:
         n = self.params.n_blocks
@@ -148,15 +160,23 @@ class BlockwiseTrainer:
     def run_round(self, t: int) -> RoundResult:
         if self.comm is not None:
             return self._run_round_distributed(t)
+        if self.graph_round is not None:
+            return self.graph_round.run_round(t)
+        losses: list[Tensor] = []
+        reports = self.solve_blocks(self.active_blocks(t), lambda i: self.solve_block(i, losses))
+        return self.result(torch.stack(losses).mean().item() if losses else math.nan, reports)
+
+    def solve_blocks(self, active: list[int], solve: Callable[[int], object]) -> list:
+        """One round's block solves from the anchor x_t (`solve(i)` solves block i), the buffers moved with their
+        blocks and, for Jacobi, the solved blocks written to x. Returns what `solve` returned, in order."""
         p, cfg = self.params, self.cfg
         self.model.train()
         self.anchor.copy_(p.flat)
         anchor_buffers = p.snapshot_buffers()
-        losses: list[Tensor] = []
-        reports, new_buffers = [], {}
-        for i in self.active_blocks(t):
+        out, new_buffers = [], {}
+        for i in active:
             before = anchor_buffers if cfg.schedule == "jacobi" else p.snapshot_buffers()
-            reports.append(self.solve_block(i, losses))
+            out.append(solve(i))
             # Buffers (BatchNorm statistics) move with their block: keep block i's, undo the drift that the
             # forward passes caused in every other block.
             if cfg.schedule == "jacobi":
@@ -165,19 +185,26 @@ class BlockwiseTrainer:
             else:
                 p.restore_buffers(before, [j for j in range(p.n_blocks) if j != i])
         if cfg.schedule == "jacobi":
-            for r in reports:
-                p.block(r.block).copy_(p.block(r.block, self.next))
-                for live, new in zip(p.block_buffers[r.block], new_buffers[r.block]):
+            if self.defer_damping and active:  # x_{t+1,i} = a_i + gamma_i (xhat_i - a_i): one multi-slice write
+                ops.damp_multi_(self.next, self.anchor, bounds=[(p.offsets[i], p.offsets[i + 1]) for i in active],
+                                gammas=[self.gammas[i] for i in active], out=p.flat, backend=self.backend)
+            for i in active:
+                if not self.defer_damping:
+                    p.block(i).copy_(p.block(i, self.next))
+                for live, new in zip(p.block_buffers[i], new_buffers[i]):
                     live.copy_(new)
         p.set_trainable(None)
-        return self._result(torch.stack(losses).mean().item() if losses else math.nan, reports)
+        return out
 
-    def _result(self, loss: float, reports: list[BlockReport]) -> RoundResult:
+    def result(self, loss: float, reports: list[BlockReport]) -> RoundResult:
+        """The round's result from its mean loss and block reports (passes, samples, flops counted)."""
         passes = sum(r.passes for r in reports)
         table = self.flop_table
         flops = sum(table.block_pass(r.block) * r.passes for r in reports) if table is not None else 0.0
         return RoundResult(train_loss=loss, grad_evals=passes, samples=passes * self.streams[0].batch_size,
                            blocks=reports, flops=flops)
+
+    _result = result  # its earlier name, still used by code written against it (the distributed round)
 
     def _run_round_distributed(self, t: int) -> RoundResult:
         """Jacobi over ranks: solve the owned active blocks from x_t, then exchange the damped results so
@@ -231,8 +258,7 @@ class BlockwiseTrainer:
         view = lambda t: p.block(i, t)  # noqa: E731
         x, g, a = p.block(i), p.block(i, p.grad), p.block(i, self.anchor)
         out = p.block(i, self.next) if self.next is not None else None
-        # Gauss-Seidel with gamma = 1 needs no damping write at all.
-        damp = gamma if (out is not None or gamma != 1.0) else None
+        damp = self.last_damp(gamma)
         if cfg.state_policy == "reset":
             self.solver.reset(i, view)
         p.set_trainable({i})
@@ -245,6 +271,18 @@ class BlockwiseTrainer:
             r2, d2 = self.solver.step(i, x, g, a, view, lam, gamma=damp if last else None, out=out if last else None)
         return BlockReport(block=i, inner_steps=cfg.K, stopped_early=False, residual=math.sqrt(r2.item()),
                            threshold=math.nan, dist=math.sqrt(d2.item()), lam=lam, gamma=gamma, passes=cfg.K)
+
+    def block_report(self, i: int, applied: int, stopped: bool, residual: float, threshold: float, dist: float,
+                     passes: int) -> BlockReport:
+        return BlockReport(block=i, inner_steps=applied, stopped_early=stopped, residual=residual,
+                           threshold=threshold, dist=dist, lam=self.lams[i], gamma=self.gammas[i], passes=passes)
+
+    def last_damp(self, gamma: float) -> float | None:
+        """The gamma of a block's last step: None when it writes the undamped point (deferred Jacobi damping,
+        or Gauss-Seidel with gamma = 1, which needs no damping write at all)."""
+        if self.defer_damping:
+            return None
+        return gamma if (self.next is not None or gamma != 1.0) else None
 
     def _pass(self, i: int, g: Tensor, losses: list[Tensor]) -> None:
         """One forward/backward on block i's next minibatch; the gradient lands in g (block i's slice)."""
@@ -273,7 +311,7 @@ class BlockwiseTrainer:
                              skip=rule)
             if self._stop_seen(k, copies):
                 break
-        if not last and damp is not None:  # the loop left before the fused damping of step K-1
+        if not last and (damp is not None or out is not None):  # left before the damped write of step K-1
             ops.damp_(x, a, gamma=damp, out=out, backend=b)
         stopped, r2, d2, k_rule = rule.tolist()  # one read per block solve, not per inner step
         stopped = stopped != 0

@@ -5,14 +5,16 @@
 #     bash bench/gpu_check.sh            # PYTHON=... to pick the interpreter, SKIP_BUILD=1 to reuse a build
 #
 # 1. builds the extensions from source in place (BCD_STRICT_BUILD=1: a compile error fails the check),
-# 2. runs the CUDA tests (python -m pytest -m cuda -q tests/test_kernels.py; without pytest, a small built-in
-#    runner executes the same test functions),
+# 2. runs the CUDA tests (python -m pytest -m cuda over the kernel, multi-slice, CUDA-graph and measure tests;
+#    none of them imports the TUI; without pytest, a small built-in runner executes test_kernels.py's),
 # 3. runs the quickstart recipe on the GPU with ops backend cuda and reference and compares the metrics
 #    (bench/gpu_engine_check.py),
-# 4. times Algorithm 1's rounds against a naive implementation (bench/round_throughput.py --device cuda),
-# 5. runs bench/kernel.py --device cuda,
-# and prints the bench table last. Exit status: non-zero when the build, the tests or the runs failed.
-# With SAVE_DIR set, the logs, the bench table and the built extensions are copied there.
+# 4. times Algorithm 1's rounds against a naive implementation, then eager rounds against CUDA-graph rounds
+#    (rounds/s, GPU busy share) on the seed's CNN recipe and ResNet-18 (bench/round_throughput.py --device cuda,
+#    which runs bench/graph_rounds.py),
+# 5. runs bench/kernel.py --device cuda (per-block calls, one multi-slice call and one flat call among others),
+# and prints the kernel table, then the eager-vs-graphs table, last. Exit status: non-zero when the build, the
+# tests or the runs failed. With SAVE_DIR set, the logs, the tables and the built extensions are copied there.
 set -u -o pipefail
 cd "$(dirname "$0")/.."
 PY=${PYTHON:-python3}
@@ -39,23 +41,25 @@ if [ "${SKIP_BUILD:-0}" != "1" ]; then
 fi
 $PY - <<'EOF' || status=1
 import torch
-from bcdcore import _compiled
-print("compiled ops:", _compiled.info())
-assert _compiled.cuda_module is not None, "the CUDA extension did not load"
+from bcdcore.ops import compiled
+print("compiled ops:", compiled.info())
+assert compiled.cuda_module is not None, "the CUDA extension did not load"
+assert hasattr(compiled.cuda_module, "multi"), "the CUDA extension has no multi-slice op (a stale build?)"
 EOF
 
 for so in bcdcore/_C*.so; do  # a static libstdc++ copy in an extension crashes formatting numbers
   echo "$so links: $(readelf -d "$so" 2>/dev/null | grep -o 'libstdc++[^]]*' || echo 'no shared libstdc++')"
 done
 
-echo "== tests: $PY -m pytest -q tests/test_kernels.py (cpu and cuda) and the cuda test of tests/test_measure.py"
-if $PY -c "import pytest" 2>/dev/null; then
-  $PY -m pytest -q -p no:cacheprovider tests/test_kernels.py \
-    tests/test_measure.py::test_memory_peak_on_cuda_and_hessian_blocks_on_gpu >"$out/tests.log" 2>&1 || status=1
+GPU_TESTS="tests/test_kernels.py tests/test_multislice.py tests/test_graphs.py tests/test_measure.py"
+echo "== tests: $PY -m pytest -m cuda $GPU_TESTS"
+if $PY -c "import pytest, hypothesis" 2>/dev/null; then
+  # shellcheck disable=SC2086
+  $PY -m pytest -q -p no:cacheprovider -m cuda $GPU_TESTS >"$out/tests.log" 2>&1 || status=1
   grep -E "^(FAILED|ERROR)" "$out/tests.log" | head -n 20
   tail -n 2 "$out/tests.log"
 else
-  echo "(pytest is not installed here: running the cuda tests with the built-in runner)"
+  echo "(pytest or hypothesis is not installed here: running test_kernels.py's cuda tests with the built-in runner)"
   $PY - <<'EOF' || status=1
 # A minimal stand-in for the parts of pytest that tests/test_kernels.py uses.
 import importlib.util, itertools, re, sys, traceback, types
@@ -137,19 +141,23 @@ $PY bench/gpu_engine_check.py "$out/runs" || status=1
 # the inexactness rule on (device-side flag, predicated step, host read a step later): same stops as reference
 $PY bench/gpu_engine_check.py "$out/runs_rule" recipes/quickstart.toml cuda algorithm.accuracy_factor=200 || status=1
 
-echo "== rounds: $PY bench/round_throughput.py --device cuda (Algorithm 1 vs a naive implementation)"
-timeout 180 $PY bench/round_throughput.py --device cuda --rounds 10 --warmup 2 >"$out/rounds.log" 2>&1 \
-  || echo "round_throughput failed or ran past 180 s (see rounds.log)"
+echo "== rounds: $PY bench/round_throughput.py --device cuda (vs a naive implementation; eager vs CUDA graphs)"
+PYTHONUNBUFFERED=1 timeout 420 $PY bench/round_throughput.py --device cuda --rounds 5 --warmup 1 \
+  --graphs-table "$out/graphs.md" >"$out/rounds.log" 2>&1 || { status=1; echo "round_throughput failed or ran \
+past 420 s; its last lines:"; tail -n 15 "$out/rounds.log"; }
 sed -n '/^candidate/,/^best speedup/p' "$out/rounds.log"
+grep -E "^  (seed CNN|ResNet-18):" "$out/rounds.log"
 
 echo "== bench: $PY bench/kernel.py --device cuda"
 $PY bench/kernel.py --device cuda --out "$out/table.md" >"$out/bench.log" 2>&1 || { status=1; tail -n 30 "$out/bench.log"; }
 if [ -n "${SAVE_DIR:-}" ]; then
   mkdir -p "$SAVE_DIR"
-  cp "$out"/*.log "$out"/table.md bcdcore/_C*.so "$SAVE_DIR"/ 2>/dev/null
+  cp "$out"/*.log "$out"/*.md bcdcore/_C*.so "$SAVE_DIR"/ 2>/dev/null
 fi
-if [ -s "$out/table.md" ]; then
-  echo
-  cat "$out/table.md"
-fi
+for t in table.md graphs.md; do
+  if [ -s "$out/$t" ]; then
+    echo
+    cat "$out/$t"
+  fi
+done
 exit $status

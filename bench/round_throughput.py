@@ -22,6 +22,8 @@ per round (all threads; far below threads x wall seconds means other processes t
     PYTHONPATH=. python bench/round_throughput.py --threads 2          # the recorded run (bench/RESULTS.md)
     PYTHONPATH=. python bench/round_throughput.py --quick              # smoke run, seconds
     PYTHONPATH=. python bench/round_throughput.py --device cuda --rounds 10 --warmup 2
+On a GPU it then runs bench/graph_rounds.py: eager rounds against CUDA-graph rounds (rounds/s, GPU busy share)
+on the seed's CNN recipe and ResNet-18 (--graphs-table FILE keeps that table, --no-graphs skips it).
 """
 from __future__ import annotations
 
@@ -249,6 +251,8 @@ def main() -> int:
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--profile", action="store_true",
                     help="after timing, print torch.profiler's top ops for one round of each candidate")
+    ap.add_argument("--graphs-table", help="--device cuda: also write the eager-vs-CUDA-graphs table here")
+    ap.add_argument("--no-graphs", action="store_true", help="--device cuda: skip eager vs CUDA graphs")
     args = ap.parse_args()
     args.rounds = args.rounds if args.rounds is not None else (1 if args.quick else 5)
     args.warmup = args.warmup if args.warmup is not None else 0
@@ -391,6 +395,12 @@ def main() -> int:
     verdict = "meets" if best >= TARGET_SPEEDUP else "MISSES"
     print(f"best speedup {best:.2f}x {verdict} the {TARGET_SPEEDUP:.0f}x target")
 
+    if device.type == "cuda" and not args.no_graphs:  # eager vs CUDA graphs, on the issue's two workloads
+        import graph_rounds  # bench/graph_rounds.py, beside this file
+
+        print("\neager vs CUDA graphs (bench/graph_rounds.py):", flush=True)
+        graph_rounds.main(["--device", "cuda", "--rounds", str(args.rounds), "--warmup", str(max(1, args.warmup)),
+                           "--seed", str(args.seed)] + (["--out", args.graphs_table] if args.graphs_table else []))
     if args.profile:
         from torch.profiler import ProfilerActivity, profile
         for name, cand in cands.items():

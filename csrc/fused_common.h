@@ -107,10 +107,10 @@ inline double* check_rule(const char* op, const char* name, const at::Tensor& x,
   return rule.data_ptr<double>();
 }
 
-inline int set_mode(const char* op, c10::optional<double> gamma, bool has_out, Job& job) {
+// gamma=None: a plain step, or with out= the undamped point moved to out (kOut). gamma=γ: the damped writes.
+inline int set_mode(c10::optional<double> gamma, bool has_out, Job& job) {
   if (!gamma.has_value()) {
-    TORCH_CHECK_VALUE(!has_out, "bcdcore.", op, ": out= needs gamma=");
-    job.mode = kPlain;
+    job.mode = has_out ? kOut : kPlain;
   } else {
     job.gamma = *gamma;
     job.mode = has_out ? kDampedOut : kDamped;

@@ -11,6 +11,7 @@
 
 #include <ATen/Parallel.h>
 
+#include <algorithm>
 #include <cmath>
 #include <cstdint>
 #include <cstdlib>
@@ -145,6 +146,61 @@ std::tuple<at::Tensor, at::Tensor> run(const bcd::Job& given, const at::Tensor& 
   return {r2t, d2t};
 }
 
+// The multi-slice form: every slice is the one-buffer job on its part of the buffers (pointers moved, its own
+// lam and gamma), cut into the same fixed tasks; the (slice, task) pairs are spread over the threads together and
+// each slice's partials are added in task order, so a slice's values and norms are the bits of a one-buffer call.
+std::tuple<at::Tensor, at::Tensor> run_multi(const bcd::Job& base, const bcd::Slices& sl, const at::Tensor& x) {
+  const int64_t count = sl.count;
+  const int64_t esz = static_cast<int64_t>(x.element_size());
+  const int64_t msz = static_cast<int64_t>(c10::elementSize(bcd::math_type(x)));
+  auto moved = [](const void* p, int64_t by) -> char* {
+    return p == nullptr ? nullptr : const_cast<char*>(static_cast<const char*>(p)) + by;
+  };
+  std::vector<bcd::Job> jobs(static_cast<size_t>(count), base);
+  std::vector<int64_t> first(static_cast<size_t>(count) + 1, 0);
+  for (int64_t s = 0; s < count; ++s) {
+    bcd::Job& j = jobs[s];
+    const int64_t o = sl.start[s];
+    j.n = sl.n[s];
+    j.lam = sl.lam[s];
+    if (sl.gamma != nullptr) j.gamma = sl.gamma[s];
+    j.x = moved(base.x, o * esz);
+    j.g = moved(base.g, o * esz);
+    j.a = moved(base.a, o * esz);
+    j.out = moved(base.out, o * esz);
+    j.s0 = moved(base.s0, o * msz);
+    j.s1 = moved(base.s1, o * msz);
+    first[s + 1] = first[s] + (j.n + kTask - 1) / kTask;
+  }
+  const int64_t total = first[count];
+  const bool norms = base.form != bcd::kDamp;
+  std::vector<double> partials(norms ? static_cast<size_t>(2 * total) : 0);
+  double* p = norms ? partials.data() : nullptr;
+  const RunFn fn = current_isa().fn;
+  at::parallel_for(0, total, kGrainTasks, [&](int64_t t0, int64_t t1) {
+    int64_t s = std::upper_bound(first.begin(), first.end(), t0) - first.begin() - 1;
+    for (int64_t t = t0; t < t1; ++s) {  // the tasks of slice s in [t0, t1), then the next slice's
+      const int64_t e = std::min(t1, first[s + 1]);
+      if (e > t) fn(jobs[s], p ? p + 2 * first[s] : nullptr, t - first[s], e - first[s]);
+      t = std::max(t, e);
+    }
+  });
+  if (!norms) return {};
+  at::Tensor both = at::zeros({2, count}, x.options().dtype(at::kDouble));
+  double* out = both.data_ptr<double>();
+  for (int64_t s = 0; s < count; ++s) {
+    double r2 = 0.0, d2 = 0.0;
+    for (int64_t t = first[s]; t < first[s + 1]; ++t) {  // task order, as run() adds them
+      r2 += p[2 * t];
+      d2 += p[2 * t + 1];
+    }
+    out[s] = r2;
+    out[count + s] = d2;
+  }
+  both = both.to(bcd::math_type(x));
+  return {both.select(0, 0), both.select(0, 1)};
+}
+
 std::string get_isa() { return current_isa().name; }
 
 void set_isa(const std::string& name) {
@@ -158,7 +214,7 @@ void set_isa(const std::string& name) {
 
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   namespace py = pybind11;
-  bcd::Ops<c10::DeviceType::CPU, run>::define(
+  bcd::Ops<c10::DeviceType::CPU, run, run_multi>::define(
       m, "bcdcore fused proximal update ops, CPU backend (see csrc/README.md)");
   m.def("isa", &get_isa, "instruction set the kernels run with");
   m.def("set_isa", &set_isa, "switch the instruction set (default, avx2, avx512)", py::arg("name"));

@@ -50,7 +50,7 @@ struct Tasks {
           }
           if constexpr (Op::kState0) s0[i] = o.s0;
           if constexpr (Op::kState1) s1[i] = o.s1;
-          op.template write<MODE>(x[i], MODE == bcd::kDampedOut ? out[i] : x[i], a[i], am, o.x);
+          op.template write<MODE>(x[i], bcd::writes_out(MODE) ? out[i] : x[i], a[i], am, o.x);
         }
         r2t += static_cast<double>(r2);
         d2t += static_cast<double>(d2);

@@ -41,175 +41,7 @@ constexpr int kUnroll = 2;
 constexpr int kMaxBlocksPerSM = 2048 / kThreads;
 constexpr int kMaxDevices = 64;
 
-template <typename S, typename M>
-struct Ptrs {
-  S* x;
-  const S* g;
-  const S* a;
-  S* out;
-  M* s0;
-  M* s1;
-};
-
-// Fixed-pattern block sum of two doubles; the result is valid in thread 0. Every thread must call it.
-__device__ __forceinline__ void block_sum2(double& a, double& b) {
-  __shared__ double sa[kThreads / 32];
-  __shared__ double sb[kThreads / 32];
-#pragma unroll
-  for (int off = 16; off > 0; off >>= 1) {
-    a += __shfl_down_sync(0xffffffffu, a, off);
-    b += __shfl_down_sync(0xffffffffu, b, off);
-  }
-  const int lane = threadIdx.x & 31;
-  const int warp = threadIdx.x >> 5;
-  if (lane == 0) {
-    sa[warp] = a;
-    sb[warp] = b;
-  }
-  __syncthreads();
-  if (warp == 0) {
-    a = lane < kThreads / 32 ? sa[lane] : 0.0;
-    b = lane < kThreads / 32 ? sb[lane] : 0.0;
-#pragma unroll
-    for (int off = 16; off > 0; off >>= 1) {
-      a += __shfl_down_sync(0xffffffffu, a, off);
-      b += __shfl_down_sync(0xffffffffu, b, off);
-    }
-  }
-}
-
-template <typename S>
-union VecS {
-  uint4 u;
-  S s[16 / sizeof(S)];
-};
-
-template <typename M, int V>
-union VecM {
-  uint4 u[V * sizeof(M) / 16];
-  M m[V];
-};
-
-// Elements [head, head + nvec * V) are processed as 16-byte vectors, the rest ([0, head) and the tail) one by
-// one. For the step forms, block b writes its partials to partials[b] (||r||^2) and partials[gridDim.x + b].
-template <typename T, int FORM, int MODE, bool NEST>
-__device__ __forceinline__ void body(Ptrs<typename Io<T>::S, typename Io<T>::M> p, Consts<typename Io<T>::M> k,
-                                     int64_t n, int64_t head, int64_t nvec, double* __restrict__ partials) {
-  using Op = Elem<T, FORM, NEST, TorchCudaRounding>;
-  using IO = typename Op::IO;
-  using S = typename Op::S;
-  using M = typename Op::M;
-  constexpr int V = 16 / sizeof(S);
-  constexpr int NS = V * sizeof(M) / 16;
-  constexpr bool kG = Op::kReadsG;
-  constexpr bool kS0 = Op::kState0;
-  constexpr bool kS1 = Op::kState1;
-  const Op op{k};
-
-  S* __restrict__ x = p.x;
-  const S* __restrict__ g = p.g;
-  const S* __restrict__ a = p.a;
-  S* __restrict__ out = p.out;
-  M* __restrict__ s0 = p.s0;
-  M* __restrict__ s1 = p.s1;
-
-  M r2 = 0, d2 = 0;
-  const int64_t tid = static_cast<int64_t>(blockIdx.x) * blockDim.x + threadIdx.x;
-  const int64_t stride = static_cast<int64_t>(gridDim.x) * blockDim.x;
-
-  // vector body
-  uint4* __restrict__ xv = reinterpret_cast<uint4*>(x + head);
-  const uint4* __restrict__ gv = reinterpret_cast<const uint4*>(kG ? g + head : a + head);
-  const uint4* __restrict__ av = reinterpret_cast<const uint4*>(a + head);
-  uint4* __restrict__ ov = reinterpret_cast<uint4*>(MODE == bcd::kDampedOut ? out + head : x + head);
-  uint4* __restrict__ s0v = reinterpret_cast<uint4*>(kS0 ? s0 + head : nullptr);
-  uint4* __restrict__ s1v = reinterpret_cast<uint4*>(kS1 ? s1 + head : nullptr);
-  for (int64_t v0 = tid; v0 < nvec; v0 += kUnroll * stride) {
-    VecS<S> X[kUnroll], G[kUnroll], A[kUnroll];
-    VecM<M, V> B0[kUnroll], B1[kUnroll];
-#pragma unroll
-    for (int u = 0; u < kUnroll; ++u) {
-      const int64_t v = v0 + u * stride;
-      if (v < nvec) {
-        X[u].u = xv[v];
-        A[u].u = __ldg(av + v);
-        if constexpr (kG) G[u].u = __ldg(gv + v);
-        if constexpr (kS0) {
-#pragma unroll
-          for (int q = 0; q < NS; ++q) B0[u].u[q] = s0v[v * NS + q];
-        }
-        if constexpr (kS1) {
-#pragma unroll
-          for (int q = 0; q < NS; ++q) B1[u].u[q] = s1v[v * NS + q];
-        }
-      }
-    }
-#pragma unroll
-    for (int u = 0; u < kUnroll; ++u) {
-      const int64_t v = v0 + u * stride;
-      if (v < nvec) {
-        VecS<S> XO, OO;
-#pragma unroll
-        for (int e = 0; e < V; ++e) {
-          const M xm = IO::ld(X[u].s[e]);
-          const M am = IO::ld(A[u].s[e]);
-          M gm = M(0), t0 = M(0), t1 = M(0);
-          if constexpr (kG) gm = IO::ld(G[u].s[e]);
-          if constexpr (kS0) t0 = B0[u].m[e];
-          if constexpr (kS1) t1 = B1[u].m[e];
-          const Next<M> o = op(xm, am, gm, t0, t1);
-          if constexpr (Op::kNorms) {
-            r2 += o.rr;
-            d2 += o.dd;
-          }
-          if constexpr (kS0) B0[u].m[e] = o.s0;
-          if constexpr (kS1) B1[u].m[e] = o.s1;
-          op.template write<MODE>(XO.s[e], OO.s[e], A[u].s[e], am, o.x);
-        }
-        if constexpr (MODE == bcd::kDampedOut) ov[v] = OO.u;
-        if constexpr (MODE != bcd::kNone) xv[v] = XO.u;
-        if constexpr (kS0) {
-#pragma unroll
-          for (int q = 0; q < NS; ++q) s0v[v * NS + q] = B0[u].u[q];
-        }
-        if constexpr (kS1) {
-#pragma unroll
-          for (int q = 0; q < NS; ++q) s1v[v * NS + q] = B1[u].u[q];
-        }
-      }
-    }
-  }
-
-  // scalar head and tail
-  const int64_t body_end = head + nvec * V;
-  const int64_t rem = n - nvec * V;
-  for (int64_t j = tid; j < rem; j += stride) {
-    const int64_t i = j < head ? j : body_end + (j - head);
-    const M xm = IO::ld(x[i]);
-    const M am = IO::ld(a[i]);
-    M gm = M(0), t0 = M(0), t1 = M(0);
-    if constexpr (kG) gm = IO::ld(g[i]);
-    if constexpr (kS0) t0 = s0[i];
-    if constexpr (kS1) t1 = s1[i];
-    const Next<M> o = op(xm, am, gm, t0, t1);
-    if constexpr (Op::kNorms) {
-      r2 += o.rr;
-      d2 += o.dd;
-    }
-    if constexpr (kS0) s0[i] = o.s0;
-    if constexpr (kS1) s1[i] = o.s1;
-    op.template write<MODE>(x[i], MODE == bcd::kDampedOut ? out[i] : x[i], a[i], am, o.x);
-  }
-
-  if constexpr (Op::kNorms) {
-    double ra = static_cast<double>(r2), da = static_cast<double>(d2);
-    block_sum2(ra, da);
-    if (threadIdx.x == 0) {
-      partials[blockIdx.x] = ra;
-      partials[gridDim.x + blockIdx.x] = da;
-    }
-  }
-}
+#include "fused_cuda_body.h"
 
 // The kernel of one step. A step form given a rule state (`skip`) whose stopped flag is set runs as the norms
 // pass plus its damped write, if any: the flag lives on the device and every block reads it (the same value,
@@ -220,11 +52,11 @@ __global__ void __launch_bounds__(kThreads)
                  int64_t head, int64_t nvec, double* __restrict__ partials, const double* __restrict__ skip) {
   if constexpr (FORM == bcd::kSgd || FORM == bcd::kMomentum || FORM == bcd::kAdam) {
     if (skip != nullptr && *skip != 0.0) {
-      body<T, bcd::kNorms, bcd::skipped_mode(MODE), false>(p, k, n, head, nvec, partials);
+      body<T, bcd::kNorms, bcd::skipped_mode(MODE), false>(p, k, n, head, nvec, partials, blockIdx.x, gridDim.x);
       return;
     }
   }
-  body<T, FORM, MODE, NEST>(p, k, n, head, nvec, partials);
+  body<T, FORM, MODE, NEST>(p, k, n, head, nvec, partials, blockIdx.x, gridDim.x);
 }
 
 // Second stage: one block sums the nblocks partials of each norm in a fixed order; a rule_check call also
@@ -276,10 +108,6 @@ cudaError_t grid_cap(int device, int* cap) {
   return cudaSuccess;
 }
 
-inline bool aligned_at(const void* ptr, int64_t head, size_t esz) {
-  return ptr == nullptr || (reinterpret_cast<uintptr_t>(ptr) + static_cast<uintptr_t>(head) * esz) % 16 == 0;
-}
-
 // The launch of one dtype/form/mode (the kernel, then the finalize kernel for the forms with norms);
 // instantiated by bcd::dispatch (fused_dispatch.h), the ladder the CPU kernel uses too.
 template <typename T, int FORM, int MODE, bool NEST>
@@ -288,35 +116,20 @@ struct Launch {
                          void* d2) {
     using S = typename Io<T>::S;
     using M = typename Io<T>::M;
-    constexpr int V = 16 / sizeof(S);
     const int64_t n = job.n;
     Ptrs<S, M> p{static_cast<S*>(job.x), static_cast<const S*>(job.g), static_cast<const S*>(job.a),
                  static_cast<S*>(job.out), static_cast<M*>(job.s0), static_cast<M*>(job.s1)};
     const Consts<M> k = Consts<M>::make(job);
-
-    // vector layout: peel `head` elements so that x is 16-byte aligned; vectorise when every operand then is
-    int64_t head = n, nvec = 0;
-    const uintptr_t ax = reinterpret_cast<uintptr_t>(job.x);
-    if (ax % sizeof(S) == 0) {
-      const int64_t h = static_cast<int64_t>(((16 - ax % 16) % 16) / sizeof(S));
-      if (h < n && aligned_at(job.g, h, sizeof(S)) && aligned_at(job.a, h, sizeof(S)) &&
-          aligned_at(job.out, h, sizeof(S)) && aligned_at(job.s0, h, sizeof(M)) && aligned_at(job.s1, h, sizeof(M))) {
-        head = h;
-        nvec = (n - h) / V;
-      }
-    }
-
-    int blocks = 0;
+    int cap = 1;
     if (n > 0) {
-      const int64_t rem = n - nvec * V;
-      const int64_t work = std::max((nvec + kUnroll - 1) / kUnroll, rem);
-      int cap = 1;
-      cudaError_t err = grid_cap<T, FORM, MODE, NEST>(device, &cap);
+      const cudaError_t err = grid_cap<T, FORM, MODE, NEST>(device, &cap);
       if (err != cudaSuccess) return err;
-      blocks = static_cast<int>(std::min<int64_t>((work + kThreads - 1) / kThreads, cap));
-      blocks = std::max(blocks, 1);
-      fused_kernel<T, FORM, MODE, NEST><<<blocks, kThreads, 0, stream>>>(p, k, n, head, nvec, partials, job.skip);
-      err = cudaGetLastError();
+    }
+    const Layout l = layout_of(p, n, cap);
+    const int blocks = l.blocks;
+    if (blocks > 0) {
+      fused_kernel<T, FORM, MODE, NEST><<<blocks, kThreads, 0, stream>>>(p, k, n, l.head, l.nvec, partials, job.skip);
+      const cudaError_t err = cudaGetLastError();
       if (err != cudaSuccess) return err;
     }
     if constexpr (FORM != bcd::kDamp) {
@@ -333,12 +146,126 @@ struct Launch {
   }
 };
 
+
+// ---- multi-slice: many disjoint slices of the flat buffers, each with its own lam and gamma, in one launch ----
+// The slices of one launch travel in the kernel's parameters (by value: nothing to copy to the device first, and
+// a CUDA graph captures them with the kernel); more than kMaxSlices slices take one launch per kMaxSlices.
+// Slice s owns blocks [first[s], first[s+1]) and walks its elements exactly as a one-buffer launch on it would
+// (same layout, same grid, same reduction), so its values and norms are the bits of that launch.
+template <typename M>
+struct SliceTable {
+  int count;
+  int first[kMaxSlices + 1];
+  int64_t start[kMaxSlices];
+  int64_t n[kMaxSlices];
+  int64_t head[kMaxSlices];
+  int64_t nvec[kMaxSlices];
+  M lam[kMaxSlices];
+  M gamma[kMaxSlices];
+};
+
+template <typename T, int FORM, int MODE, bool NEST>
+__global__ void __launch_bounds__(kThreads)
+    multi_kernel(Ptrs<typename Io<T>::S, typename Io<T>::M> p, Consts<typename Io<T>::M> k,
+                 const SliceTable<typename Io<T>::M> t, double* __restrict__ partials) {
+  int s = 0;  // the slice of this block (at most kMaxSlices: a linear scan; empty slices own no block)
+  while (s + 1 < t.count && static_cast<int>(blockIdx.x) >= t.first[s + 1]) ++s;
+  const int64_t b0 = t.first[s], nb = t.first[s + 1] - b0;
+  const int64_t o = t.start[s];
+  Ptrs<typename Io<T>::S, typename Io<T>::M> q{p.x + o, p.g ? p.g + o : nullptr, p.a + o, p.out ? p.out + o : nullptr,
+                                               p.s0 ? p.s0 + o : nullptr, p.s1 ? p.s1 + o : nullptr};
+  Consts<typename Io<T>::M> kk = k;
+  kk.lam = t.lam[s];
+  kk.gamma = t.gamma[s];
+  body<T, FORM, MODE, NEST>(q, kk, t.n[s], t.head[s], t.nvec[s], partials + 2 * b0, blockIdx.x - b0, nb);
+}
+
+// Second stage of a multi-slice launch: block s sums slice s's partials in the order finalize_kernel does.
+template <typename M>
+__global__ void __launch_bounds__(kThreads)
+    multi_finalize_kernel(const double* __restrict__ partials, const SliceTable<M> t, M* __restrict__ r2,
+                          M* __restrict__ d2) {
+  const int s = blockIdx.x;
+  const int b0 = t.first[s], nb = t.first[s + 1] - b0;
+  const double* pp = partials + 2 * b0;
+  double a = 0.0, b = 0.0;
+  for (int i = threadIdx.x; i < nb; i += kThreads) {
+    a += pp[i];
+    b += pp[nb + i];
+  }
+  block_sum2(a, b);
+  if (threadIdx.x == 0) {
+    r2[s] = static_cast<M>(a);
+    d2[s] = static_cast<M>(b);
+  }
+}
+
+template <typename T, int FORM, int MODE, bool NEST>
+struct LaunchMulti {
+  static cudaError_t run(const bcd::Job& job, const bcd::Slices& sl, int device, cudaStream_t stream,
+                         double* partials, void* r2, void* d2) {
+    if constexpr (FORM == bcd::kNorms || MODE == bcd::kNone) {  // no rule pass in the multi-slice form
+      return cudaErrorInvalidValue;
+    } else {
+      using S = typename Io<T>::S;
+      using M = typename Io<T>::M;
+      const Ptrs<S, M> p{static_cast<S*>(job.x), static_cast<const S*>(job.g), static_cast<const S*>(job.a),
+                         static_cast<S*>(job.out), static_cast<M*>(job.s0), static_cast<M*>(job.s1)};
+      const Consts<M> k = Consts<M>::make(job);
+      int cap = 1;
+      cudaError_t err = grid_cap<T, FORM, MODE, NEST>(device, &cap);
+      if (err != cudaSuccess) return err;
+      for (int64_t g0 = 0; g0 < sl.count; g0 += kMaxSlices) {
+        SliceTable<M> t;
+        t.count = static_cast<int>(std::min<int64_t>(kMaxSlices, sl.count - g0));
+        t.first[0] = 0;
+        for (int s = 0; s < t.count; ++s) {
+          const int64_t o = sl.start[g0 + s], n = sl.n[g0 + s];
+          const Ptrs<S, M> q{p.x + o, p.g ? p.g + o : nullptr, p.a + o, p.out ? p.out + o : nullptr,
+                             p.s0 ? p.s0 + o : nullptr, p.s1 ? p.s1 + o : nullptr};
+          const Layout l = layout_of(q, n, cap);
+          t.start[s] = o;
+          t.n[s] = n;
+          t.head[s] = l.head;
+          t.nvec[s] = l.nvec;
+          t.first[s + 1] = t.first[s] + l.blocks;
+          t.lam[s] = static_cast<M>(sl.lam[g0 + s]);
+          t.gamma[s] = static_cast<M>(sl.gamma ? sl.gamma[g0 + s] : job.gamma);
+        }
+        for (int s = t.count + 1; s <= kMaxSlices; ++s) t.first[s] = t.first[t.count];
+        if (t.first[t.count] > 0) {
+          multi_kernel<T, FORM, MODE, NEST><<<t.first[t.count], kThreads, 0, stream>>>(p, k, t, partials);
+          err = cudaGetLastError();
+          if (err != cudaSuccess) return err;
+        }
+        if constexpr (FORM != bcd::kDamp) {
+          multi_finalize_kernel<M><<<t.count, kThreads, 0, stream>>>(partials, t, static_cast<M*>(r2) + g0,
+                                                                     static_cast<M*>(d2) + g0);
+          err = cudaGetLastError();
+          if (err != cudaSuccess) return err;
+        }
+      }
+      return cudaSuccess;
+    }
+  }
+
+  static cudaError_t unsupported(const bcd::Job&, const bcd::Slices&, int, cudaStream_t, double*, void*, void*) {
+    return cudaErrorInvalidValue;
+  }
+};
+
 }  // namespace
 
 int max_blocks(int device) { return sm_count(device) * kMaxBlocksPerSM; }
 
 cudaError_t launch(const bcd::Job& job, int device, cudaStream_t stream, double* partials, void* r2, void* d2) {
   return bcd::dispatch<Launch>(job, device, stream, partials, r2, d2);
+}
+
+cudaError_t launch_multi(const bcd::Job& job, const bcd::Slices& slices, int device, cudaStream_t stream,
+                         double* partials, void* r2, void* d2) {
+  if (slices.count == 0) return cudaSuccess;
+  return bcd::dispatch<LaunchMulti>(job, slices, device, stream, partials, r2, d2);
 }
 
 }  // namespace bcd_cuda

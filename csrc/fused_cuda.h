@@ -18,4 +18,12 @@ int max_blocks(int device);
 // reduction: per-block partials to `partials`, then one block sums them in a fixed order.
 cudaError_t launch(const bcd::Job& job, int device, cudaStream_t stream, double* partials, void* r2, void* d2);
 
+// Slices per multi-slice launch (they travel in the kernel's parameters); launch_multi splits longer lists.
+constexpr int kMaxSlices = 32;
+
+// Runs `job` over `slices` of its buffers (fused_job.h Slices), one launch per kMaxSlices slices. `partials`
+// holds 2 * min(count, kMaxSlices) * max_blocks(device) doubles; r2 and d2 receive count values (math type).
+cudaError_t launch_multi(const bcd::Job& job, const bcd::Slices& slices, int device, cudaStream_t stream,
+                         double* partials, void* r2, void* d2);
+
 }  // namespace bcd_cuda

@@ -2,7 +2,7 @@
 // nesterov flag) and write mode to a compile-time instantiation Fn<T, FORM, MODE, NEST>::run(job, args...).
 //   T     float, double, bcd::BF16Tag, bcd::F16Tag        (Job::dtype)
 //   FORM  kSgd, kMomentum, kAdam, kNorms, kDamp             (Job::form; NEST only for kMomentum)
-//   MODE  kPlain, kDamped, kDampedOut; kNone for kNorms     (Job::mode: the fused damping)
+//   MODE  kPlain, kDamped, kDampedOut, kOut; kNone for kNorms (Job::mode: the fused damping)
 // The CPU backend instantiates it with its task-range loop (fused_cpu_impl.h, once per instruction set), the
 // CUDA backend with its kernel launch (fused_cuda.cu). A combination the bindings never produce (kNone with a
 // step form) goes to Fn<...>::unsupported(job, args...), which says what that backend does with it.
@@ -20,6 +20,7 @@ inline auto by_mode(const Job& j, A... a) {
     case kPlain: return Fn<T, FORM, kPlain, NEST>::run(j, a...);
     case kDamped: return Fn<T, FORM, kDamped, NEST>::run(j, a...);
     case kDampedOut: return Fn<T, FORM, kDampedOut, NEST>::run(j, a...);
+    case kOut: return Fn<T, FORM, kOut, NEST>::run(j, a...);
     default:
       if constexpr (FORM == kNorms) {
         return Fn<T, FORM, kNone, NEST>::run(j, a...);

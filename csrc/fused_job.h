@@ -27,8 +27,12 @@ struct F16Tag {};
 // mode kNone, and what a step whose `skip` flag is set becomes (its damped write, if any, still happens).
 enum Form : int { kSgd = 0, kMomentum = 1, kAdam = 2, kDamp = 3, kNorms = 4 };
 // kPlain: x <- x_new.  kDamped: x <- a + gamma (x_new - a).  kDampedOut: out <- a + gamma (x_new - a), x <- a.
-// kNone: nothing is written (kNorms only).
-enum Mode : int { kPlain = 0, kDamped = 1, kDampedOut = 2, kNone = 3 };
+// kNone: nothing is written (kNorms only).  kOut: out <- x_new, x <- a (the undamped point moved aside: Jacobi
+// defers the damping of every block of a round to one multi-slice write at its end).
+enum Mode : int { kPlain = 0, kDamped = 1, kDampedOut = 2, kNone = 3, kOut = 4 };
+
+// Whether MODE writes into `out` (and restores x to the exact bits of a).
+BCD_HOST_DEVICE constexpr bool writes_out(int mode) { return mode == kDampedOut || mode == kOut; }
 
 // The mode a step runs with when its `skip` flag is set: the norms form, keeping the damped write (if any) of
 // its mode on x_new = x; a plain step then writes nothing. The CPU applies it on the host, the CUDA kernel on the
@@ -60,6 +64,17 @@ struct Job {
   int64_t index = 0;             // rule_check: the inner step k
   double lr = 0, lam = 0, mu = 0, b1 = 0, omb1 = 0, b2 = 0, omb2 = 0, c1 = 1, c2 = 1, eps = 0, gamma = 1;
   int64_t n = 0;
+};
+
+// A multi-slice call: one Job whose pointers are the whole flat buffers, and `count` disjoint slices
+// [start, start + n) of them, each with its own lam and gamma (the per-block constants of Algorithm 1); every
+// other constant and the write mode are shared. The norms come back per slice. No rule state (skip / rule).
+struct Slices {
+  int64_t count = 0;
+  const int64_t* start = nullptr;
+  const int64_t* n = nullptr;
+  const double* lam = nullptr;
+  const double* gamma = nullptr;
 };
 
 // The rule update of a norms pass, shared by the CPU backend and the CUDA finalize kernel (the reference in

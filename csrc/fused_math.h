@@ -191,8 +191,8 @@ struct Elem {
 
   // The write of one element for MODE (bcd::Mode), into the storage slots of x and out:
   //   kPlain: x <- x_new;  kDamped: x <- a + gamma (x_new - a);  kDampedOut: out <- that, x <- a (the stored bits
-  //   `a_raw`, so the restore is exact);  kNone: nothing.
-  // `os` is only written for kDampedOut: callers pass the x slot again for the other modes.
+  //   `a_raw`, so the restore is exact);  kOut: out <- x_new, x <- a (exact);  kNone: nothing.
+  // `os` is only written for kDampedOut and kOut (bcd::writes_out): callers pass the x slot again otherwise.
   template <int MODE>
   BCD_INLINE void write(S& xs, S& os, S a_raw, M am, M xn) const {
     if constexpr (MODE == bcd::kPlain) {
@@ -201,6 +201,9 @@ struct Elem {
       xs = IO::st(am + k.gamma * (xn - am));
     } else if constexpr (MODE == bcd::kDampedOut) {
       os = IO::st(am + k.gamma * (xn - am));
+      xs = a_raw;
+    } else if constexpr (MODE == bcd::kOut) {
+      os = IO::st(xn);
       xs = a_raw;
     } else {
       (void)xs, (void)os, (void)a_raw, (void)am, (void)xn;  // kNone: the norms only

@@ -335,8 +335,7 @@ def _bad_calls(dev):
         ("shared memory", ValueError, "share memory", lambda f: f["sgd"](x, x, t(), lr=0.1, lam=0.1)),
         ("out aliases x", ValueError, "share memory", lambda f: f["sgd"](x, t(), t(), lr=0.1, lam=0.1, gamma=0.5,
                                                                           out=x)),
-        ("out without gamma", ValueError, "out= needs gamma=", lambda f: f["sgd"](t(), t(), t(), lr=0.1, lam=0.1,
-                                                                                 out=t())),
+        ("damp without gamma or out", ValueError, "gamma= or out=", lambda f: f["damp"](t(), t())),
         ("adam step 0", ValueError, "step counts from 1", lambda f: f["adam"](
             t(), t(), t(), t(), t(), lr=0.1, lam=0.1, beta1=0.9, beta2=0.99, eps=1e-8, step=0)),
         ("damp out size", ValueError, "size mismatch", lambda f: f["damp"](t(), t(), gamma=0.5, out=t(3))),

@@ -23,6 +23,11 @@ still does its damped write (gamma/out), so the damping applies to the certified
 the device (CUDA: by the kernel; reference: torch.where), never by the host: the host learns of a stop from
 a non-blocking copy of the rule state, a step later (bcdcore.algorithm).
 
+The multi-slice forms (`prox_*_multi_`, `damp_multi_`) run the same op over many disjoint slices of the flat
+buffers in one call, one launch on CUDA, each slice with its own lam and gamma, and return the norms per slice:
+a round's damping writes (Jacobi damps every solved block at the round's end) and ResNet-18's 10 blocks in one
+launch. `gamma=None` with `out=` moves the undamped point aside: out <- x_new and x <- a.
+
 `reference` below is the oracle: plain PyTorch, fp32 math (fp64 when x is fp64). The compiled backends
 (`cpu`, `cuda`) must agree with it. Norms come back as 0-dim fp32/fp64 tensors on x's device so a caller
 that does not need them never synchronises with the GPU.
@@ -32,6 +37,10 @@ from bcdcore.ops.surface import (
                                  BACKEND_NAMES,
                                  available_backends,
                                  damp_,
+                                 damp_multi_,
+                                 prox_adam_multi_,
+                                 prox_momentum_multi_,
+                                 prox_sgd_multi_,
                                  prox_adam_step_,
                                  prox_momentum_step_,
                                  prox_sgd_step_,
@@ -40,4 +49,5 @@ from bcdcore.ops.surface import (
 )
 
 __all__ = ["REFERENCE", "RULE_LEN", "new_rule_state", "BACKEND_NAMES", "available_backends", "damp_",
-           "prox_adam_step_", "prox_momentum_step_", "prox_sgd_step_", "resolve_backend", "rule_check_"]
+           "prox_adam_step_", "prox_momentum_step_", "prox_sgd_step_", "resolve_backend", "rule_check_",
+           "damp_multi_", "prox_adam_multi_", "prox_momentum_multi_", "prox_sgd_multi_"]

@@ -14,7 +14,8 @@ so once, when the import fails):
 3. when nothing loads, ImportError with every reason.
 
 `backends()` returns {"cpu": {...}, "cuda": {...}} (whatever loaded), each mapping "sgd", "momentum", "adam",
-"damp", "rule_check" to a function with exactly the reference's signature. Semantics and tolerances: csrc/README.md.
+"damp", "rule_check" and the multi-slice "sgd_multi", "momentum_multi", "adam_multi", "damp_multi" to a function
+with exactly the reference's signature. Semantics and tolerances: csrc/README.md.
 """
 from __future__ import annotations
 
@@ -185,13 +186,39 @@ def _wrap(m: ModuleType) -> dict[str, Callable]:
         return c_adam(x, g, a, m, v, float(lr), float(lam), float(beta1), float(beta2), float(eps), int(step),
                       None if gamma is None else float(gamma), out, skip)
 
-    def damp(x, a, *, gamma, out=None):
-        c_damp(x, a, float(gamma), out)
+    def damp(x, a, *, gamma=None, out=None):
+        c_damp(x, a, None if gamma is None else float(gamma), out)
 
     def rule_check(x, g, a, rule, *, lam, coef, step):
         return c_rule(x, g, a, rule, float(lam), float(coef), int(step))
 
-    return {"sgd": sgd, "momentum": momentum, "adam": adam, "damp": damp, "rule_check": rule_check}
+    c_multi = getattr(m, "multi", None)
+
+    def call_multi(form, x, g, a, s0, s1, bounds, lams, gammas, out, lr=0.0, mu=0.0, nesterov=False, b1=0.0,
+                   b2=0.0, eps=0.0, step=1):
+        bounds = [(int(lo), int(hi)) for lo, hi in bounds]
+        return c_multi(form, x, g, a, s0, s1, [lo for lo, _ in bounds], [hi for _, hi in bounds],
+                       [float(v) for v in lams], None if gammas is None else [float(v) for v in gammas], out,
+                       float(lr), float(mu), bool(nesterov), float(b1), float(b2), float(eps), int(step))
+
+    def sgd_multi(x, g, a, *, bounds, lr, lams, gammas=None, out=None):
+        return call_multi("sgd", x, g, a, None, None, bounds, lams, gammas, out, lr=lr)
+
+    def momentum_multi(x, g, a, buf, *, bounds, lr, lams, momentum, nesterov=False, gammas=None, out=None):
+        return call_multi("momentum", x, g, a, buf, None, bounds, lams, gammas, out, lr=lr, mu=momentum,
+                          nesterov=nesterov)
+
+    def adam_multi(x, g, a, m, v, *, bounds, lr, lams, beta1, beta2, eps, step, gammas=None, out=None):
+        return call_multi("adam", x, g, a, m, v, bounds, lams, gammas, out, lr=lr, b1=beta1, b2=beta2, eps=eps,
+                          step=step)
+
+    def damp_multi(x, a, *, bounds, gammas=None, out=None):
+        call_multi("damp", x, None, a, None, None, bounds, [], gammas, out)
+
+    ops = {"sgd": sgd, "momentum": momentum, "adam": adam, "damp": damp, "rule_check": rule_check}
+    if c_multi is not None:  # a module built before the multi-slice form has none (ops falls back, saying so)
+        ops.update(sgd_multi=sgd_multi, momentum_multi=momentum_multi, adam_multi=adam_multi, damp_multi=damp_multi)
+    return ops
 
 
 def backends() -> dict[str, dict[str, Callable]]:

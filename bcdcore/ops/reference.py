@@ -48,9 +48,12 @@ def keep_where(flag: Tensor | None, old: Tensor, new: Tensor) -> Tensor:
 
 def finish(x: Tensor, x_new: Tensor, a: Tensor, am: Tensor, gamma: float | None, out: Tensor | None) -> None:
     if gamma is None:
-        if out is not None:
-            raise ValueError("out= needs gamma=")
-        x.copy_(x_new)
+        if out is None:
+            x.copy_(x_new)
+        else:  # the undamped point moved aside (Jacobi defers the damping to the round's end)
+            check_inputs(x, out)
+            out.copy_(x_new)
+            x.copy_(a)
         return
     damped = am + gamma * (x_new - am)
     if out is None:
@@ -109,7 +112,9 @@ def adam(x, g, a, m, v, *, lr, lam, beta1, beta2, eps, step, gamma=None, out=Non
     return r2, d2
 
 
-def damp(x, a, *, gamma, out=None):
+def damp(x, a, *, gamma=None, out=None):
+    if gamma is None and out is None:
+        raise ValueError("damp_ needs gamma= or out=")
     check_inputs(x, a)
     dt = math_dtype(x)
     am = a.to(dt)
@@ -128,5 +133,68 @@ def rule_check(x, g, a, rule, *, lam, coef, step):
     return r2, d2
 
 
+# ---- the multi-slice forms: the one-buffer op on each slice [start, end) of the flat buffers, with that slice's
+# lam and gamma (the per-block constants of Algorithm 1); per-slice norms as tensors of len(bounds) values.
+
+def check_bounds(x: Tensor, bounds, lams, gammas) -> None:
+    bounds = list(bounds)
+    if lams is not None and len(lams) != len(bounds):
+        raise ValueError(f"{len(bounds)} slices but {len(lams)} lams")
+    if gammas is not None and len(gammas) != len(bounds):
+        raise ValueError(f"{len(bounds)} slices but {len(gammas)} gammas")
+    prev = 0
+    for i, (lo, hi) in enumerate(bounds):
+        if not 0 <= lo <= hi <= x.numel():
+            raise ValueError(f"slice {i} [{lo}, {hi}) is not inside the {x.numel()} elements of x")
+        if lo < prev:
+            raise ValueError(f"slice {i} [{lo}, {hi}) overlaps or precedes slice {i - 1}; slices must be "
+                             "disjoint and in order")
+        prev = hi
+
+
+def multi(op, x, views, bounds, lams, gammas, out, **kw):
+    """`op` on every slice: `views` are the other flat operands (sliced alike); norms stacked per slice."""
+    check_bounds(x, bounds, lams, gammas)
+    r2s, d2s = [], []
+    for i, (lo, hi) in enumerate(bounds):
+        extra = {} if lams is None else {"lam": lams[i]}
+        res = op(x[lo:hi], *(t[lo:hi] for t in views), **kw, **extra,
+                 gamma=None if gammas is None else gammas[i], out=None if out is None else out[lo:hi])
+        if res is not None:
+            r2s.append(res[0])
+            d2s.append(res[1])
+    if lams is None:
+        return None
+    if not r2s:
+        empty = torch.zeros(0, dtype=math_dtype(x), device=x.device)
+        return empty, empty.clone()
+    return torch.stack(r2s), torch.stack(d2s)
+
+
+def sgd_multi(x, g, a, *, bounds, lr, lams, gammas=None, out=None):
+    check_inputs(x, g, a)
+    return multi(sgd, x, (g, a), bounds, lams, gammas, out, lr=lr)
+
+
+def momentum_multi(x, g, a, buf, *, bounds, lr, lams, momentum, nesterov=False, gammas=None, out=None):
+    check_inputs(x, g, a, buf)
+    return multi(globals()["momentum"], x, (g, a, buf), bounds, lams, gammas, out, lr=lr, momentum=momentum,
+                 nesterov=nesterov)
+
+
+def adam_multi(x, g, a, m, v, *, bounds, lr, lams, beta1, beta2, eps, step, gammas=None, out=None):
+    check_inputs(x, g, a, m, v)
+    return multi(adam, x, (g, a, m, v), bounds, lams, gammas, out, lr=lr, beta1=beta1, beta2=beta2, eps=eps,
+                 step=step)
+
+
+def damp_multi(x, a, *, bounds, gammas=None, out=None):
+    if gammas is None and out is None:
+        raise ValueError("damp needs gammas= or out=")
+    check_inputs(x, a)
+    multi(damp, x, (a,), bounds, None, gammas, out)
+
+
 REFERENCE = {"sgd": sgd, "momentum": momentum, "adam": adam, "damp": damp,
-             "rule_check": rule_check}
+             "rule_check": rule_check, "sgd_multi": sgd_multi, "momentum_multi": momentum_multi,
+             "adam_multi": adam_multi, "damp_multi": damp_multi}

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import logging
 import os
-from typing import Callable
+from typing import Callable, Sequence
 
 import torch
 from torch import Tensor
@@ -76,9 +76,16 @@ def _fn(backend: str | None, kind: str, x: Tensor) -> Callable:
     if name not in _backends:
         _load_compiled()
     try:
-        return _backends[name][kind]
+        table = _backends[name]
     except KeyError:
         raise ValueError(f"ops backend {name!r} is not available (available: {available_backends()})") from None
+    if kind not in table:  # an extension built from older sources, without the multi-slice form
+        if name not in _warned:
+            _warned.add(name)
+            log.warning("the %s ops were built without %s (rebuild: python setup.py build_ext --inplace); using "
+                        "the reference backend for it", name, kind)
+        return REFERENCE[kind]
+    return table[kind]
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -113,6 +120,43 @@ def rule_check_(x: Tensor, g: Tensor, a: Tensor, rule: Tensor, *, lam: float, co
     return _fn(backend, "rule_check", x)(x, g, a, rule, lam=lam, coef=coef, step=step)
 
 
-def damp_(x: Tensor, a: Tensor, *, gamma: float, out: Tensor | None = None, backend: str | None = None) -> None:
-    """x <- a + gamma * (x - a); with out: out <- that, and x <- a."""
+def damp_(x: Tensor, a: Tensor, *, gamma: float | None = None, out: Tensor | None = None,
+          backend: str | None = None) -> None:
+    """x <- a + gamma * (x - a); with out: out <- that, and x <- a (gamma=None: out <- x, x <- a)."""
     _fn(backend, "damp", x)(x, a, gamma=gamma, out=out)
+
+
+# ----------------------------------------------------------------------------------------------------------
+# the multi-slice forms: one call (one launch on CUDA) over many disjoint slices [start, end) of the flat
+# buffers, each with its own lam and gamma; the other constants and the write mode are shared, and the norms
+# come back per slice, as two tensors of len(bounds) values on x's device. No rule state (skip/rule_check).
+
+Bounds = Sequence[tuple[int, int]]
+
+
+def prox_sgd_multi_(x: Tensor, g: Tensor, a: Tensor, *, bounds: Bounds, lr: float, lams: Sequence[float],
+                    gammas: Sequence[float] | None = None, out: Tensor | None = None,
+                    backend: str | None = None) -> tuple[Tensor, Tensor]:
+    return _fn(backend, "sgd_multi", x)(x, g, a, bounds=bounds, lr=lr, lams=lams, gammas=gammas, out=out)
+
+
+def prox_momentum_multi_(x: Tensor, g: Tensor, a: Tensor, buf: Tensor, *, bounds: Bounds, lr: float,
+                         lams: Sequence[float], momentum: float, nesterov: bool = False,
+                         gammas: Sequence[float] | None = None, out: Tensor | None = None,
+                         backend: str | None = None) -> tuple[Tensor, Tensor]:
+    return _fn(backend, "momentum_multi", x)(x, g, a, buf, bounds=bounds, lr=lr, lams=lams, momentum=momentum,
+                                             nesterov=nesterov, gammas=gammas, out=out)
+
+
+def prox_adam_multi_(x: Tensor, g: Tensor, a: Tensor, m: Tensor, v: Tensor, *, bounds: Bounds, lr: float,
+                     lams: Sequence[float], beta1: float, beta2: float, eps: float, step: int,
+                     gammas: Sequence[float] | None = None, out: Tensor | None = None,
+                     backend: str | None = None) -> tuple[Tensor, Tensor]:
+    return _fn(backend, "adam_multi", x)(x, g, a, m, v, bounds=bounds, lr=lr, lams=lams, beta1=beta1, beta2=beta2,
+                                         eps=eps, step=step, gammas=gammas, out=out)
+
+
+def damp_multi_(x: Tensor, a: Tensor, *, bounds: Bounds, gammas: Sequence[float] | None = None,
+                out: Tensor | None = None, backend: str | None = None) -> None:
+    """Per slice s: x <- a + gammas[s] (x - a); with out: out <- that and x <- a (gammas=None: out <- x, x <- a)."""
+    _fn(backend, "damp_multi", x)(x, a, bounds=bounds, gammas=gammas, out=out)

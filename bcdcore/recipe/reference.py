@@ -86,6 +86,9 @@ MEANINGS: dict[str, tuple[str, str]] = {
         '`momentum` solver'),
     'algorithm.state_policy': ('"reset" \\| "keep"',
         'solver state at a new anchor (below)'),
+    'algorithm.cuda_graphs': ('"auto" \\| "off"',
+        'on a GPU, replay each block\'s captured inner steps as CUDA graphs where capture applies '
+        '(the log says why not); "off" = eager rounds'),
     'distributed.machine': ('fused',
         'vs torch.compile (applies to vs foreach)'),
     'distributed.---': ('---:',

@@ -92,6 +92,7 @@ MODES = ("blockwise", "entire")
 SCHEDULES = ("jacobi", "gauss_seidel")
 ACTIVE_RULES = ("random", "cyclic")
 STATE_POLICIES = ("reset", "keep")
+CUDA_GRAPHS = ("auto", "off")
 OPS_BACKENDS = ("auto", "reference", "cpu", "cuda")
 STOP_KINDS = ("patience", "target_loss", "target_accuracy", "wall_time", "divergence")
 METRICS = ("train_loss", "val_loss", "val_acc")
@@ -188,6 +189,7 @@ class AlgorithmConfig:
     lambda_batch_size: int = 1024  # lambda = "auto": rows of each training batch the Hessian is measured on
     lambda_batches: int = 3  # lambda = "auto": independent batches (their mean is used, their spread logged)
     args: dict = field(default_factory=dict)  # [algorithm.args]: keyword arguments of a plugin solver class
+    cuda_graphs: str = "auto"  # blockwise rounds on a GPU replay captured inner steps where capture applies
 
 
 @dataclass

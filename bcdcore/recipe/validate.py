@@ -14,6 +14,7 @@ from typing import Any
 from bcdcore.recipe import plugin_keys as plug
 from bcdcore.recipe.schema import (
     ACTIVE_RULES,
+    CUDA_GRAPHS,
     DATASET_OPTION_KEYS,
     DATASETS,
     KIND_WORDS,
@@ -334,6 +335,7 @@ class Validator:
         plug.check_name(self, "algorithm.solver", a.solver, SOLVERS)
         self.choice("algorithm.active_rule", a.active_rule, ACTIVE_RULES)
         self.choice("algorithm.state_policy", a.state_policy, STATE_POLICIES)
+        self.choice("algorithm.cuda_graphs", a.cuda_graphs, CUDA_GRAPHS)
         need(0 < a.active_share <= 1, "algorithm.active_share", f"must be in (0, 1], got {a.active_share}")
         need(a.K >= 1, "algorithm.K", f"must be >= 1, got {a.K}")
         need(a.lr > 0, "algorithm.lr", f"must be > 0, got {a.lr}")

@@ -269,6 +269,10 @@ class Run:
                 self._measure_lambda(t - 1)
             self._begin_round()
             result: RoundResult = p.trainer.run_round(t)
+            note = getattr(p.trainer, "graphs_note", "")  # CUDA graphs used, or why not: once in the run's log
+            if note and note != getattr(self, "graphs_said", ""):
+                self.graphs_said = note
+                self.file_log.info("%s", note)
             self.flops += result.flops
             self.passes += result.grad_evals
             self.samples += result.samples
