@@ -68,7 +68,7 @@ class PluginSolver:
             stopped = skip[0] != 0
             for live, old in zip([x, *state], kept):
                 live.copy_(torch.where(stopped, old, live))
-        if gamma is not None:
+        if gamma is not None or out is not None:  # gamma None + out: the undamped point moves to out (x <- a)
             ops.damp_(x, a, gamma=gamma, out=out, backend=backend)
         norm_dtype = torch.float64 if x.dtype == torch.float64 else torch.float32
         r2, d2 = (torch.as_tensor(v, device=x.device).to(norm_dtype).reshape(()) for v in result)
