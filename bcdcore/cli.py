@@ -23,6 +23,9 @@ def _parser() -> argparse.ArgumentParser:
                      help="override one recipe key, e.g. --set algorithm.K=5 (repeatable)")
     run.add_argument("--resume", type=Path, default=None, metavar="RUN_DIR", help="continue a killed run")
     run.add_argument("--quiet", action="store_true", help="no progress bar")
+    run.add_argument("--nnodes", type=int, default=None, help="hosts of a multi-node run ([distributed] nnodes)")
+    run.add_argument("--node-rank", type=int, default=None, help="this host's number, 0 = the rendezvous host")
+    run.add_argument("--rdzv", default=None, metavar="HOST:PORT", help="rendezvous endpoint on node 0")
     run.add_argument("--sweep-point", action="store_true", help=argparse.SUPPRESS)  # set by `bcdcore sweep`
     # set by the distributed launcher: this process is one rank of the run in RUN_DIR
     run.add_argument("--attach", type=Path, default=None, help=argparse.SUPPRESS)
@@ -128,11 +131,17 @@ def _announce(line: str) -> None:
     print(line, flush=True)
 
 
-def _resume_nproc(path: Path) -> int:
+def _resume_nproc(path: Path, key: str = "nproc") -> int:
     try:
-        return load_recipe(Path(path) / "recipe.toml").distributed.nproc
+        return getattr(load_recipe(Path(path) / "recipe.toml").distributed, key)
     except (RecipeError, OSError):
         return 1  # resume_run says what is wrong
+
+
+def _node_flags(args) -> list[str]:
+    from bcdcore.run.multinode import node_overrides
+
+    return node_overrides(args.nnodes, args.node_rank, args.rdzv)
 
 
 def cmd_run(args) -> int:
@@ -144,18 +153,28 @@ def cmd_run(args) -> int:
         if args.recipe or args.overrides:
             raise RecipeError("--resume continues a run with its own recipe; drop the RECIPE and --set arguments")
         recipe = None
+        if _node_flags(args) or _resume_nproc(args.resume, "nnodes") > 1:  # this node's part of a multi-node run
+            from bcdcore.run.multinode import resume_recipe
+
+            recipe = resume_recipe(args.resume, _node_flags(args))
     else:
         if not args.recipe:
             raise RecipeError("bcdcore run: give a recipe file (or --resume RUN_DIR)")
-        recipe = load_recipe(args.recipe, args.overrides)  # before importing torch: recipe errors come fast
+        recipe = load_recipe(args.recipe, [*args.overrides, *_node_flags(args)])  # before torch: errors come fast
         if recipe.sweep and not args.sweep_point:
             raise RecipeError(f"{args.recipe}: has a [sweep] table; run its grid with `bcdcore sweep`")
         recipe.sweep = {}  # a sweep point runs as a plain recipe
     if os.environ.get("WORLD_SIZE", "1") not in ("", "1"):  # started by an external torchrun: this process is one rank
         from bcdcore.run import run_rank
 
-        return run_rank(None, False, recipe, args.runs_dir or default_runs_dir(), args.resume, args.quiet,
-                        _announce)
+        return run_rank(None, False, None if args.resume else recipe, args.runs_dir or default_runs_dir(),
+                        args.resume, args.quiet, _announce)
+    if recipe is not None and recipe.distributed.nnodes > 1:
+        from bcdcore.run.multinode import launch_nodes
+
+        return launch_nodes(recipe, args.runs_dir or default_runs_dir(), args.resume, args.quiet, _announce)
+    if recipe is not None and args.resume is not None:
+        recipe = None  # one host: the run's own recipe, read where it is resumed
     nproc = recipe.distributed.nproc if recipe is not None else _resume_nproc(args.resume)
     if nproc > 1:
         from bcdcore.run import launch_distributed
