@@ -286,7 +286,7 @@ def root_cause(failures: dict, run_dir: Path) -> tuple[int, str]:
 
 
 def agent_config(cfg, nproc: int, nodes: int = 1, endpoint: str = "localhost:0", run_id: str = "",
-                 hosts_store: bool = True):
+                 hosts_store: bool = True, agent_signals: bool = True):
     """torchrun's LaunchConfig: c10d rendezvous, no restarts. One node: a private store on a free port of
     this host. Several: every node's agent meets at `endpoint`, whose store node 0 hosts (`hosts_store`)."""
     from torch.distributed.launcher.api import LaunchConfig
@@ -294,7 +294,8 @@ def agent_config(cfg, nproc: int, nodes: int = 1, endpoint: str = "localhost:0",
     return LaunchConfig(min_nodes=nodes, max_nodes=nodes, nproc_per_node=nproc,
                         run_id=run_id or uuid.uuid4().hex[:12], rdzv_backend="c10d", rdzv_endpoint=endpoint,
                         rdzv_configs={"is_host": hosts_store, "join_timeout": max(30, int(cfg.timeout_s))},
-                        max_restarts=0, monitor_interval=0.1, shutdown_timeout=max(30, int(cfg.timeout_s)))
+                        max_restarts=0, monitor_interval=0.1, shutdown_timeout=max(30, int(cfg.timeout_s)),
+                        signals_to_handle="SIGTERM,SIGINT,SIGHUP,SIGQUIT" if agent_signals else "")
 
 
 def run_agent(config, nproc: int, args: list[str]) -> tuple[str, object]:

@@ -18,6 +18,8 @@ younger one, which is usually "Connection closed by peer").
 from __future__ import annotations
 
 import json
+import os
+import signal
 import tempfile
 import threading
 import time
@@ -50,17 +52,24 @@ def launch_nodes(recipe: Recipe, runs_dir: Path, resume: Path | None, quiet: boo
             args = ["-m", "bcdcore", "run", str(recipe_file), "--runs-dir", str(runs_dir)]
         if quiet or d.node_rank != 0:  # one progress bar, on node 0's terminal at most
             args.append("--quiet")
-        config = agent_config(d, d.nproc, d.nnodes, d.rdzv_endpoint,
-                              d.rdzv_id or f"bcd-{nodes_digest(recipe)[:16]}", hosts_store=d.node_rank == 0)
-        import os
-
+        # This launcher forwards signals itself: torchrun's agent would leave at once, and the other nodes'
+        # agents would then wait out their exit barrier (300 s) after the ranks stopped together.
+        config = agent_config(d, d.nproc, d.nnodes, d.rdzv_endpoint, d.rdzv_id or f"bcd-{nodes_digest(recipe)[:16]}",
+                              hosts_store=d.node_rank == 0, agent_signals=False)
         os.environ["BCD_NODE_HANDOFF"] = folder
         watcher = _Announcer(handoff, announce)
+        received: list[int] = []
+        previous = {s: signal.signal(s, lambda signum, frame: _forward(signum, received))
+                    for s in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP)}
         watcher.start()
         try:
             outcome, detail = run_agent(config, d.nproc, args)
         finally:
             watcher.stop()
+            for s, handler in previous.items():
+                signal.signal(s, handler)
+        if outcome == "ok" and received:
+            outcome, detail = "signal", received[0]
         run_dir = watcher.run_dir or (Path(resume) if resume is not None else None)
     if run_dir is None:
         reason = ("the ranks ended before the run directory was made"
@@ -73,6 +82,27 @@ def launch_nodes(recipe: Recipe, runs_dir: Path, resume: Path | None, quiet: boo
     if outcome == "failed":
         return _end(run_dir, d.node_rank, _local_reason(detail, run_dir), 1, announce)
     return _end(run_dir, d.node_rank, None, None, announce)
+
+
+def _forward(signum: int, received: list[int]) -> None:
+    """Pass a signal on to this node's ranks (this process's children): they finish the round, tell every
+    rank, and global rank 0 checkpoints and marks the run killed."""
+    received.append(signum)
+    for pid in _children():
+        try:
+            os.kill(pid, signum)
+        except OSError:  # already gone
+            pass
+
+
+def _children() -> list[int]:
+    pids = []
+    try:
+        for task in Path(f"/proc/{os.getpid()}/task").iterdir():
+            pids += [int(p) for p in (task / "children").read_text().split()]
+    except (OSError, ValueError):
+        pass
+    return pids
 
 
 class _Announcer:
@@ -122,7 +152,7 @@ def _local_reason(failures: dict, run_dir: Path | None) -> tuple[bool, float, st
 
 def _end(run_dir: Path, node: int, failure: tuple[bool, float, str] | None, code: int | None, announce) -> int:
     from bcdcore.run.distributed import finish
-    from bcdcore.rundir import read_status
+    from bcdcore.rundir import read_events, read_status
     from bcdcore.runlock import RunLock, RunLockedError
 
     if failure is not None:
@@ -135,16 +165,19 @@ def _end(run_dir: Path, node: int, failure: tuple[bool, float, str] | None, code
             return 1
         announce(f"done on node {node}: the run's record is in {run_dir} on the node of global rank 0")
         return 0 if code is None else code
-    final = ("finished", "killed", "failed")
+    def ended() -> bool:  # rank 0 (or another node's launcher) wrote the end; a rank 0 that raised leaves it
+        return read_status(run_dir).get("state") in ("finished", "killed", "failed") and bool(
+            read_events(run_dir, "end"))
+
     lock = None
-    if failure is not None or read_status(run_dir).get("state") not in final:
+    if failure is not None or not ended():
         try:  # rank 0 is gone once its agent ended; wait for it where it runs on another node
             lock = RunLock(run_dir).acquire(wait_s=LOCK_WAIT_S)
         except (RunLockedError, OSError):
             announce(f"failed: {failure[2]}" if failure is not None else
                      f"ended on node {node}; the run's writer is still alive elsewhere: see {run_dir}")
             return 1 if failure is not None or code is None else code
-        if read_status(run_dir).get("state") in final:  # another node's launcher (or rank 0) ended it
+        if ended():
             failure = None
     try:
         code, summary = finish(run_dir, failure[2] if failure is not None else None, code)
