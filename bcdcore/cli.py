@@ -46,6 +46,13 @@ def _parser() -> argparse.ArgumentParser:
     sweep.add_argument("--per-gpu", type=int, default=1, help="concurrent runs per GPU (or on the CPU)")
     sweep.add_argument("--runs-dir", type=Path, default=None)
     sweep.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE")
+    sweep.add_argument("--slurm", action="store_true", help="submit the points as Slurm jobs (submitit)")
+    sweep.add_argument("--partition", default=None, help="--slurm: Slurm partition")
+    sweep.add_argument("--gpus-per-job", type=int, default=None, help="--slurm: GPUs per job (default 1; 0 on CPU)")
+    sweep.add_argument("--time", type=int, default=60, metavar="MINUTES", help="--slurm: time limit per job")
+    sweep.add_argument("--account", default=None, help="--slurm: Slurm account")
+    sweep.add_argument("--slots-per-job", type=int, default=1, help="--slurm: points run at once in one job")
+    sweep.add_argument("--slurm-executor", default="slurm", help=argparse.SUPPRESS)  # "local": tests, no Slurm
 
     plot = sub.add_parser("plot", help="curves of runs (seed groups as mean +/- std bands)")
     plot.add_argument("runs", nargs="+", type=Path, metavar="RUN_DIR")
@@ -303,6 +310,8 @@ def cmd_sweep(args) -> int:
     if not recipe.sweep:
         raise RecipeError(f"{args.recipe}: has no [sweep] table; add one (e.g. \"algorithm.K\" = [1, 5]) "
                           "or use `bcdcore run`")
+    if args.slurm:
+        return _cluster_sweep(args, recipe)
     if args.per_gpu < 1:
         raise RecipeError(f"--per-gpu must be >= 1, got {args.per_gpu}")
     if args.gpus is not None:
@@ -318,6 +327,23 @@ def cmd_sweep(args) -> int:
     failed = sum(p.exit_code not in (0, None) for p in sweep.points)
     print(f"sweep {'stopped' if sweep.stop_signal else 'done'}: "
           f"{sum(p.exit_code == 0 for p in sweep.points)} finished, {failed} not finished", flush=True)
+    return code
+
+
+def _cluster_sweep(args, recipe) -> int:
+    from bcdcore.cluster import ClusterOptions, ClusterSweep
+
+    gpus = args.gpus_per_job if args.gpus_per_job is not None else (0 if recipe.run.device == "cpu" else 1)
+    options = ClusterOptions(args.partition, gpus, args.time, args.account, args.slots_per_job, args.slurm_executor)
+    options.check()
+    sweep = ClusterSweep(Path(args.recipe), recipe, args.runs_dir or default_runs_dir(), options, args.overrides,
+                         poll_s=1.0 if options.executor == "local" else 10.0)
+    print(f"sweep directory: {sweep.dir} ({len(sweep.points)} runs in {len(sweep.jobs)} job(s))", flush=True)
+    code = sweep.run(report=lambda line: print(line, flush=True))
+    states = [j.state for j in sweep.jobs]
+    print(f"sweep {'stopped' if sweep.stop_signal else 'done'}: "
+          f"{sum(p['exit_code'] == 0 for p in sweep.points)} finished; jobs: "
+          + ", ".join(f"{states.count(s)} {s}" for s in dict.fromkeys(states)), flush=True)
     return code
 
 
