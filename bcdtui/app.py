@@ -20,6 +20,7 @@ from bcdcore.rundir import default_runs_dir, printable
 from bcdtui.keymap import Section, key_map_text
 from bcdtui.runner import Slot, cpu_slot, detect_slots
 from bcdtui.screens import (
+    ClusterScreen,
     CompareScreen,
     ConfirmScreen,
     HelpScreen,
@@ -41,6 +42,7 @@ class BcdApp(App):
         Binding("f1", "help", "Help", tooltip="this key map"),
         Binding("f2", "show_runs", "Runs", tooltip="the runs table (from any screen)"),
         Binding("f3", "show_recipes", "Recipes", tooltip="the recipes screen: tree, editor with live validation"),
+        Binding("f4", "show_cluster", "Cluster", tooltip="queued and running cluster jobs (sweep --slurm); cancel"),
         Binding("ctrl+q", "quit_app", "Quit", priority=True,
                 tooltip="quit (runs keep running; the next start re-attaches)"),
     ]
@@ -136,6 +138,10 @@ class BcdApp(App):
             self.action_show_runs()
             self.push_screen("recipes")
 
+    def action_show_cluster(self) -> None:
+        if not isinstance(self.screen, ClusterScreen):
+            self.push_screen(ClusterScreen())
+
     def action_quit_app(self) -> None:
         waiting = len(self.ws.runner.queued())
         if not waiting:
@@ -171,6 +177,7 @@ def key_sections() -> list[Section]:
         ("Recipes (F3 or e)", RecipesScreen.BINDINGS, [("tab", "move between the tree and the editor"),
                                                        ("enter (tree)", "edit the highlighted recipe")]),
         ("Launch dialog (l, or ctrl+l on a recipe)", LaunchScreen.BINDINGS, [("tab", "next field; space ticks a GPU")]),
+        ("Cluster jobs (F4)", ClusterScreen.BINDINGS, []),
         ("Confirmations", ConfirmScreen.BINDINGS, []),
     ]
 
