@@ -72,6 +72,22 @@ class ClusterJobs:
         return f"cancelled job {job.job_id} (its runs checkpoint and stop)"
 
 
+def run_entries(runs_dir: Path) -> list[os.DirEntry]:
+    """The runs directory's entries, and those of its sweep directories (a sweep's runs, cluster or local, live
+    inside it, next to sweep.json): where the runs table looks for run directories. Never raises."""
+    try:
+        entries = list(os.scandir(runs_dir))
+    except OSError:
+        return []
+    for entry in list(entries):
+        if not entry.name.startswith(".") and os.path.lexists(os.path.join(entry.path, "sweep.json")):
+            try:
+                entries.extend(os.scandir(entry.path))
+            except OSError:
+                pass
+    return entries
+
+
 def _run_states(job: ClusterJob) -> str:
     if not job.run_dirs:
         return "not started"
