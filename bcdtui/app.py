@@ -42,7 +42,8 @@ class BcdApp(App):
         Binding("f1", "help", "Help", tooltip="this key map"),
         Binding("f2", "show_runs", "Runs", tooltip="the runs table (from any screen)"),
         Binding("f3", "show_recipes", "Recipes", tooltip="the recipes screen: tree, editor with live validation"),
-        Binding("f4", "show_cluster", "Cluster", tooltip="queued and running cluster jobs (sweep --slurm); cancel"),
+        Binding("f4", "show_cluster", "Cluster", show=False,  # in F1, docs and the palette; not in the key bar
+                tooltip="queued and running cluster jobs (sweep --slurm); cancel"),
         Binding("ctrl+q", "quit_app", "Quit", priority=True,
                 tooltip="quit (runs keep running; the next start re-attaches)"),
     ]
