@@ -8,6 +8,7 @@ import signal
 import sys
 from pathlib import Path
 
+from bcdcore.nodeflags import load_with_flags, node_overrides, resume_recipe
 from bcdcore.recipe import RecipeError, expand_grid, load_recipe, os_reason, toml_value
 from bcdcore.rundir import RunLockedError, default_runs_dir, list_runs
 
@@ -146,8 +147,6 @@ def _resume_nproc(path: Path, key: str = "nproc") -> int:
 
 
 def _node_flags(args) -> list[str]:
-    from bcdcore.run.multinode import node_overrides
-
     return node_overrides(args.nnodes, args.node_rank, args.rdzv)
 
 
@@ -161,13 +160,11 @@ def cmd_run(args) -> int:
             raise RecipeError("--resume continues a run with its own recipe; drop the RECIPE and --set arguments")
         recipe = None
         if _node_flags(args) or _resume_nproc(args.resume, "nnodes") > 1:  # this node's part of a multi-node run
-            from bcdcore.run.multinode import resume_recipe
-
             recipe = resume_recipe(args.resume, _node_flags(args))
     else:
         if not args.recipe:
             raise RecipeError("bcdcore run: give a recipe file (or --resume RUN_DIR)")
-        recipe = load_recipe(args.recipe, [*args.overrides, *_node_flags(args)])  # before torch: errors come fast
+        recipe = load_with_flags(args.recipe, args.overrides, _node_flags(args))  # before torch: errors come fast
         if recipe.sweep and not args.sweep_point:
             raise RecipeError(f"{args.recipe}: has a [sweep] table; run its grid with `bcdcore sweep`")
         recipe.sweep = {}  # a sweep point runs as a plain recipe

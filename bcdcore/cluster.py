@@ -67,7 +67,7 @@ class ClusterOptions:
             import submitit  # noqa: F401
         except ImportError:
             raise RecipeError("sweep --slurm needs submitit: pip install submitit") from None
-        if self.executor == "slurm" and shutil.which("sbatch") is None:
+        if self.executor == "slurm" and (shutil.which("sbatch") is None or shutil.which("srun") is None):
             raise RecipeError("sweep --slurm: no `sbatch` on PATH (not a Slurm login node); run the sweep there, "
                               "or without --slurm on this machine's GPUs")
 

@@ -99,6 +99,28 @@ def test_without_sbatch_one_line_exit_2(tmp_path):
         assert out.returncode == 2 and out.stderr.strip().splitlines() == [f"error: {line}"]
 
 
+def test_slurm_job_script_carries_the_options(tmp_path, monkeypatch):
+    """The sbatch file submitit writes for `--slurm --partition gpu --gpus-per-job 2 --time 30 --account acme`
+    (fake sbatch/srun on PATH: nothing is submitted)."""
+    from bcdcore.cluster import ClusterOptions, ClusterSweep
+    from bcdcore.recipe import load_recipe
+
+    for tool in ("sbatch", "srun"):
+        (tmp_path / tool).write_text("#!/bin/sh\nexit 1\n")
+        (tmp_path / tool).chmod(0o755)
+    monkeypatch.setenv("PATH", f"{tmp_path}{os.pathsep}{os.environ['PATH']}")
+    (tmp_path / "grid.toml").write_text(tiny_recipe(append=GRID))
+    options = ClusterOptions(partition="gpu", gpus_per_job=2, time_min=30, account="acme", slots_per_job=2)
+    options.check()
+    sweep = ClusterSweep(tmp_path / "grid.toml", load_recipe(tmp_path / "grid.toml"), tmp_path / "runs", options)
+    assert [j.points for j in sweep.jobs] == [[0, 1]]  # two slots per job: both points in one job
+    text = sweep.executor()._make_submission_file_text("python -m x", "uid")
+    for line in ("--partition=gpu", "--gpus-per-node=2", "--time=30", "--account=acme", "--ntasks-per-node=1",
+                 f"--job-name={sweep.dir.name}"):
+        assert f"#SBATCH {line}\n" in text
+    assert sweep.command(1)[-2:] == ["--set", "algorithm.K=2"]
+
+
 def test_missing_submitit_is_one_line(monkeypatch):
     from bcdcore.cluster import ClusterOptions
 

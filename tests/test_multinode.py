@@ -73,7 +73,7 @@ def test_recipe_keys_and_flags(tmp_path):
                                                'distributed.rdzv_endpoint="h:1"'])
     out = run_cli("run", "recipe.toml", "--nnodes", "2", "--node-rank", "3", "--rdzv", "h:1", cwd=tmp_path)
     assert out.returncode == 2 and out.stderr.strip().splitlines() == [
-        "error: --set distributed.node_rank: must be in [0, nnodes = 2), got 3"]
+        "error: --node-rank: must be in [0, nnodes = 2), got 3"]
     assert not (tmp_path / "runs").exists()
 
 

@@ -25,7 +25,7 @@ import threading
 import time
 from pathlib import Path
 
-from bcdcore.recipe import Recipe, load_recipe, to_toml
+from bcdcore.recipe import Recipe, to_toml
 from bcdcore.run.start import check_resumable, require_run_directory
 
 FAILURE_WAIT_S = 3.0  # how long a failed node waits for the other nodes' nodeK.failure before it picks one
@@ -208,20 +208,3 @@ def _best_failure(run_dir: Path, mine: tuple[bool, float, str]) -> tuple[bool, f
         except (OSError, ValueError, KeyError, TypeError, IndexError):
             continue  # half-written or foreign: this node's own cause still counts
     return min(found, key=lambda f: (not f[0], f[1]))
-
-
-def node_overrides(nnodes: int | None, node_rank: int | None, rdzv: str | None) -> list[str]:
-    """`run --nnodes/--node-rank/--rdzv` as recipe overrides (validated like the recipe keys)."""
-    out = []
-    if nnodes is not None:
-        out.append(f"distributed.nnodes={nnodes}")
-    if node_rank is not None:
-        out.append(f"distributed.node_rank={node_rank}")
-    if rdzv is not None:
-        out.append(f"distributed.rdzv_endpoint={json.dumps(rdzv)}")
-    return out
-
-
-def resume_recipe(run_dir: Path, overrides: list[str]) -> Recipe:
-    """A multi-node resume's recipe: the run's own, with this node's --node-rank (and rendezvous) applied."""
-    return load_recipe(Path(run_dir) / "recipe.toml", overrides)
