@@ -156,3 +156,15 @@ def test_sigterm_then_resume_on_both_nodes_equals_uninterrupted(tmp_path):
     assert torch.equal(c1["flat"], c2["flat"])
     assert [_strip(e) for e in read_events(run_dir, "metric")] == [
         _strip(e) for e in read_events(tmp_path / _run_dir(one.stdout), "metric")]
+
+
+def test_a_node_alone_says_so_in_one_line(tmp_path):
+    recipe = _write(tmp_path, ONE_EACH)
+    port = _port()
+    out = run_cli("run", recipe, "--runs-dir", "runs", *_node(0, port), cwd=tmp_path, timeout=180)
+    assert out.returncode == 1
+    assert out.stdout.splitlines() == [
+        f"failed: node 0: the 2 nodes did not all join within 30 s; start `bcdcore run` on every node with the "
+        f"same --nnodes and --rdzv 127.0.0.1:{port} (node 0 hosts it)"]
+    assert out.stderr.strip() == ""
+    assert not (tmp_path / "runs").exists()

@@ -34,6 +34,9 @@ LOCK_WAIT_S = 30.0  # how long a node waits for global rank 0 (on another node) 
 
 def launch_nodes(recipe: Recipe, runs_dir: Path, resume: Path | None, quiet: bool, announce) -> int:
     """This node's part of a multi-node run: validate, start the local ranks, wait, report in one line."""
+    _quiet_store_client()
+    from torch.distributed.elastic.rendezvous.api import RendezvousError, RendezvousTimeoutError
+
     from bcdcore.run.distributed import agent_config, nodes_digest, run_agent
     from bcdcore.run.ranks import validate
 
@@ -64,6 +67,14 @@ def launch_nodes(recipe: Recipe, runs_dir: Path, resume: Path | None, quiet: boo
         watcher.start()
         try:
             outcome, detail = run_agent(config, d.nproc, args)
+        except RendezvousError as exc:
+            if isinstance(exc, RendezvousTimeoutError):
+                why = f"the {d.nnodes} nodes did not all join within {config.rdzv_configs['join_timeout']} s"
+            else:
+                why = f"cannot reach the rendezvous ({type(exc).__name__})"
+            announce(f"failed: node {d.node_rank}: {why}; start `bcdcore run` on every node with the same "
+                     f"--nnodes and --rdzv {d.rdzv_endpoint} (node 0 hosts it)")
+            return 1
         finally:
             watcher.stop()
             for s, handler in previous.items():
@@ -82,6 +93,25 @@ def launch_nodes(recipe: Recipe, runs_dir: Path, resume: Path | None, quiet: boo
     if outcome == "failed":
         return _end(run_dir, d.node_rank, _local_reason(detail, run_dir), 1, announce)
     return _end(run_dir, d.node_rank, None, None, announce)
+
+
+def _quiet_store_client() -> None:
+    """torch's C++ store client logs every failed connection attempt with a stack dump; this process says what
+    went wrong in one line instead. The level is read when torch loads, so it is set around that (the ranks,
+    which inherit the environment, keep the default)."""
+    import sys
+
+    if "torch" in sys.modules:
+        return
+    before = os.environ.get("TORCH_CPP_LOG_LEVEL")
+    os.environ["TORCH_CPP_LOG_LEVEL"] = "FATAL"
+    try:
+        import torch  # noqa: F401
+    finally:
+        if before is None:
+            os.environ.pop("TORCH_CPP_LOG_LEVEL", None)
+        else:
+            os.environ["TORCH_CPP_LOG_LEVEL"] = before
 
 
 def _forward(signum: int, received: list[int]) -> None:
