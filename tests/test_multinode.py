@@ -165,6 +165,24 @@ def test_a_node_alone_says_so_in_one_line(tmp_path):
     assert out.returncode == 1
     assert out.stdout.splitlines() == [
         f"failed: node 0: the 2 nodes did not all join within 30 s; start `bcdcore run` on every node with the "
-        f"same --nnodes and --rdzv 127.0.0.1:{port} (node 0 hosts it)"]
+        f"same recipe, --nnodes and --rdzv 127.0.0.1:{port} (node 0 hosts it)"]
     assert out.stderr.strip() == ""
     assert not (tmp_path / "runs").exists()
+
+
+def test_nodes_with_different_recipes_fail_naming_it(tmp_path):
+    """With one rdzv_id the nodes meet (the default id differs with the recipe: they would not); a node whose
+    recipe differs from global rank 0's fails the run in one line."""
+    recipe = _write(tmp_path, ONE_EACH.replace("timeout_s = 30", 'timeout_s = 30\nrdzv_id = "same"'))
+    port = _port()
+    with ThreadPoolExecutor(2) as pool:
+        outs = [pool.submit(run_cli, "run", recipe, "--runs-dir", "runs", *_node(k, port),
+                            *(["--set", "algorithm.K=3"] if k == 1 else []), cwd=tmp_path, timeout=180)
+                for k in (0, 1)]
+        outs = [o.result() for o in outs]
+    for out in outs:
+        assert out.returncode == 1, out.stdout + out.stderr
+        last = out.stdout.splitlines()[-1]
+        assert last.startswith("failed: rank ") and "this node's recipe differs from global rank 0's" in last, last
+    (run_dir,) = (tmp_path / "runs").iterdir()
+    assert read_status(run_dir)["state"] == "failed"

@@ -73,7 +73,7 @@ def launch_nodes(recipe: Recipe, runs_dir: Path, resume: Path | None, quiet: boo
             else:
                 why = f"cannot reach the rendezvous ({type(exc).__name__})"
             announce(f"failed: node {d.node_rank}: {why}; start `bcdcore run` on every node with the same "
-                     f"--nnodes and --rdzv {d.rdzv_endpoint} (node 0 hosts it)")
+                     f"recipe, --nnodes and --rdzv {d.rdzv_endpoint} (node 0 hosts it)")
             return 1
         finally:
             watcher.stop()
@@ -84,7 +84,7 @@ def launch_nodes(recipe: Recipe, runs_dir: Path, resume: Path | None, quiet: boo
         run_dir = watcher.run_dir or (Path(resume) if resume is not None else None)
     if run_dir is None:
         reason = ("the ranks ended before the run directory was made"
-                  if outcome != "failed" else _local_reason(detail, None)[1])
+                  if outcome != "failed" else _local_reason(detail, None)[2])
         announce(f"failed: node {d.node_rank}: {reason} (check that every node runs the same command and "
                  f"reaches {d.rdzv_endpoint})")
         return 1

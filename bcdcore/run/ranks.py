@@ -141,6 +141,7 @@ def _run_rank(attach: Path | None, attach_resume: bool, recipe: Recipe | None, r
         path, leader_digest = comm.broadcast_object((str(path), digest) if rank == 0 else None)
         if digest != leader_digest:
             known[0] = path
+            hand_off(path)  # this node's launcher reads the failure there
             raise RecipeError(f"rank {rank}: this node's recipe differs from global rank 0's (other file or "
                               "--set values); give every node the same recipe")
     path = Path(path)
