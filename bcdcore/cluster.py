@@ -21,9 +21,12 @@ folder, and the job's result back; this process never loads a job's result, only
 """
 from __future__ import annotations
 
+import contextlib
 import math
+import os
 import shutil
 import signal
+import sys
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -99,6 +102,22 @@ def run_job(commands: list[list[str]], logs: list[str], gpus: int, per_slot: int
     return [t.exit_code for t in tasks]
 
 
+@contextlib.contextmanager
+def _stderr_to(path: Path):
+    """File descriptor 2 into `path` for a while: submitit lets sbatch write to our stderr, and a refusal is
+    reported in one line of ours (the file keeps sbatch's words)."""
+    sys.stderr.flush()
+    saved = os.dup(2)
+    try:
+        with open(path, "ab") as f:
+            os.dup2(f.fileno(), 2)
+            yield
+    finally:
+        sys.stderr.flush()
+        os.dup2(saved, 2)
+        os.close(saved)
+
+
 class ClusterSweep:
     """The grid as submitit jobs, watched until every job has ended; sweep.json is kept up to date."""
 
@@ -142,9 +161,17 @@ class ClusterSweep:
         ex = self.executor()
         gpus = self.options.gpus_per_job
         per_slot = math.ceil(self.options.slots_per_job / gpus) if gpus else self.options.slots_per_job
-        for job in self.jobs:
-            job.handle = ex.submit(run_job, [self.command(i) for i in job.points],
-                                   [str(self.log_path(i)) for i in job.points], gpus, per_slot)
+        for n, job in enumerate(self.jobs):
+            try:
+                with _stderr_to(self.dir / "submitit-sbatch.err"):  # sbatch's own complaints: in our one line
+                    job.handle = ex.submit(run_job, [self.command(i) for i in job.points],
+                                           [str(self.log_path(i)) for i in job.points], gpus, per_slot)
+            except Exception as exc:  # sbatch refused it (partition, account, limits): nothing half-submitted
+                self.cancel(report)
+                lines = [line.strip() for line in str(exc).splitlines() if line.strip()]
+                raise RecipeError(f"job {n + 1} of {len(self.jobs)} was refused: "
+                                  f"{lines[-1] if lines else type(exc).__name__}; check --partition, --account, "
+                                  f"--time and --gpus-per-job (sweep directory {self.dir})") from None
             job.job_id, job.state = str(job.handle.job_id), "queued"
             for i in job.points:
                 self.points[i]["job_id"], self.points[i]["state"] = job.job_id, "queued"
@@ -217,7 +244,8 @@ class ClusterSweep:
 
     def cancel(self, report=print) -> None:
         live = [j for j in self.jobs if j.handle is not None and j.state not in TERMINAL_JOB_STATES]
-        report(f"stopping: cancelling {len(live)} job(s)")
+        if live:
+            report(f"stopping: cancelling {len(live)} job(s)")
         for job in live:
             try:
                 job.handle.cancel(check=False)

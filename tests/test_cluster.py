@@ -121,6 +121,25 @@ def test_slurm_job_script_carries_the_options(tmp_path, monkeypatch):
     assert sweep.command(1)[-2:] == ["--set", "algorithm.K=2"]
 
 
+def test_a_refused_submission_is_one_line(tmp_path):
+    """sbatch refuses the job (a fake that says what a real one says for a bad partition): one line, exit 2."""
+    bin_dir = tmp_path / "bin"
+    bin_dir.mkdir()
+    (bin_dir / "sbatch").write_text("#!/bin/sh\necho 'sbatch: error: invalid partition specified: nope' >&2\nexit 1\n")
+    (bin_dir / "srun").write_text("#!/bin/sh\nexit 1\n")
+    for tool in ("sbatch", "srun"):
+        (bin_dir / tool).chmod(0o755)
+    (tmp_path / "grid.toml").write_text(tiny_recipe(append=GRID))
+    env = {**os.environ, "PATH": f"{bin_dir}{os.pathsep}{os.environ['PATH']}"}
+    out = run_cli("sweep", "grid.toml", "--slurm", "--partition", "nope", cwd=tmp_path, env=env)
+    assert out.returncode == 2
+    (line,) = out.stderr.strip().splitlines()
+    assert line.startswith("error: job 1 of 2 was refused: sbatch: error: invalid partition specified: nope; "
+                           "check --partition"), line
+    data = json.loads((_sweep_dir(tmp_path) / "sweep.json").read_text())
+    assert [j["state"] for j in data["jobs"]] == ["unsubmitted", "unsubmitted"]
+
+
 def test_missing_submitit_is_one_line(monkeypatch):
     from bcdcore.cluster import ClusterOptions
 
