@@ -26,6 +26,7 @@ import math
 import os
 import shutil
 import signal
+import socket
 import sys
 import time
 from dataclasses import dataclass, field
@@ -211,6 +212,7 @@ class ClusterSweep:
         o = self.options
         write_json_atomic(self.dir / "sweep.json", {
             "recipe": str(self.recipe_path), "overrides": self.overrides, "slots": [],
+            "watcher": {"host": socket.gethostname(), "pid": os.getpid()},  # readers tell a stale file
             "cluster": {"executor": o.executor, "partition": o.partition, "gpus_per_job": o.gpus_per_job,
                         "time_min": o.time_min, "account": o.account, "slots_per_job": o.slots_per_job},
             "jobs": [{"job_id": j.job_id, "state": j.state, "scheduler_state": j.scheduler_state,

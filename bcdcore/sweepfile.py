@@ -5,11 +5,13 @@ broken or foreign sweep.json gives no jobs and a `problem` line.
 from __future__ import annotations
 
 import os
+import socket
 from dataclasses import dataclass, field
 from pathlib import Path
 
 from bcdcore.recipe import os_reason
 from bcdcore.records import RecordError, decode_object, plain
+from bcdcore.rundir import pid_alive
 from bcdcore.runfiles import read_file_bytes
 
 SWEEP_FILE = "sweep.json"
@@ -56,6 +58,7 @@ class SweepJobs:
     executor: str | None  # None: not a cluster sweep
     jobs: list[ClusterJob]
     problem: str | None = None
+    watched: bool | None = None  # its `bcdcore sweep --slurm` is alive (None: it runs on another host)
 
 
 def read_sweep_jobs(sweep_dir: Path) -> SweepJobs:
@@ -85,7 +88,14 @@ def read_sweep_jobs(sweep_dir: Path) -> SweepJobs:
                     if isinstance(points.get(i, {}).get("run_dir"), str) and points[i]["run_dir"]]
         jobs.append(ClusterJob(sweep_dir, executor, str(raw["job_id"]), state,
                                str(raw.get("scheduler_state") or ""), indices, run_dirs))
-    return SweepJobs(sweep_dir, executor, jobs)
+    return SweepJobs(sweep_dir, executor, jobs, watched=_watched(data.get("watcher")))
+
+
+def _watched(watcher) -> bool | None:
+    """Whether the process that keeps sweep.json up to date is alive; None where it is not on this host."""
+    if not isinstance(watcher, dict) or watcher.get("host") != socket.gethostname():
+        return None
+    return pid_alive(watcher.get("pid"))
 
 
 def _job_id_ok(job_id) -> bool:

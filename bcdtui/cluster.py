@@ -47,6 +47,9 @@ class ClusterJobs:
         for sweep in cluster_sweeps(self.runs_dir):
             if sweep.problem:
                 self.problems.append(f"{sweep.sweep_dir.name}: {sweep.problem}")
+            if sweep.watched is False and any(job.live for job in sweep.jobs):
+                self.problems.append(f"{sweep.sweep_dir.name}: its `bcdcore sweep --slurm` has ended; job states "
+                                     "may be stale")
             for job in sweep.jobs:
                 if job.live or not live_only:
                     self.rows.append(JobRow(sweep.sweep_dir.name, job, _run_states(job)))

@@ -51,8 +51,9 @@ def test_two_point_sweep_runs_as_jobs_end_to_end(tmp_path):
     model.refresh()
     rows = {r.id: r for r in model.view()}
     assert {r.name for r in runs} <= set(rows) and all(rows[r.name].state == "finished" for r in runs)
+    assert read_sweep_jobs(sweep_dir).watched is False  # the sweep's process has ended, so have its jobs
     jobs = ClusterJobs(tmp_path / "runs")
-    assert jobs.refresh(live_only=True) == []
+    assert jobs.refresh(live_only=True) == [] and jobs.problems == []
     all_rows = jobs.refresh(live_only=False)
     assert [(r.sweep, r.job.state, r.runs) for r in all_rows] == [(sweep_dir.name, "done", "1 finished")] * 2
     assert "already ended" in jobs.cancel(all_rows[0])
@@ -68,6 +69,7 @@ def test_tui_cancels_a_running_job(tmp_path):
                  "the job's two runs to run")
         (row,) = jobs.rows
         assert row.job.state == "running" and row.job.points == [0, 1]
+        assert read_sweep_jobs(row.job.sweep_dir).watched is True
         assert jobs.cancel(row).startswith(f"cancelled job {row.job.job_id}")
         out, err = proc.communicate(timeout=120)
     finally:

@@ -4,6 +4,7 @@ screen lists the live job, `a` shows both, `x` then `y` cancels the live one (SI
 from __future__ import annotations
 
 import json
+import socket
 import subprocess
 import sys
 import time
@@ -65,6 +66,15 @@ async def test_f4_lists_live_jobs_and_cancels_one(tmp_path):
         (row,) = ClusterJobs(runs).refresh(live_only=True)
         assert row.runs == "not started"
         assert "no longer a submitit job" in ClusterJobs(runs).cancel(row)
+        # a live job whose `bcdcore sweep --slurm` has gone: shown, with a warning that its state may be stale
+        gone = subprocess.Popen([sys.executable, "-c", "pass"])
+        gone.wait()
+        (sweep / "sweep.json").write_text(json.dumps({
+            "watcher": {"host": socket.gethostname(), "pid": gone.pid}, "cluster": {"executor": "slurm"},
+            "jobs": [{"job_id": "123_4", "state": "queued"}]}))
+        jobs = ClusterJobs(runs)
+        assert [r.job.job_id for r in jobs.refresh(live_only=True)] == ["123_4"]
+        assert jobs.problems == [f"{sweep.name}: its `bcdcore sweep --slurm` has ended; job states may be stale"]
         time.sleep(0.2)
         assert other.poll() is None
     finally:
