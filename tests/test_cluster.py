@@ -156,9 +156,12 @@ def test_scheduler_states():
         ["queued", "running", "done", "done", "cancelled", "failed", "cancelled", "failed", "unknown", "unknown"]
 
 
+def _containers(inner):
+    return st.lists(inner, max_size=4) | st.dictionaries(st.text(max_size=8), inner, max_size=4)
+
+
 json_values = st.recursive(st.none() | st.booleans() | st.integers() | st.floats() | st.text(max_size=8),
-                           lambda inner: st.lists(inner, max_size=4) | st.dictionaries(st.text(max_size=8), inner,
-                                                                                      max_size=4), max_leaves=20)
+                           _containers, max_leaves=20)
 
 
 @settings(max_examples=150, deadline=None)
