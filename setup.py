@@ -23,6 +23,7 @@ INSTALL_REQUIRES = [
     "scikit-learn",  # the bundled tabular datasets
     "rich",
     "textual",  # bcdtui
+    "submitit>=1.5",  # `bcdcore sweep --slurm` (imported only there)
     "tree-sitter>=0.25",  # bcdtui's recipe editor highlights TOML when these two are present
     "tree-sitter-toml>=0.6",
     "matplotlib",  # figures of the measurements and `bcdcore plot`

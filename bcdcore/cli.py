@@ -9,6 +9,7 @@ import sys
 from pathlib import Path
 
 from bcdcore.cli_runs import cmd_ls, cmd_tag
+from bcdcore.nodeflags import load_with_flags, node_overrides, resume_recipe
 from bcdcore.recipe import RecipeError, expand_grid, load_recipe, os_reason, toml_value
 from bcdcore.rundir import RunLockedError, default_runs_dir
 from bcdcore.runref import resolve_run
@@ -29,6 +30,9 @@ def _parser() -> argparse.ArgumentParser:
     run.add_argument("--resume", default=None, metavar="RUN",
                      help="continue a killed run (a run directory, or a run id looked up in --runs-dir)")
     run.add_argument("--quiet", action="store_true", help="no progress bar")
+    run.add_argument("--nnodes", type=int, default=None, help="hosts of a multi-node run ([distributed] nnodes)")
+    run.add_argument("--node-rank", type=int, default=None, help="this host's number, 0 = the rendezvous host")
+    run.add_argument("--rdzv", default=None, metavar="HOST:PORT", help="rendezvous endpoint on node 0")
     run.add_argument("--sweep-point", action="store_true", help=argparse.SUPPRESS)  # set by `bcdcore sweep`
     # set by the distributed launcher: this process is one rank of the run in RUN_DIR
     run.add_argument("--attach", type=Path, default=None, help=argparse.SUPPRESS)
@@ -64,6 +68,13 @@ def _parser() -> argparse.ArgumentParser:
     sweep.add_argument("--per-gpu", type=int, default=1, help="concurrent runs per GPU (or on the CPU)")
     sweep.add_argument("--runs-dir", type=Path, default=None)
     sweep.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE")
+    sweep.add_argument("--slurm", action="store_true", help="submit the points as Slurm jobs (submitit)")
+    sweep.add_argument("--partition", default=None, help="--slurm: Slurm partition")
+    sweep.add_argument("--gpus-per-job", type=int, default=None, help="--slurm: GPUs per job (default 1; 0 on CPU)")
+    sweep.add_argument("--time", type=int, default=60, metavar="MINUTES", help="--slurm: time limit per job")
+    sweep.add_argument("--account", default=None, help="--slurm: Slurm account")
+    sweep.add_argument("--slots-per-job", type=int, default=1, help="--slurm: points run at once in one job")
+    sweep.add_argument("--slurm-executor", default="slurm", help=argparse.SUPPRESS)  # "local": tests, no Slurm
 
     plot = sub.add_parser("plot", help="curves of runs (seed groups as mean +/- std bands)")
     plot.add_argument("runs", nargs="+", metavar="RUN", help="run directories or run ids (looked up in --runs-dir)")
@@ -173,11 +184,15 @@ def _announce(line: str) -> None:
     print(line, flush=True)
 
 
-def _resume_nproc(path: Path) -> int:
+def _resume_nproc(path: Path, key: str = "nproc") -> int:
     try:
-        return load_recipe(Path(path) / "recipe.toml").distributed.nproc
+        return getattr(load_recipe(Path(path) / "recipe.toml").distributed, key)
     except (RecipeError, OSError):
         return 1  # resume_run says what is wrong
+
+
+def _node_flags(args) -> list[str]:
+    return node_overrides(args.nnodes, args.node_rank, args.rdzv)
 
 
 def cmd_run(args) -> int:
@@ -190,18 +205,26 @@ def cmd_run(args) -> int:
             raise RecipeError("--resume continues a run with its own recipe; drop the RECIPE and --set arguments")
         args.resume = resolve_run(args.resume, args.runs_dir or default_runs_dir())
         recipe = None
+        if _node_flags(args) or _resume_nproc(args.resume, "nnodes") > 1:  # this node's part of a multi-node run
+            recipe = resume_recipe(args.resume, _node_flags(args))
     else:
         if not args.recipe:
             raise RecipeError("bcdcore run: give a recipe file (or --resume RUN_DIR)")
-        recipe = load_recipe(args.recipe, args.overrides)  # before importing torch: recipe errors come fast
+        recipe = load_with_flags(args.recipe, args.overrides, _node_flags(args))  # before torch: errors come fast
         if recipe.sweep and not args.sweep_point:
             raise RecipeError(f"{args.recipe}: has a [sweep] table; run its grid with `bcdcore sweep`")
         recipe.sweep = {}  # a sweep point runs as a plain recipe
     if os.environ.get("WORLD_SIZE", "1") not in ("", "1"):  # started by an external torchrun: this process is one rank
         from bcdcore.run import run_rank
 
-        return run_rank(None, False, recipe, args.runs_dir or default_runs_dir(), args.resume, args.quiet,
-                        _announce)
+        return run_rank(None, False, None if args.resume else recipe, args.runs_dir or default_runs_dir(),
+                        args.resume, args.quiet, _announce)
+    if recipe is not None and recipe.distributed.nnodes > 1:
+        from bcdcore.run.multinode import launch_nodes
+
+        return launch_nodes(recipe, args.runs_dir or default_runs_dir(), args.resume, args.quiet, _announce)
+    if recipe is not None and args.resume is not None:
+        recipe = None  # one host: the run's own recipe, read where it is resumed
     nproc = recipe.distributed.nproc if recipe is not None else _resume_nproc(args.resume)
     if nproc > 1:
         from bcdcore.run import launch_distributed
@@ -228,6 +251,8 @@ def cmd_sweep(args) -> int:
     if not recipe.sweep:
         raise RecipeError(f"{args.recipe}: has no [sweep] table; add one (e.g. \"algorithm.K\" = [1, 5]) "
                           "or use `bcdcore run`")
+    if args.slurm:
+        return _cluster_sweep(args, recipe)
     if args.per_gpu < 1:
         raise RecipeError(f"--per-gpu must be >= 1, got {args.per_gpu}")
     if args.gpus is not None:
@@ -246,6 +271,23 @@ def cmd_sweep(args) -> int:
     failed = sum(p.exit_code not in (0, None) for p in sweep.points)
     print(f"sweep {'stopped' if sweep.stop_signal else 'done'}: "
           f"{sum(p.exit_code == 0 for p in sweep.points)} finished, {failed} not finished", flush=True)
+    return code
+
+
+def _cluster_sweep(args, recipe) -> int:
+    from bcdcore.cluster import ClusterOptions, ClusterSweep
+
+    gpus = args.gpus_per_job if args.gpus_per_job is not None else (0 if recipe.run.device == "cpu" else 1)
+    options = ClusterOptions(args.partition, gpus, args.time, args.account, args.slots_per_job, args.slurm_executor)
+    options.check()
+    sweep = ClusterSweep(Path(args.recipe), recipe, args.runs_dir or default_runs_dir(), options, args.overrides,
+                         poll_s=1.0 if options.executor == "local" else 10.0)
+    print(f"sweep directory: {sweep.dir} ({len(sweep.points)} runs in {len(sweep.jobs)} job(s))", flush=True)
+    code = sweep.run(report=lambda line: print(line, flush=True))
+    states = [j.state for j in sweep.jobs]
+    print(f"sweep {'stopped' if sweep.stop_signal else 'done'}: "
+          f"{sum(p['exit_code'] == 0 for p in sweep.points)} finished; jobs: "
+          + ", ".join(f"{states.count(s)} {s}" for s in dict.fromkeys(states)), flush=True)
     return code
 
 

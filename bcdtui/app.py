@@ -23,6 +23,7 @@ from bcdtui.keymap import Section, key_map_text
 from bcdtui.recipes import add_plugin_dirs
 from bcdtui.runner import Slot, cpu_slot, detect_slots
 from bcdtui.screens import (
+    ClusterScreen,
     CompareScreen,
     ConfirmScreen,
     HelpScreen,
@@ -48,6 +49,8 @@ class BcdApp(App):
         Binding("f3", "show_recipes", "Recipes", tooltip="the recipes screen: tree, editor with live validation"),
         Binding("f4", "show_system", "System", show=False,
                 tooltip="the system panel: per GPU utilisation, memory, power; per live run CPU %, RSS, GPU memory"),
+        Binding("f5", "show_cluster", "Cluster", show=False,  # in F1, docs and the palette; not in the key bar
+                tooltip="queued and running cluster jobs (sweep --slurm); cancel"),
         Binding("ctrl+q", "quit_app", "Quit", priority=True,
                 tooltip="quit (runs keep running; the next start re-attaches)"),
     ]
@@ -152,6 +155,9 @@ class BcdApp(App):
         if self.system_monitor is None:
             self.system_monitor = SystemMonitor()  # kept: the GPU probe's answer and psutil's CPU baselines
         self.push_screen(SystemScreen(self.system_monitor, socket.gethostname()))
+    def action_show_cluster(self) -> None:
+        if not isinstance(self.screen, ClusterScreen):
+            self.push_screen(ClusterScreen())
 
     def action_quit_app(self) -> None:
         waiting = len(self.ws.runner.queued())
@@ -189,6 +195,7 @@ def key_sections() -> list[Section]:
         ("Recipes (F3 or e)", RecipesScreen.BINDINGS, [("tab", "move between the tree and the editor"),
                                                        ("enter (tree)", "edit the highlighted recipe")]),
         ("Launch dialog (l, or ctrl+l on a recipe)", LaunchScreen.BINDINGS, [("tab", "next field; space ticks a GPU")]),
+        ("Cluster jobs (F5)", ClusterScreen.BINDINGS, []),
         ("Confirmations", ConfirmScreen.BINDINGS, []),
     ]
 

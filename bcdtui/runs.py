@@ -19,6 +19,7 @@ from typing import Callable
 
 from bcdcore.rundir import RunState, lost_reason, printable, read_status_checked, run_state
 from bcdcore.scheduler import is_zombie, reap_pid
+from bcdtui.cluster import run_entries
 from bcdtui.runner import Job
 from bcdtui.tailer import TailSummary, number, read_tail
 
@@ -206,10 +207,7 @@ class RunsModel:
         result = RefreshResult()
         self._mark_exited(jobs)
         present: set[str] = set()
-        try:
-            entries = list(os.scandir(self.runs_dir))
-        except OSError:
-            entries = []
+        entries = run_entries(self.runs_dir)  # with the runs grouped in sweep directories (local or cluster)
         sep = os.sep
         for entry in entries:
             name = entry.name

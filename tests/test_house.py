@@ -12,8 +12,8 @@ REPO = Path(__file__).resolve().parents[1]
 PACKAGES = ("bcdcore", "bcdtui")
 MAX_LINES = 450
 # what bcdtui may import from bcdcore (DESIGN "Module shape"); records/runfiles/runlock come through rundir
-TUI_MAY_IMPORT = ("bcdcore.annotations", "bcdcore.recipe", "bcdcore.rundir", "bcdcore.records", "bcdcore.runfiles", "bcdcore.runlock",
-                  "bcdcore.scheduler")
+TUI_MAY_IMPORT = ("bcdcore.annotations", "bcdcore.recipe", "bcdcore.rundir", "bcdcore.records", "bcdcore.runfiles",
+                  "bcdcore.runlock", "bcdcore.scheduler", "bcdcore.sweepfile")
 
 
 def _modules() -> dict[str, Path]:

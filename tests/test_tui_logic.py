@@ -613,11 +613,12 @@ def test_bcdtui_imports_no_training_code():
     assert out.returncode == 0, out.stderr
     # bcdcore.records (the schema of status and events), bcdcore.runfiles (total file reading) and bcdcore.runlock
     # (the writer's lock), all without torch, come in through bcdcore.rundir; bcdcore.scheduler is the queue bcdtui
-    # shares with `bcdcore sweep`; the recipe package is its four modules (and `eval` of this list, not numpy)
+    # shares with `bcdcore sweep`; bcdcore.sweepfile reads cluster jobs from sweep.json; the recipe package is its
+    # four modules (and `eval` of this list, not numpy)
     assert eval(out.stdout) == ["bcdcore", "bcdcore.recipe", "bcdcore.recipe.plugin_keys", "bcdcore.recipe.schema",
                                 "bcdcore.recipe.toml_io",
                                 "bcdcore.recipe.validate", "bcdcore.records", "bcdcore.rundir", "bcdcore.runfiles",
-                                "bcdcore.runlock", "bcdcore.scheduler"]
+                                "bcdcore.runlock", "bcdcore.scheduler", "bcdcore.sweepfile"]
 
 
 def test_docs_key_map_matches_the_bindings():

@@ -163,6 +163,14 @@ MEANINGS: dict[str, tuple[str, str]] = {
         'also sleep for the simulated communication time (a real slow network)'),
     'distributed.timeout_s': ('number > 0',
         'collective timeout; a rank that stops answering ends the run after this'),
+    'distributed.nnodes': ('int >= 1',
+        'hosts (torchrun c10d rendezvous); nproc ranks on each; also `bcdcore run --nnodes`'),
+    'distributed.node_rank': ('int in [0, nnodes)',
+        "this host's number; node 0 hosts the rendezvous; also `--node-rank`"),
+    'distributed.rdzv_endpoint': ('"host:port"',
+        'rendezvous address on node 0, reachable from every node (needed when nnodes > 1); also `--rdzv`'),
+    'distributed.rdzv_id': ('string',
+        'rendezvous id, the same on every node; "" = derived from the recipe'),
 }
 
 SHIPPED = '| recipe | what |\n|---|---|\n| `recipes/quickstart.toml` | 3-block MLP on the 8x8 digits, Jacobi, lambda 0.01, momentum; test acc >= 0.95 |\n| `recipes/quickstart_entire.toml` | the same model trained whole (the baseline) |\n| `recipes/diabetes.toml` | regression, Gauss-Seidel, per-block lambda and gamma, Adam |'

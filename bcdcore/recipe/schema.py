@@ -225,6 +225,10 @@ class DistributedConfig:
     bandwidth: float = 0.0  # simulated link bandwidth, bytes/s (0 = unlimited)
     sleep: bool = False  # really sleep the simulated communication time (wall_s then includes it)
     timeout_s: float = 300.0  # process-group timeout: a rank stuck this long in a collective fails the run
+    nnodes: int = 1  # hosts; nproc ranks on each, world size nnodes x nproc
+    node_rank: int = 0  # this host's number; node 0 hosts the c10d rendezvous store
+    rdzv_endpoint: str = ""  # "host:port" of node 0, reachable from every node (needed when nnodes > 1)
+    rdzv_id: str = ""  # rendezvous id shared by the nodes; "" = derived from the recipe (same recipe, same id)
 
 
 @dataclass

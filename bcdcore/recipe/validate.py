@@ -360,9 +360,18 @@ class Validator:
              f"must be >= 0 seconds, got {d.communication_delay}")
         need(d.bandwidth >= 0, "distributed.bandwidth", f"must be >= 0 bytes/s (0 = unlimited), got {d.bandwidth}")
         need(d.timeout_s > 0, "distributed.timeout_s", f"must be > 0, got {d.timeout_s}")
-        if d.nproc > 1:
+        need(d.nnodes >= 1, "distributed.nnodes", f"must be >= 1, got {d.nnodes}")
+        need(0 <= d.node_rank < d.nnodes, "distributed.node_rank",
+             f"must be in [0, nnodes = {d.nnodes}), got {d.node_rank}")
+        need(not d.rdzv_endpoint or _endpoint_ok(d.rdzv_endpoint), "distributed.rdzv_endpoint",
+             f"{d.rdzv_endpoint!r} is not host:port (e.g. \"node0:29500\", port 1-65535)")
+        need(d.nnodes == 1 or bool(d.rdzv_endpoint), "distributed.rdzv_endpoint",
+             "multi-node runs (nnodes > 1) need the rendezvous address of node 0, e.g. --rdzv node0:29500")
+        need(bool(re.fullmatch(r"[A-Za-z0-9_.-]{0,64}", d.rdzv_id)), "distributed.rdzv_id",
+             f"{d.rdzv_id!r} must be at most 64 letters, digits, '_', '-', '.'")
+        if d.nproc * d.nnodes > 1:
             need(not (a.mode == "blockwise" and a.schedule == "gauss_seidel"), "distributed.nproc",
-                 "block-parallel runs (nproc > 1) use schedule = \"jacobi\"; gauss_seidel solves the blocks "
+                 "block-parallel runs (nproc x nnodes > 1) use schedule = \"jacobi\"; gauss_seidel solves the blocks "
                  "one after another and cannot be spread over processes")
             need(d.backend != "nccl" or r.run.device != "cpu", "distributed.backend",
                  "nccl needs CUDA devices; use backend = \"gloo\" with device = \"cpu\"")
@@ -448,3 +457,10 @@ class Locator:
             if not section and current == "" and assign.match(line):
                 return number
         return sec_line
+
+
+def _endpoint_ok(endpoint: str) -> bool:
+    """host:port with a port in 1..65535 (an IPv6 host in brackets: [::1]:29500)."""
+    host, sep, port = endpoint.rpartition(":")
+    return bool(sep and host and port.isdigit() and 1 <= int(port) <= 65535
+                and re.fullmatch(r"[A-Za-z0-9_.-]+|\[[0-9A-Fa-f:.]+\]", host))

@@ -222,10 +222,36 @@ def write_rank_error(run_dir: Path, rank: int, error: str, details: str = "") ->
             pass
 
 
+ENV_HANDOFF = "BCD_NODE_HANDOFF"  # a multi-node launcher's folder: its ranks leave the run directory's path there
+
+
+def nodes_digest(recipe) -> str:
+    """The recipe's digest with node_rank left out: every node of one run has the same (the default
+    rendezvous id, and the check that the nodes were given the same recipe)."""
+    import copy
+
+    same = copy.deepcopy(recipe)
+    same.distributed.node_rank = 0
+    return same.digest()
+
+
+def hand_off(run_dir: Path) -> None:
+    """Tell this node's bcdcore launcher (if it asked) where the run directory is: it announces it and
+    reads the run's end there."""
+    folder = os.environ.get(ENV_HANDOFF)
+    if folder and os.environ.get("LOCAL_RANK", "0") == "0":
+        from bcdcore.rundir import write_json_atomic
+
+        try:
+            write_json_atomic(Path(folder) / "run.json", {"run_dir": str(run_dir), "rank": dist.get_rank()})
+        except OSError:  # the launcher's folder is gone: it is not waiting for us any more
+            pass
+
+
 # ----------------------------------------------------------------------------------------------------------
 # launcher side (the `bcdcore run` process)
 
-def _root_cause(failures: dict, run_dir: Path) -> tuple[int, str]:
+def root_cause(failures: dict, run_dir: Path) -> tuple[int, str]:
     """The failure that ended the group. The agent records failures in the order it detects them and then
     stops the others with SIGTERM (SIGKILL after a grace period), so: among the failures of the first
     second, a rank that died by a signal other than the teardown's SIGTERM/SIGINT (it left no rankN.error),
@@ -259,39 +285,60 @@ def _root_cause(failures: dict, run_dir: Path) -> tuple[int, str]:
     return rank, f"rank {rank} exited with code {code} (pid {failures[rank].pid})"
 
 
-def launch(run_dir: Path, nproc: int, cfg, resume: bool, quiet: bool) -> tuple[int, str]:
-    """Run the ranks under torchrun's elastic agent (standalone rendezvous on this host) and wait.
-    Returns (exit code, one-line summary). Signals to this process are forwarded to the ranks (the agent
-    does it), which finish the round; rank 0 checkpoints and marks the run killed."""
+def agent_config(cfg, nproc: int, nodes: int = 1, endpoint: str = "localhost:0", run_id: str = "",
+                 hosts_store: bool = True, agent_signals: bool = True):
+    """torchrun's LaunchConfig: c10d rendezvous, no restarts. One node: a private store on a free port of
+    this host. Several: every node's agent meets at `endpoint`, whose store node 0 hosts (`hosts_store`)."""
+    from torch.distributed.launcher.api import LaunchConfig
+
+    return LaunchConfig(min_nodes=nodes, max_nodes=nodes, nproc_per_node=nproc,
+                        run_id=run_id or uuid.uuid4().hex[:12], rdzv_backend="c10d", rdzv_endpoint=endpoint,
+                        rdzv_configs={"is_host": hosts_store, "join_timeout": max(30, int(cfg.timeout_s))},
+                        max_restarts=0, monitor_interval=0.1, shutdown_timeout=max(30, int(cfg.timeout_s)),
+                        signals_to_handle="SIGTERM,SIGINT,SIGHUP,SIGQUIT" if agent_signals else "")
+
+
+def run_agent(config, nproc: int, args: list[str]) -> tuple[str, object]:
+    """Run the ranks (`python ARGS...`) under torchrun's elastic agent and wait: ("ok", None),
+    ("signal", signum) or ("failed", {rank: failure}) (global ranks). Signals to this process are forwarded to
+    the ranks (the agent does it), which finish the round; rank 0 checkpoints and marks the run killed."""
     from torch.distributed.elastic.multiprocessing.api import SignalException
     from torch.distributed.elastic.multiprocessing.errors import ChildFailedError
-    from torch.distributed.launcher.api import LaunchConfig, elastic_launch
+    from torch.distributed.launcher.api import elastic_launch
 
     for name in list(logging.root.manager.loggerDict):  # bcdcore names the failed rank itself
         if name.startswith(("torch.distributed.elastic", "torch.distributed.launcher")):
             logging.getLogger(name).setLevel(logging.CRITICAL)
     os.environ[ENV_LAUNCHED] = "1"  # inherited by the ranks
     os.environ.setdefault("OMP_NUM_THREADS", str(max(1, (os.cpu_count() or 1) // nproc)))
-    config = LaunchConfig(min_nodes=1, max_nodes=1, nproc_per_node=nproc, run_id=uuid.uuid4().hex[:12],
-                          rdzv_backend="c10d", rdzv_endpoint="localhost:0", max_restarts=0,
-                          monitor_interval=0.1, shutdown_timeout=max(30, int(cfg.timeout_s)))
+    try:
+        elastic_launch(config, sys.executable)(*args)
+    except SignalException as exc:
+        return "signal", int(exc.sigval)
+    except ChildFailedError as exc:
+        return "failed", exc.failures
+    return "ok", None
+
+
+def launch(run_dir: Path, nproc: int, cfg, resume: bool, quiet: bool) -> tuple[int, str]:
+    """Run the ranks of a one-host run on this host (standalone rendezvous) and wait.
+    Returns (exit code, one-line summary)."""
     args = ["-m", "bcdcore", "run", "--attach", str(run_dir)]
     if resume:
         args.append("--attach-resume")
     if quiet:
         args.append("--quiet")
     run_dir = Path(run_dir)
-    try:
-        elastic_launch(config, sys.executable)(*args)
-    except SignalException as exc:
-        return _finish(run_dir, None, 128 + int(exc.sigval))
-    except ChildFailedError as exc:
-        rank, reason = _root_cause(exc.failures, run_dir)
-        return _finish(run_dir, reason, 1)
-    return _finish(run_dir, None, None)
+    outcome, detail = run_agent(agent_config(cfg, nproc), nproc, args)
+    if outcome == "signal":
+        return finish(run_dir, None, 128 + detail)
+    if outcome == "failed":
+        rank, reason = root_cause(detail, run_dir)
+        return finish(run_dir, reason, 1)
+    return finish(run_dir, None, None)
 
 
-def _finish(run_dir: Path, failure: str | None, code: int | None) -> tuple[int, str]:
+def finish(run_dir: Path, failure: str | None, code: int | None) -> tuple[int, str]:
     from bcdcore.rundir import RunDir, read_events, read_status
 
     status = read_status(run_dir)

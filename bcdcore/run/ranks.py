@@ -8,7 +8,7 @@ import sys
 import traceback
 from pathlib import Path
 
-from bcdcore.recipe import Recipe, load_recipe
+from bcdcore.recipe import Recipe, RecipeError, load_recipe
 from bcdcore.run.console import PlainConsole, error_line, final_summary
 from bcdcore.run.distributed_run import DistributedRun
 from bcdcore.run.loop import Run
@@ -124,7 +124,7 @@ def _run_rank(attach: Path | None, attach_resume: bool, recipe: Recipe | None, r
     import torch.distributed as dist
 
     from bcdcore.run.collective import RoundComm
-    from bcdcore.run.distributed import init_rank, launched_by_bcdcore, rank_device
+    from bcdcore.run.distributed import hand_off, init_rank, launched_by_bcdcore, nodes_digest, rank_device
 
     resuming = resume is not None or attach_resume
     path = attach or resume
@@ -135,20 +135,28 @@ def _run_rank(attach: Path | None, attach_resume: bool, recipe: Recipe | None, r
     comm = RoundComm(recipe.distributed, resolve_device(recipe.run.device))
     prepared = prepare(recipe, comm)
     made = None
-    if path is None:  # external torchrun, new run: rank 0 makes the directory, everyone learns where
+    if path is None:  # several nodes, new run: global rank 0 makes the directory, everyone learns where
+        digest = nodes_digest(recipe)
         if rank == 0:
             made = create_rundir(runs_dir, recipe)  # keeps the writer lock for this rank's run
             path = made.path
-            announce(f"run directory: {path}")
-        path = comm.broadcast_object(str(path) if path else None)
+            if not launched_by_bcdcore():  # else each node's launcher announces it
+                announce(f"run directory: {path}")
+        path, leader_digest = comm.broadcast_object((str(path), digest) if rank == 0 else None)
+        if digest != leader_digest:
+            known[0] = path
+            hand_off(path)  # this node's launcher reads the failure there
+            raise RecipeError(f"rank {rank}: this node's recipe differs from global rank 0's (other file or "
+                              "--set values); give every node the same recipe")
     path = Path(path)
     known[0] = path
+    hand_off(path)
     if rank != 0:
         rundir = RankDir(path, rank)
     elif made is not None:
         rundir = made
-    else:  # under bcdcore's launcher (--attach) the launcher holds the lock; under an external torchrun,
-        rundir = open_rundir(path, lock=attach is None)  # rank 0 takes it
+    else:  # under bcdcore's one-host launcher (--attach) the launcher holds the lock; with several nodes
+        rundir = open_rundir(path, lock=attach is None)  # (a resume on every node) global rank 0 takes it
     run = DistributedRun(prepared, rundir, comm, resume=bool(resuming))
     console = None
     if rank == 0 and not quiet:  # as `bcdcore run`: a live bar on a terminal, plain lines in a pipe or file
