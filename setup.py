@@ -31,7 +31,6 @@ INSTALL_REQUIRES = [
     "ninja",  # torch.utils.cpp_extension builds with it: setup.py's build and the run-time JIT fallback
     "psutil",  # bcdtui's system panel: each run's CPU % and RSS
     "nvidia-ml-py",  # bcdtui's system panel: GPU utilisation, memory and power through NVML
-    "submitit",  # `bcdcore sweep --slurm`: one Slurm job per point (imported only there)
 ]
 # The test suite's tools: pip install -e '.[test]'
 TEST_REQUIRES = ["pytest", "pytest-asyncio", "hypothesis", "pytest-textual-snapshot"]
