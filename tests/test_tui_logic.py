@@ -614,10 +614,9 @@ def test_bcdtui_imports_no_training_code():
     # bcdcore.records (the schema of status and events), bcdcore.runfiles (total file reading) and bcdcore.runlock
     # (the writer's lock), all without torch, come in through bcdcore.rundir; bcdcore.scheduler is the queue bcdtui
     # shares with `bcdcore sweep`; bcdcore.sweepfile reads cluster jobs from sweep.json; the recipe package is its
-    # four modules (and `eval` of this list, not numpy)
-    assert eval(out.stdout) == ["bcdcore", "bcdcore.recipe", "bcdcore.recipe.plugin_keys", "bcdcore.recipe.schema",
-                                "bcdcore.recipe.toml_io",
-                                "bcdcore.recipe.validate", "bcdcore.records", "bcdcore.rundir", "bcdcore.runfiles",
+    # five modules (and `eval` of this list, not numpy)
+    assert eval(out.stdout) == ["bcdcore", "bcdcore.recipe", "bcdcore.recipe.locate", "bcdcore.recipe.plugin_keys",
+                                "bcdcore.recipe.schema", "bcdcore.recipe.toml_io", "bcdcore.recipe.validate", "bcdcore.records", "bcdcore.rundir", "bcdcore.runfiles",
                                 "bcdcore.runlock", "bcdcore.scheduler", "bcdcore.sweepfile"]
 
 

@@ -63,15 +63,14 @@ from bcdcore.recipe.toml_io import (
     toml_key,
     toml_value,
 )
+from bcdcore.recipe.locate import Locator, read_text_or_empty
 from bcdcore.recipe.validate import (
     SECTIONS,
     TABLES,
-    Locator,
     Validator,
     check_block_lists,
     did_you_mean,
     field_key,
-    read_text_or_empty,
 )
 
 __all__ = [

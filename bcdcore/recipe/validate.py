@@ -12,6 +12,7 @@ from pathlib import Path
 from typing import Any
 
 from bcdcore.recipe import plugin_keys as plug
+from bcdcore.recipe.locate import Locator, read_text_or_empty
 from bcdcore.recipe.schema import (
     ACTIVE_RULES,
     CUDA_GRAPHS,
@@ -412,51 +413,6 @@ def check_block_lists(recipe: Recipe, n_blocks: int) -> None:
             v = Validator(recipe.source, read_text_or_empty(recipe.source))
             raise v.fail(f"algorithm.{key}", f"per-block list has {len(value)} entries but the model has "
                                              f"{n_blocks} blocks; give {n_blocks} values or one number")
-
-
-def read_text_or_empty(source: str) -> str:
-    try:
-        return Path(source).read_text()
-    except OSError:
-        return ""
-
-
-class Locator:
-    """Finds the line of `section.key` in the recipe text so messages can point at it."""
-
-    def __init__(self, path: str, text: str) -> None:
-        self.path = path
-        self.lines = text.splitlines()
-
-    def where(self, dotted: str) -> str:
-        line = self.line_of(dotted)
-        return f"{self.path}:{line}" if line else self.path
-
-    def line_of(self, dotted: str) -> int | None:
-        dotted = re.sub(r"\[\d+\]$", "", dotted)  # list items: point at the list's line
-        parts = dotted.split(".")
-        header = re.compile(r"^\s*\[\[?\s*([^\]]+?)\s*\]\]?")
-        if len(parts) == 1:  # a section name: its header line
-            for number, line in enumerate(self.lines, 1):
-                m = header.match(line)
-                if m and m.group(1).strip().split(".")[0] == dotted:
-                    return number
-        section, key = (parts[0], parts[-1]) if len(parts) > 1 else ("", parts[0])
-        current = ""
-        assign = re.compile(r'^\s*"?' + re.escape(key) + r'"?\s*=')
-        sec_line = None
-        for number, line in enumerate(self.lines, 1):
-            m = header.match(line)
-            if m:
-                current = m.group(1).strip()
-                if current == section and sec_line is None:
-                    sec_line = number
-                continue
-            if current == section and assign.match(line):
-                return number
-            if not section and current == "" and assign.match(line):
-                return number
-        return sec_line
 
 
 def _endpoint_ok(endpoint: str) -> bool:
