@@ -34,15 +34,7 @@ from pathlib import Path
 
 from bcdcore.recipe import Recipe, RecipeError, expand_grid
 from bcdcore.rundir import read_status, run_id_for, unique_dir, write_json_atomic
-from bcdcore.scheduler import (
-    Scheduler,
-    Task,
-    cpu_slot,
-    gpu_slot,
-    point_overrides,
-    read_run_directory,
-    run_command,
-)
+from bcdcore.scheduler import Scheduler, Task, cpu_slot, gpu_slot, point_overrides, read_run_directory, run_command
 from bcdcore.sweepfile import TERMINAL_JOB_STATES, job_state
 
 EXECUTORS = ("slurm", "local")

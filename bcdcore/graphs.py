@@ -207,7 +207,7 @@ class GraphRound:
     def report(self, i: int, rule: list[float], norms: list[float], base: int):
         """Block i's report from its rule state and last norms, as the eager loop makes it."""
         tr = self.tr
-        cfg, lam, gamma = tr.cfg, tr.lams[i], tr.gammas[i]
+        cfg, lam = tr.cfg, tr.lams[i]
         if self.rule_on(i):
             stopped = rule[0] != 0
             applied = int(rule[3]) if stopped else cfg.K

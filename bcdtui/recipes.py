@@ -14,8 +14,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from bcdcore.recipe import Recipe, RecipeError, expand_grid, parse_recipe, toml_value
-from bcdcore.recipe.plugin_keys import plugin_names
 from bcdcore.recipe import read_recipe_text as core_read_recipe_text
+from bcdcore.recipe.plugin_keys import plugin_names
 from bcdcore.rundir import RecordError, plain, printable
 from bcdcore.scheduler import point_overrides
 

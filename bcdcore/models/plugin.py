@@ -15,13 +15,13 @@ PyTorch (the first module that registers it), so it belongs to that module's blo
 """
 from __future__ import annotations
 
-from pathlib import Path
 from typing import Iterator
 
 import torch
 from torch import Tensor, nn
 
 from bcdcore import plugins
+from bcdcore.models.weights import read_state_dict
 from bcdcore.recipe import ModelConfig
 from bcdcore.recipe.plugin_keys import TORCHVISION
 
@@ -99,17 +99,7 @@ def torchvision_module(cfg: ModelConfig, n_outputs: int) -> nn.Module:
 def load_state_file(net: nn.Module, path: str) -> None:
     """`[model] weights`: a state_dict saved by torch.save (bare or under "state_dict"), read with
     weights_only=True (no code from the file runs) and loaded strictly."""
-    if not Path(path).expanduser().is_file():
-        raise ValueError(f"model.weights = {path!r}: no such file; give the path of a saved state_dict (.pt)")
-    try:
-        state = torch.load(Path(path).expanduser(), map_location="cpu", weights_only=True)
-    except Exception as exc:
-        raise ValueError(f"model.weights = {path!r}: cannot read it as a torch state_dict "
-                         f"({type(exc).__name__}: {plugins.first_line(exc)[:200]})") from None
-    if isinstance(state, dict) and isinstance(state.get("state_dict"), dict):
-        state = state["state_dict"]
-    if not isinstance(state, dict):
-        raise ValueError(f"model.weights = {path!r}: expected a state_dict, got {type(state).__name__}")
+    state = read_state_dict(path)
     try:
         net.load_state_dict(state, strict=True)
     except (RuntimeError, ValueError) as exc:

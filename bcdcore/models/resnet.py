@@ -4,11 +4,10 @@ maps every key of `torchvision.models.resnet18/34().state_dict()` onto ours exac
 """
 from __future__ import annotations
 
-from pathlib import Path
-
 import torch
 from torch import Tensor, nn
 
+from bcdcore.models.weights import read_state_dict
 from bcdcore.recipe import ModelConfig
 
 RESNET_LAYERS = {"resnet18": (2, 2, 2, 2), "resnet34": (3, 4, 6, 3)}
@@ -140,16 +139,7 @@ def to_torchvision_state_dict(model: nn.Module) -> dict[str, Tensor]:
 
 def load_weights_file(model: nn.Module, path: str) -> None:
     """`model.weights`: a torchvision state_dict saved with torch.save (bare, or under "state_dict")."""
-    try:
-        state = torch.load(Path(path).expanduser(), map_location="cpu", weights_only=True)
-    except Exception as exc:
-        raise ValueError(f"model.weights = {path!r}: cannot read it as a torch state_dict "
-                         f"({type(exc).__name__}: {' '.join(str(exc).split())[:200]})") from None
-    if isinstance(state, dict) and isinstance(state.get("state_dict"), dict):
-        state = state["state_dict"]
-    if not isinstance(state, dict):
-        raise ValueError(f"model.weights = {path!r}: expected a state_dict (a dict of tensors), got "
-                         f"{type(state).__name__}")
+    state = read_state_dict(path)
     try:
         load_torchvision_state_dict(model, state)
     except ValueError as exc:

@@ -4,6 +4,7 @@ schema: the catalogues, the typed sections and `Recipe`; validate: every check, 
 the file, line and key; toml_io: reading, `--set` overrides and writing TOML. Every error is a `RecipeError`.
 """
 
+from bcdcore.recipe.locate import Locator, read_text_or_empty
 from bcdcore.recipe.schema import (
     ACTIVE_RULES,
     CLASSIFICATION,
@@ -63,15 +64,7 @@ from bcdcore.recipe.toml_io import (
     toml_key,
     toml_value,
 )
-from bcdcore.recipe.locate import Locator, read_text_or_empty
-from bcdcore.recipe.validate import (
-    SECTIONS,
-    TABLES,
-    Validator,
-    check_block_lists,
-    did_you_mean,
-    field_key,
-)
+from bcdcore.recipe.validate import SECTIONS, TABLES, Validator, check_block_lists, did_you_mean, field_key
 
 __all__ = [
     "ACTIVE_RULES",

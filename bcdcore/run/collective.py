@@ -27,7 +27,7 @@ import torch.distributed as dist
 from torch import Tensor
 
 from bcdcore.algorithm import BlockReport
-from bcdcore.run.distributed import Comm
+from bcdcore.run.distributed import Comm, assign_blocks
 
 REPORT_FIELDS = [f.name for f in dataclasses.fields(BlockReport)]
 _CASTS = {"int": int, "bool": bool, "float": float}
@@ -48,11 +48,9 @@ def balance_blocks(costs: list[float], world: int) -> list[int]:
     """owner[i] for every block, balancing the ranks' summed cost (FLOPs of a block's inner step): costliest
     block first onto the least-loaded rank (lowest rank on ties); then the ranks are renumbered by load, so
     rank 0, which also records the run, takes the lightest share."""
+    owner = assign_blocks(costs, world)
     load = [0.0] * world
-    owner = [0] * len(costs)
-    for i in sorted(range(len(costs)), key=lambda i: (-costs[i], i)):
-        r = min(range(world), key=lambda r: (load[r], r))
-        owner[i] = r
+    for i, r in enumerate(owner):
         load[r] += costs[i]
     order = sorted(range(world), key=lambda r: (load[r], r))  # order[new] = old
     new = {old: n for n, old in enumerate(order)}
