@@ -7,6 +7,7 @@ quitting leaves them running, and the next start re-attaches to them through the
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 from functools import partial
 from pathlib import Path
@@ -20,10 +21,12 @@ from bcdcore.rundir import default_runs_dir, printable
 from bcdtui.keymap import Section, key_map_text
 from bcdtui.runner import Slot, cpu_slot, detect_slots
 from bcdtui.screens import (
+    AnnotateScreen,
     CompareScreen,
     ConfirmScreen,
     HelpScreen,
     LaunchScreen,
+    LogScreen,
     OpenComparison,
     OpenRun,
     RecipesScreen,
@@ -48,8 +51,12 @@ class BcdApp(App):
 
     def __init__(self, runs_dir: Path | str | None = None, recipes_dir: Path | str = "recipes", *,
                  slots: list[Slot] | None = None, per_slot: int = 1, engine: list[str] | None = None,
-                 grace_s: float = 30.0, refresh_s: float = 0.25, workstation: Workstation | None = None) -> None:
+                 grace_s: float = 30.0, refresh_s: float = 0.25, workstation: Workstation | None = None,
+                 confirm: bool | None = None) -> None:
         super().__init__()
+        # k and d ask first unless turned off: --no-confirm, or BCDTUI_CONFIRM=0 in the environment
+        self.confirm_prompts = confirm if confirm is not None else os.environ.get("BCDTUI_CONFIRM", "1") not in (
+            "0", "no", "off", "false")
         self.ws = workstation or Workstation(runs_dir if runs_dir is not None else default_runs_dir(), recipes_dir,
                                              slots=slots, per_slot=per_slot, engine=engine, grace_s=grace_s)
         self.refresh_s = refresh_s
@@ -136,7 +143,25 @@ class BcdApp(App):
             self.action_show_runs()
             self.push_screen("recipes")
 
+    def confirm(self, message: str, then) -> None:
+        """Ask yes/no, then call `then(answer)`; with prompts turned off, `then(True)` at once."""
+        if self.confirm_prompts:
+            self.push_screen(ConfirmScreen(message), then)
+        else:
+            then(True)
+
     def action_quit_app(self) -> None:
+        """Quit; unsaved recipe edits always ask first (whatever the prompt setting), then queued launches."""
+        recipes = self.get_screen("recipes") if self.is_screen_installed("recipes") else None
+        if recipes is not None and recipes.is_mounted and recipes.dirty:
+            name = self.ws.recipe_source(recipes.path)
+            self.push_screen(ConfirmScreen(f"{name} has unsaved changes that quitting would lose. Quit anyway? "
+                                           "(n, then ctrl+s on the recipes screen saves them)"),
+                             lambda yes: yes and self._quit_queued())
+            return
+        self._quit_queued()
+
+    def _quit_queued(self) -> None:
         waiting = len(self.ws.runner.queued())
         if not waiting:
             self.exit()
@@ -165,10 +190,15 @@ def key_sections() -> list[Section]:
     """Every screen's keys, in the order a user meets them: what F1 shows and docs/tui.md lists."""
     return [
         ("Everywhere", BcdApp.BINDINGS, [("ctrl+p", "command palette: every action of the screen, by name")]),
-        ("Runs (the start screen)", RunsScreen.BINDINGS, [("arrows, pgup/pgdn", "move in the table")]),
+        ("Runs (the start screen)", RunsScreen.BINDINGS, [
+            ("up / down, pgup / pgdn", "move in the table (the cursor stays on its run through changes)"),
+            ("left / right", "scroll the table one column (the run id stays)")]),
         ("Run (enter on a run)", RunScreen.BINDINGS, []),
+        ("Full-screen log (L on a run)", LogScreen.BINDINGS, []),
+        ("Annotate (a on a run)", AnnotateScreen.BINDINGS, [("tab", "next field")]),
         ("Compare (space marks runs, c compares)", CompareScreen.BINDINGS, []),
-        ("Recipes (F3 or e)", RecipesScreen.BINDINGS, [("tab", "move between the tree and the editor"),
+        ("Recipes (F3 or e)", RecipesScreen.BINDINGS, [("tab", "move focus: tree, editor (tab never inserts; "
+                                                               "indent with spaces)"),
                                                        ("enter (tree)", "edit the highlighted recipe")]),
         ("Launch dialog (l, or ctrl+l on a recipe)", LaunchScreen.BINDINGS, [("tab", "next field; space ticks a GPU")]),
         ("Confirmations", ConfirmScreen.BINDINGS, []),
@@ -186,6 +216,9 @@ def main(argv: list[str] | None = None) -> int:
                         help="GPU indices to use, e.g. 0,2 (default: all that nvidia-smi reports); 'none' = CPU")
     parser.add_argument("--grace", type=float, default=30.0, metavar="S",
                         help="seconds between SIGTERM and SIGKILL when killing a run (default 30)")
+    parser.add_argument("--no-confirm", action="store_true",
+                        help="k (kill) and d (delete) act without asking (also BCDTUI_CONFIRM=0); unsaved recipe "
+                             "edits still ask")
     args = parser.parse_args(argv)
     if args.per_gpu < 1:
         parser.error("--per-gpu must be at least 1")
@@ -198,7 +231,8 @@ def main(argv: list[str] | None = None) -> int:
             slots = [s for s in slots if s.key in wanted]
             if not slots:
                 parser.error(f"--gpus {args.gpus}: no such GPU here")
-    app = BcdApp(args.runs, args.recipes, slots=slots, per_slot=args.per_gpu, grace_s=args.grace)
+    app = BcdApp(args.runs, args.recipes, slots=slots, per_slot=args.per_gpu, grace_s=args.grace,
+                 confirm=False if args.no_confirm else None)
     app.run()
     return 0
 

@@ -12,13 +12,23 @@ import math
 import os
 import socket
 import time
+import tomllib
 from dataclasses import dataclass, field
-from datetime import datetime, timezone
 from pathlib import Path
 from typing import Callable
 
-from bcdcore.rundir import RunState, lost_reason, printable, read_status_checked, run_state
+from bcdcore.annotations import read_annotations
+from bcdcore.rundir import RunState, display_id, lost_reason, printable, read_status_checked, run_state
 from bcdcore.scheduler import is_zombie, reap_pid
+from bcdtui.cells import (  # noqa: F401 - the formatting helpers, re-exported for the screens that show runs
+    COLUMN_TITLES,
+    COLUMNS,
+    fmt_duration,
+    fmt_number,
+    fmt_time,
+    progress_bar,
+    row_cells,
+)
 from bcdtui.runner import Job
 from bcdtui.tailer import TailSummary, number, read_tail
 
@@ -31,10 +41,9 @@ STATE_FILTERS: dict[str, frozenset | None] = {
     "all": None, "active": ACTIVE, "finished": frozenset({"finished"}), "problems": PROBLEMS}
 
 _ENDED = frozenset({"finished", "failed", "killed"})
-COLUMNS = ("run", "state", "progress", "round", "eta", "train_loss", "val", "gpu", "started", "recipe")
-COLUMN_TITLES = {"run": "run", "state": "state", "progress": "progress", "round": "round", "eta": "ETA",
-                 "train_loss": "train loss", "val": "val", "gpu": "GPU", "started": "started (UTC)",
-                 "recipe": "recipe"}
+# an ended run's files change only when someone resumes or annotates it: with many runs, each refresh re-checks
+# at most this many ended runs (in turn), so that one refresh stays short at 10,000 runs
+ENDED_CHECKS_PER_REFRESH = 1000
 
 
 @dataclass
@@ -61,6 +70,15 @@ class RunRow:
     job_id: str = ""  # a launch without a run directory yet
     holder: str = ""  # host:pid holding the run's writer lock ("" when nobody does)
     note: str = ""  # what was skipped reading it (bad event lines in the window read)
+    name: str = ""  # the display name the user gave it (annotations.json)
+    tags: tuple[str, ...] = ()
+    notes: str = ""
+    config: dict = field(default_factory=dict)  # recipe keys the table shows (cfg: columns): key -> text
+
+    @property
+    def display(self) -> str:
+        """The short id the table shows: name (or the user's display name) + 6 hex."""
+        return display_id(self.id, self.name)
 
     @property
     def progress(self) -> float:
@@ -70,74 +88,11 @@ class RunRow:
         value = {
             "run": self.id, "recipe": self.recipe, "state": STATE_ORDER.get(self.state, 9),
             "progress": self.progress, "round": self.round, "eta": self.eta_s, "train_loss": self.train_loss,
-            "val": self.val_value, "gpu": self.gpu, "started": self.started,
-        }[column]
+            "val": self.val_value, "gpu": self.gpu, "started": self.started, "tags": " ".join(self.tags),
+        }.get(column, self.config.get(column.removeprefix("cfg:"), ""))
         if isinstance(value, float) and math.isnan(value):
             return (1, 0.0)  # missing values sort last
         return (0, value)
-
-
-# ----------------------------------------------------------------------------------------------------------
-# formatting (shared by the table and the headless twin)
-
-def fmt_number(value: float, digits: int = 4) -> str:
-    if value is None or not math.isfinite(value):
-        return "" if value is None or math.isnan(value) else str(value)
-    if value != 0 and (abs(value) >= 1e5 or abs(value) < 1e-3):
-        return f"{value:.{digits - 1}e}"
-    return f"{value:.{digits}f}"
-
-
-def fmt_duration(seconds: float) -> str:
-    if seconds is None or not math.isfinite(seconds) or seconds < 0:
-        return ""
-    seconds = int(round(seconds))
-    if seconds < 60:
-        return f"{seconds}s"
-    if seconds < 3600:
-        return f"{seconds // 60}m{seconds % 60:02d}s"
-    if seconds < 86400:
-        return f"{seconds // 3600}h{seconds % 3600 // 60:02d}m"
-    return f"{seconds // 86400}d{seconds % 86400 // 3600:02d}h"
-
-
-def fmt_time(t: float) -> str:
-    if t is None or not math.isfinite(t):
-        return ""
-    try:
-        return datetime.fromtimestamp(t, tz=timezone.utc).strftime("%m-%d %H:%M")
-    except (OverflowError, ValueError, OSError):  # a time past what a datetime holds
-        return ""
-
-
-def progress_bar(fraction: float, width: int = 8) -> str:
-    fraction = max(0.0, min(1.0, fraction))
-    full = int(fraction * width)
-    part = "▏▎▍▌▋▊▉"[int((fraction * width - full) * 7)] if full < width and fraction * width - full >= 1 / 7 else ""
-    bar = "█" * full + part
-    return f"{bar:<{width}} {fraction * 100:3.0f}%"
-
-
-def row_cells(row: RunRow) -> dict[str, str]:
-    """The text of each column for one row."""
-    val = ""
-    if row.val_name:
-        val = f"{row.val_name.removeprefix('val_')} {fmt_number(row.val_value)}"
-    state = row.state
-    if state == "unreadable":  # the reason in full is in the run's detail and in the filter's haystack
-        state = f"unreadable: {row.error}" if len(row.error) <= 40 else f"unreadable: {row.error[:39]}…"
-    return {
-        "run": printable(f"⧗ {row.recipe}" if row.job_id else row.id),
-        "state": state,
-        "progress": progress_bar(row.progress) if row.rounds else "",
-        "round": f"{row.round}/{row.rounds}" if row.rounds else "",
-        "eta": fmt_duration(row.eta_s) if row.state == "running" else "",
-        "train_loss": fmt_number(row.train_loss),
-        "val": val,
-        "gpu": printable(row.gpu) or ("cpu" if row.path is not None and row.state != "unknown" else ""),
-        "started": fmt_time(row.started),
-        "recipe": printable(row.recipe),  # from status.json, or a saved launch's label: shown, never obeyed
-    }
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -150,6 +105,9 @@ class _Seen:
     status: dict = field(default_factory=dict)
     problem: str = ""  # why status.json cannot be read ("" when it can)
     tail: TailSummary = field(default_factory=TailSummary)
+    notes_sig: tuple = ()
+    annotations: tuple = ("", (), "")  # name, tags, notes
+    config: dict | None = None  # the recipe's resolved values (read once, when config columns are shown)
 
 
 def _sig(path: str) -> tuple:
@@ -196,37 +154,46 @@ class RunsModel:
         self.sort_reverse = True
         self.filter_text = ""
         self.state_filter = "all"
-        self._host = socket.gethostname()
-        self._exited: set[str] = set()
+        self.config_keys: tuple[str, ...] = ()  # recipe keys shown as columns (cfg:KEY), e.g. algorithm.K
+        self.host = self._host = socket.gethostname()
+        self._turn = 0  # which share of the ended runs this refresh re-checks
 
     # --- refresh
-    def refresh(self, jobs: list[Job] | None = None) -> RefreshResult:
-        """Re-read what changed on disk; `jobs` (the runner's) adds rows for launches without a directory and
-        tells which runs' processes have exited."""
+    def refresh(self, jobs: list[Job] | None = None, force: set[str] | None = None) -> RefreshResult:
+        """Re-read what changed on disk; `jobs` (the runner's) adds rows for launches without a directory.
+        Live runs are checked at every refresh, ended ones in turns (ENDED_CHECKS_PER_REFRESH); `force` names
+        runs to check now whatever their turn (one the user just annotated)."""
         result = RefreshResult()
-        self._mark_exited(jobs)
         present: set[str] = set()
         try:
             entries = list(os.scandir(self.runs_dir))
         except OSError:
             entries = []
         sep = os.sep
-        for entry in entries:
+        ended = sum(1 for s in self._seen.values() if s.status.get("state") in _ENDED)
+        turns = max(1, -(-ended // ENDED_CHECKS_PER_REFRESH))
+        self._turn = (self._turn + 1) % turns
+        for index, entry in enumerate(entries):
             name = entry.name
             if name.startswith("."):
+                continue
+            seen = self._seen.get(name)
+            if seen is not None and turns > 1 and index % turns != self._turn and name in self.rows \
+                    and seen.status.get("state") in _ENDED and not (force and name in force):
+                present.add(name)  # not its turn: an ended run, unchanged since its last check in all likelihood
                 continue
             base = entry.path + sep  # plain strings: this loop runs for every run four times a second
             status_sig = _sig(base + "status.json") or _events_only(base)
             if not status_sig:
                 continue  # not a run directory (or not yet)
             present.add(name)
-            seen = self._seen.get(name)
             if seen is None:
                 seen = self._seen[name] = _Seen()
             if status_sig == seen.status_sig and seen.status.get("state") in _ENDED:
                 metrics_sig = seen.metrics_sig  # an ended run's events do not change until its status does
             else:
                 metrics_sig = _sig(base + "metrics.jsonl")
+            notes_sig = _sig(base + "annotations.json")
             dirty = False
             row = self.rows.get(name)
             path = row.path if row is not None and row.path is not None else Path(entry.path)
@@ -235,7 +202,12 @@ class RunsModel:
                 seen.status_sig, dirty = status_sig, True
             if metrics_sig != seen.metrics_sig:
                 seen.metrics_sig, seen.tail, dirty = metrics_sig, read_tail(path), True
-            state = self._state(seen.status, name, path, seen.problem)
+            if notes_sig != seen.notes_sig:
+                notes = read_annotations(path)[0]  # total: a broken file reads as none (the CLI says why)
+                seen.notes_sig, seen.annotations, dirty = notes_sig, (notes.name, notes.tags, notes.notes), True
+            if self.config_keys and seen.config is None:
+                seen.config, dirty = _resolved(path), True
+            state = self._state(seen.status, path, seen.problem)
             if row is None or dirty or row.state != state.state or row.holder != (state.holder or ""):
                 new = self._row(name, path, seen, state)
                 if row is None:
@@ -251,20 +223,23 @@ class RunsModel:
             self._merge_jobs(jobs, result)
         return result
 
-    def _mark_exited(self, jobs: list[Job] | None) -> None:
-        self._exited = {Path(j.run_dir).name for j in jobs or () if j.run_dir and j.state == "exited"}
+    def _state(self, status: dict, path: Path | None = None, problem: str = "") -> RunState:
+        """bcdcore.rundir.run_state, the one rule; first our own exited children are reaped, since a zombie's
+        pid still reads as alive (a run this app launched and that died without its end event)."""
+        if status.get("state") in ("queued", "running") and status.get("host") == self._host \
+                and is_zombie(status.get("pid")):
+            reap_pid(status.get("pid"))
+        return run_state(status, path, problem)
 
-    def _state(self, status: dict, name: str = "", path: Path | None = None, problem: str = "") -> RunState:
-        shown = run_state(status, path, problem)
-        state = shown.state
-        if state in ("queued", "running") and name in self._exited and shown.holder is None:
-            return RunState("lost", "our launch exited without writing its end state")
-        if state == "running" and status.get("host") == self._host and is_zombie(status.get("pid")):
-            reap_pid(status.get("pid"))  # our own exited child: collect it, then it reads as gone
-            shown = run_state(status, path, problem)
-            if shown.state == "running" and is_zombie(status.get("pid")) and shown.holder is None:
-                return RunState("lost", "its process exited without writing its end state")
-        return shown
+    def set_config_keys(self, keys: list[str] | tuple[str, ...]) -> None:
+        """Show these recipe keys as columns (each run's recipe.toml is read once, at the next refresh)."""
+        self.config_keys = tuple(dict.fromkeys(k.strip() for k in keys if k.strip()))
+        for name, seen in self._seen.items():
+            if self.config_keys and seen.config is None:
+                seen.config = _resolved(self.rows[name].path) if name in self.rows and self.rows[name].path else {}
+            row = self.rows.get(name)
+            if row is not None:
+                self.rows[name] = _with_config(row, seen.config or {}, self.config_keys)
 
     def _row(self, name: str, path: Path, seen: _Seen, shown: RunState) -> RunRow:
         status, tail, state = seen.status, seen.tail, shown.state
@@ -290,7 +265,9 @@ class RunsModel:
             val_value=tail.val_value, test_name=tail.test_name, test_value=tail.test_value,
             gpu=str(status.get("gpu") or ""), started=number(status.get("started")), ended=number(status.get("ended")),
             pid=status.get("pid"), host=str(status.get("host") or ""), error=str(error),
-            exit_code=status.get("exit_code"), holder=shown.holder or "", note=tail.note)
+            exit_code=status.get("exit_code"), holder=shown.holder or "", note=tail.note,
+            name=seen.annotations[0], tags=tuple(seen.annotations[1]), notes=seen.annotations[2],
+            config=_pick(seen.config or {}, self.config_keys))
 
     def _merge_jobs(self, jobs: list[Job], result: RefreshResult) -> None:
         wanted: dict[str, RunRow] = {}
@@ -317,14 +294,29 @@ class RunsModel:
 
     # --- view
     def matches(self, row: RunRow) -> bool:
-        """Does the row pass the state filter and the text filter (every word must occur)?"""
+        """Does the row pass the state filter and the text filter? Every word must occur in the id, display
+        name, recipe, state, GPU, error, tags or notes; `tag:X` asks for the tag X, `state:X` for the state X."""
         states = STATE_FILTERS.get(self.state_filter)
         if states is not None and row.state not in states:
             return False
         words = self.filter_text.lower().split()
-        if words:
-            hay = " ".join((row.id, row.recipe, row.state, row.gpu, row.error)).lower()
-            return all(w in hay for w in words)
+        if not words:
+            return True
+        hay = None
+        for word in words:
+            kind, _, want = word.partition(":")
+            if kind == "tag" and want:
+                if want not in (t.lower() for t in row.tags):
+                    return False
+            elif kind == "state" and want:
+                if not row.state.startswith(want):
+                    return False
+            else:
+                if hay is None:
+                    hay = " ".join((row.id, row.display, row.recipe, row.state, row.gpu, row.error, *row.tags,
+                                    row.notes)).lower()
+                if word not in hay:
+                    return False
         return True
 
     def view(self) -> list[RunRow]:
@@ -338,7 +330,7 @@ class RunsModel:
         return present + missing
 
     def sort_by(self, column: str, reverse: bool | None = None) -> None:
-        if column not in COLUMNS:
+        if column not in COLUMNS and column.removeprefix("cfg:") not in self.config_keys:
             raise ValueError(f"unknown column {column!r}; one of {', '.join(COLUMNS)}")
         if reverse is None:
             reverse = not self.sort_reverse if column == self.sort_column else column in ("started", "progress")
@@ -365,3 +357,36 @@ class RunsModel:
         return [(str(r.path), r.gpu) for r in self.rows.values()
                 if r.path is not None and r.host in ("", self._host)
                 and (r.state == "running" or (r.state == "queued" and r.pid))]
+
+
+# ----------------------------------------------------------------------------------------------------------
+# config columns: values from each run's resolved recipe.toml
+
+def _resolved(path: Path | None) -> dict:
+    """A run's resolved recipe as {dotted.key: value text}; {} when it cannot be read (any bytes may be there)."""
+    if path is None:
+        return {}
+    try:
+        with open(path / "recipe.toml", "rb") as f:
+            raw = f.read(1 << 20)
+        data = tomllib.loads(raw.decode("utf-8"))
+    except (OSError, ValueError, RecursionError):
+        return {}
+    out: dict[str, str] = {}
+    for section, table in data.items():
+        if isinstance(table, dict):
+            for key, value in table.items():
+                if not isinstance(value, (dict, list)) or (isinstance(value, list) and len(value) <= 8):
+                    out[f"{section}.{key}"] = str(value)
+    return out
+
+
+def _pick(config: dict, keys: tuple[str, ...]) -> dict:
+    return {k: config[k] for k in keys if k in config}
+
+
+def _with_config(row: RunRow, config: dict, keys: tuple[str, ...]) -> RunRow:
+    picked = _pick(config, keys)
+    if picked == row.config:
+        return row
+    return RunRow(**{**row.__dict__, "config": picked})

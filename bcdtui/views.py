@@ -10,6 +10,7 @@ from rich.markup import escape
 from rich.text import Text
 
 from bcdtui.recipes import LaunchPlan
+from bcdcore.rundir import printable
 from bcdtui.runs import RunRow, fmt_duration, fmt_number, progress_bar
 from bcdtui.tailer import RunFollower, number
 
@@ -40,18 +41,36 @@ def block_cells(event: dict) -> tuple:
             fmt_number(number(event.get("gamma")), 2), fmt_number(number(event.get("dist")), 3))
 
 
-def launch_preview(plan: LaunchPlan, usage: dict[str, int], slots: list[str], per_slot: int) -> list[Text]:
-    """The launch dialog's plan: the validation, how many runs start now and how many wait, the first points."""
+def empty_state(runs_dir, recipes_dir, width: int = 80) -> Text:
+    """The first start (no runs yet): what to press."""
+    text = Text()
+    text.append("No runs yet", style="bold")
+    text.append(f" in {printable(str(runs_dir))}.\n\n")
+    for key, what in (("l", f"launch a recipe from {printable(str(recipes_dir))} (overrides, GPUs, sweep preview)"),
+                      ("F3 or e", "edit recipes (ctrl+n makes a new one from a template)"),
+                      ("F1", "every key; ctrl+p finds an action by name"),
+                      ("ctrl+q", "quit (runs keep running; the next start finds them)")):
+        text.append(f"  {key:<8}", style="bold #4fc3f7")
+        text.append(f" {what}\n")
+    return text
+
+
+def launch_preview(plan: LaunchPlan, usage: dict[str, int], slots: list[str], per_slot: int,
+                   limit: int = 5) -> list[Text]:
+    """The launch dialog's plan: the validation, how many runs start now and how many wait, the first `limit`
+    points; the count line says how many are not listed, so it shows even when the dialog is short."""
     free = sum(max(0, per_slot - usage.get(s, 0)) for s in slots)
     n = len(plan.runs)
     starts = min(n, free)
+    more = len(plan.points) - limit if len(plan.points) > limit else 0
+    listed = f" ({limit} listed below, and {more} more)" if more else ""
     lines = [Text(f"✓ {plan.summary}", style="green"),
-             Text(f"{n} run{'s' if n > 1 else ''}: {starts} start{'s' if starts == 1 else ''} now, "
+             Text(f"{n} run{'s' if n > 1 else ''}{listed}: {starts} start{'s' if starts == 1 else ''} now, "
                   f"{n - starts} wait{'s' if n - starts == 1 else ''} in the queue "
                   f"(slots {', '.join(slots)}, {per_slot} per slot)")]
     # escape(): as the dialog has always shown them (a Text takes no markup, so this only matters for lines
     # that look like a tag)
-    return lines + [Text("  " + escape(line), style="dim") for line in plan.describe(limit=5)]
+    return lines + [Text("  " + escape(line), style="dim") for line in plan.describe(limit=limit)]
 
 
 def run_summary(row: RunRow | None, f: RunFollower) -> list[Text]:
@@ -108,3 +127,13 @@ def run_summary(row: RunRow | None, f: RunFollower) -> list[Text]:
             lines.append(note)
     return lines
 
+
+
+def launch_summary(row: RunRow) -> list[Text]:
+    """The run screen of a launch that has no run directory (queued, starting, or refused by the engine)."""
+    lines = [styled_state(row.state), Text(f"{row.recipe}", style="bold")]
+    lines[0].append(f"  {printable(row.recipe)}  (no run directory yet)", style="dim")
+    if row.error:
+        lines.append(Text(f"error: {printable(row.error)}", style="bold #e57373"))
+    lines[1] = Text("the launch's output is below; d removes this row, l launches again", style="dim")
+    return lines
