@@ -34,8 +34,8 @@ def block_cells(event: dict) -> tuple:
     """One row of the run screen's blocks table, from a `block` event."""
     res, thr = number(event.get("residual")), number(event.get("threshold"))
     met = math.isfinite(thr) and res <= thr
-    return (str(event.get("block", "")), str(event.get("inner_steps", "")),
-            Text("yes", style=MET) if event.get("stopped_early") else "no",
+    steps = str(event.get("inner_steps", ""))  # "↓": its inexactness rule stopped it early (one column, not two)
+    return (str(event.get("block", "")), Text(f"{steps}↓", style=MET) if event.get("stopped_early") else steps,
             Text(fmt_number(res, 3), style=MET if met else ""),
             fmt_number(thr, 3) if math.isfinite(thr) else "off", fmt_number(number(event.get("lambda")), 3),
             fmt_number(number(event.get("gamma")), 2), fmt_number(number(event.get("dist")), 3))

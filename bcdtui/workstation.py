@@ -115,6 +115,18 @@ class Workstation:
     def run_id_of(self, job: Job) -> str:
         return Path(job.run_dir).name if job.run_dir else f"job:{job.id}"
 
+    def launch_row(self, row_id: str | None) -> str | None:
+        """The row that shows a launch now: `job:ID` until its run directory is known, then that run (a resume's
+        is the run it resumes, from the start); other ids as they are; None for a launch that is gone."""
+        if row_id is None or not row_id.startswith("job:"):
+            return row_id
+        job = self.runner.jobs.get(row_id.removeprefix("job:"))
+        if job is None:
+            return None
+        if job.spec.resume:
+            return Path(job.spec.resume).name
+        return self.run_id_of(job)
+
     def state_of_job(self, job: Job) -> str:
         row = self.model.rows.get(self.run_id_of(job))
         return row.state if row else job.state

@@ -368,3 +368,125 @@ async def test_l_preselects_the_highlighted_runs_recipe(demo):
         t.move_cursor(row=t.get_row_index("tiny-20261126-043000-deadbe"))
         await pilot.press("l")
         assert Path(app.screen.query_one("#recipe").value).name == "tiny.toml"
+
+
+# ----------------------------------------------------------------------------------------------------------
+# the new keys
+
+async def test_annotate_then_filter_by_tag_and_state(demo):
+    app = demo_app(demo)
+    run_id = "quickstart-20261126-025404-92c6eb"
+    async with app.run_test(size=(120, 36)) as pilot:
+        await pilot.pause()
+        t = table(app)
+        t.move_cursor(row=t.get_row_index(run_id))
+        await pilot.press("a", *"lr-0.05", "tab", *"baseline best", "ctrl+s")
+        await pilot.pause()
+        assert isinstance(app.screen, RunsScreen)
+        assert t.get_cell(run_id, "run").plain == "lr-0.05-92c6eb"
+        assert t.get_cell(run_id, "tags").plain == "baseline best"
+        stored = (demo / "runs" / run_id / "annotations.json").read_text()
+        assert '"baseline"' in stored and '"lr-0.05"' in stored
+        await pilot.press("slash", *"tag:baseline")
+        await pilot.pause()
+        assert real_runs(app) == [run_id]
+        app.runs_screen.query_one("#filter").value = "state:finished"
+        await pilot.pause()
+        assert set(real_runs(app)) == {run_id, "quickstart-20261126-031010-4be1a0"}
+        app.runs_screen.query_one("#filter").value = "tag:nothing-has-it"
+        await pilot.pause()
+        assert real_runs(app) == []
+        # a bad tag is refused in the dialog, in one line, and nothing is stored
+        app.runs_screen.query_one("#filter").value = ""
+        await pilot.press("escape")
+        t.move_cursor(row=t.get_row_index(run_id))
+        await pilot.press("a", "tab", *" bad,tag!", "ctrl+s")
+        await pilot.pause()
+        assert "tag 'tag!'" in str(app.screen.query_one("#annotate-error").render())
+        await pilot.press("escape", "y")
+        assert (demo / "runs" / run_id / "annotations.json").read_text() == stored
+
+
+async def test_empty_state_says_what_to_press(place):
+    app = make_app(place)
+    async with app.run_test(size=(80, 24)) as pilot:
+        await pilot.pause()
+        text = screen_text(app)
+        assert "No runs yet" in text and "launch a recipe" in text and "F3" in text
+
+
+async def test_right_scrolls_one_whole_column(demo):
+    app = demo_app(demo)
+    async with app.run_test(size=(80, 24)) as pilot:
+        await pilot.pause()
+        t = table(app)
+        starts = t.column_starts()
+        await pilot.press("right")
+        await pilot.pause()
+        assert t.scroll_x == starts[1]  # the state column scrolled away whole; the run id stays
+        await pilot.press("right", "left", "left")
+        await pilot.pause()
+        assert t.scroll_x == 0
+
+
+async def test_run_screen_maximises_each_panel_in_turn(demo):
+    app = demo_app(demo)
+    async with app.run_test(size=(80, 24)) as pilot:
+        await pilot.pause()
+        t = table(app)
+        t.move_cursor(row=t.get_row_index("quickstart-20261126-025404-92c6eb"))
+        await pilot.press("enter")
+        await pilot.pause()
+        seen = []
+        for _ in range(4):
+            await pilot.press("z")
+            await pilot.pause()
+            seen.append(app.screen.maximized.id if app.screen.maximized is not None else None)
+        assert seen == ["chart", "blocks", "side", None]
+
+
+async def test_full_log_search_wrap_and_follow(demo):
+    app = demo_app(demo)
+    run_id = "sweep_k-20261126-040000-a1b2c3"
+    log = demo / "runs" / run_id / "log.txt"
+    log.write_text("".join(f"line {i} {'x' * 150 if i == 3 else ''}\n" for i in range(300)))
+    async with app.run_test(size=(80, 24)) as pilot:
+        await pilot.pause()
+        t = table(app)
+        t.move_cursor(row=t.get_row_index(run_id))
+        await pilot.press("enter", "L")
+        await pilot.pause(0.3)
+        screen = app.screen
+        view = screen.query_one("#full-log")
+        assert view.scroll_y == view.max_scroll_y > 0  # follows: at the end
+        await pilot.press("slash", *"line 42", "enter")
+        await pilot.pause(0.3)
+        assert screen.matched_line() == "line 42 " and not screen.following
+        assert view.scroll_y <= 42 <= view.scroll_y + view.size.height
+        with log.open("a") as f:
+            f.write("a new line\n")
+        await pilot.pause(0.5)
+        assert screen.lines[-1] == "a new line" and view.scroll_y < view.max_scroll_y  # not following
+        await pilot.press("f")
+        await pilot.pause(0.3)
+        assert screen.following and view.scroll_y == view.max_scroll_y
+        height = len(view.lines)
+        await pilot.press("w")
+        await pilot.pause(0.3)
+        assert screen.wrap and len(view.lines) > height  # line 3 wraps over several rows
+
+
+async def test_config_columns_show_at_160_columns(demo):
+    app = demo_app(demo)
+    async with app.run_test(size=(160, 48)) as pilot:
+        await pilot.pause()
+        await pilot.press("o", *"algorithm.K algorithm.lambda", "enter")
+        await pilot.pause()
+        t = table(app)
+        assert t.get_cell("quickstart-20261126-031010-4be1a0", "cfg:algorithm.K").plain == "5"
+        assert t.get_cell("quickstart-20261126-025404-92c6eb", "cfg:algorithm.lambda").plain == "0.01"
+    narrow = demo_app(demo)
+    async with narrow.run_test(size=(80, 24)) as pilot:
+        await pilot.press("o", *"algorithm.K", "enter")
+        await pilot.pause()
+        assert "cfg:algorithm.K" not in [str(k.value) for k in table(narrow).columns]

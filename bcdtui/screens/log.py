@@ -37,7 +37,8 @@ class LogScreen(WsScreen):
         self._starts: list[int] = []  # the y at which each line starts in the widget (wrapping makes it differ)
 
     def compose(self) -> ComposeResult:
-        yield TopBar(f"Log of {printable(self.run_id)}", id="topbar")
+        row = self.ws.model.rows.get(self.run_id)
+        yield TopBar(f"Log of {printable(row.display if row is not None else self.run_id)}", id="topbar")
         yield RichLog(id="full-log", wrap=False, auto_scroll=True, markup=False, highlight=False)
         yield Input(placeholder="search the log (enter: next match, escape: close)", id="log-search")
         yield Static("", id="log-info")
@@ -106,12 +107,15 @@ class LogScreen(WsScreen):
     @on(Input.Submitted, "#log-search")
     def _searched(self, event: Input.Submitted) -> None:
         wanted = event.value.strip().lower()
+        event.input.remove_class("-shown")  # back to the log: n / N / w / f answer again
+        self.query_one("#full-log").focus()
+        self.following = False  # a match to read: stop following (before the redraw, which would scroll down)
         if wanted != self.query_text:
             self.query_text = wanted
             self.matches = [i for i, line in enumerate(self.lines) if wanted and wanted in line.lower()]
             self.match = -1
             self.redraw()
-        self.action_next_match()
+        self.call_after_refresh(self.action_next_match)  # once the redrawn lines are laid out
 
     def action_next_match(self) -> None:
         self._go(+1)

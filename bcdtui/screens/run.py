@@ -54,7 +54,7 @@ class RunScreen(ChartAxes, WsScreen):
 
     def on_mount(self) -> None:
         blocks = self.query_one("#blocks", DataTable)
-        for key, title in (("block", "blk"), ("steps", "steps"), ("early", "early"), ("residual", "residual"),
+        for key, title in (("block", "blk"), ("steps", "steps"), ("residual", "residual"),
                            ("threshold", "thresh"), ("lambda", "λ"), ("gamma", "γ"), ("dist", "dist")):
             blocks.add_column(title, key=key)
         blocks.border_title = "blocks (latest round)"
@@ -67,6 +67,9 @@ class RunScreen(ChartAxes, WsScreen):
         self.follower = self.ws.follow(self.run_id)
         self.poll(force=True)
         self.set_interval(FOLLOW_S, self.poll)  # one file read from an offset: faster than the app's refresh
+
+    def on_resize(self) -> None:
+        self.set_class(self.size.width < 120, "-narrow")  # the blocks panel takes two thirds: λ, γ, dist fit
 
     def tick(self) -> None:
         if self.follower is not None:
@@ -102,7 +105,7 @@ class RunScreen(ChartAxes, WsScreen):
         for event in self.follower.block_rows():
             table.add_row(*block_cells(event))
         rnd = self.follower.blocks_round
-        table.border_title = f"blocks, round {rnd}" if rnd else "blocks (none yet)"
+        table.border_title = f"blocks, round {rnd} (↓ stopped early)" if rnd else "blocks (none yet)"
 
     def _draw_measures(self) -> None:
         units = list(self.follower.measures)

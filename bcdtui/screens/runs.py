@@ -163,7 +163,7 @@ class RunsScreen(WsScreen):
         """The cursor on the run just launched (once it shows), else on the run it was on."""
         target = keep
         if self.follow is not None:
-            follow = self._followed()
+            follow = self.follow = self.ws.launch_row(self.follow)
             if follow in self._cells:
                 target = follow
                 if not follow.startswith("job:"):
@@ -176,21 +176,6 @@ class RunsScreen(WsScreen):
             self.cursor_run = target
         else:
             self.cursor_run = self.current_id()
-
-    def _followed(self) -> str | None:
-        """What `follow` names now: a launch's row until its run directory shows, then that run."""
-        follow = self.follow
-        if follow is not None and follow.startswith("job:"):
-            job = self.ws.runner.jobs.get(follow.removeprefix("job:"))
-            if job is None:
-                self.follow = None
-                return None
-            if job.spec.resume:
-                return job.spec.resume.rstrip("/").rsplit("/", 1)[-1]
-            if job.run_dir:
-                self.follow = self.ws.run_id_of(job)
-                return self.follow
-        return follow
 
     @on(DataTable.RowHighlighted, "#runs")
     def _highlighted(self, event: DataTable.RowHighlighted) -> None:
@@ -229,6 +214,11 @@ class RunsScreen(WsScreen):
         empty = self.query_one("#empty", Static)
         first_start = not model.rows
         empty.display = first_start
+        table = self.query_one("#runs", DataTable)
+        if table.display == first_start:  # shown again once there is a run: it takes the keys again
+            table.display = not first_start
+            if not first_start and not self.query_one("#filter", Input).has_focus:
+                table.focus()
         if first_start:
             empty.update(empty_state(self.ws.runs_dir, self.ws.recipes_dir, self.app.size.width))
 
