@@ -65,7 +65,9 @@ class BcdApp(App):
 
     # --- start
     def get_default_screen(self) -> Screen:
-        self.ws.refresh()  # re-attach: every run's status and pid are read before the first paint
+        # re-attach: every run's status and pid are read before the first paint; the events' tails (val, loss)
+        # follow over the next refreshes, newest run first (at 10,000 runs they take seconds)
+        self.ws.refresh(defer=True)
         self.ws.drain_changes()
         self.runs_screen = RunsScreen()
         return self.runs_screen

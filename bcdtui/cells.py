@@ -10,7 +10,10 @@ from __future__ import annotations
 
 import math
 import re
+import tomllib
+from dataclasses import replace
 from datetime import datetime, timezone
+from pathlib import Path
 from typing import TYPE_CHECKING
 
 from bcdcore.rundir import display_id, printable
@@ -106,3 +109,36 @@ def row_cells(row: "RunRow", config_keys: tuple[str, ...] = ()) -> dict[str, str
     for key in config_keys:
         cells[CONFIG_PREFIX + key] = printable(row.config.get(key, ""))
     return cells
+
+
+# ----------------------------------------------------------------------------------------------------------
+# config columns: values from each run's resolved recipe.toml
+
+def recipe_values(path: Path | None) -> dict:
+    """A run's resolved recipe as {dotted.key: value text}; {} when it cannot be read (any bytes may be there)."""
+    if path is None:
+        return {}
+    try:
+        with open(path / "recipe.toml", "rb") as f:
+            raw = f.read(1 << 20)
+        data = tomllib.loads(raw.decode("utf-8"))
+    except (OSError, ValueError, RecursionError):
+        return {}
+    out: dict[str, str] = {}
+    for section, table in data.items():
+        if isinstance(table, dict):
+            for key, value in table.items():
+                if not isinstance(value, (dict, list)) or (isinstance(value, list) and len(value) <= 8):
+                    out[f"{section}.{key}"] = str(value)
+    return out
+
+
+def pick_values(config: dict, keys: tuple[str, ...]) -> dict:
+    return {k: config[k] for k in keys if k in config}
+
+
+def with_config(row: "RunRow", config: dict, keys: tuple[str, ...]) -> "RunRow":
+    picked = pick_values(config, keys)
+    if picked == row.config:
+        return row
+    return replace(row, config=picked)

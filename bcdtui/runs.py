@@ -1,18 +1,16 @@
 """The runs table as data: one `RunRow` per run directory (plus launches that have no directory yet), refreshed
 incrementally, sorted and filtered. The DataTable on the runs screen only mirrors `RunsModel.view()`.
 
-A refresh stats each run's status.json and metrics.jsonl and re-reads only what changed: status.json (a few
-hundred bytes) and the last few KiB of metrics.jsonl (`tailer.read_tail`). A run whose status says running but
-whose process is gone (on this host) and holds no writer lock is "lost"; a run whose status.json cannot be read
-is "unreadable" with the reason (bcdcore.rundir.run_state: one rule for every reader).
+A refresh stats each run's files and re-reads only what changed: status.json and the last few KiB of
+metrics.jsonl (`tailer.read_tail`). The state is bcdcore.rundir.run_state's, the one rule of every reader.
 """
 from __future__ import annotations
 
 import math
 import os
+from collections import Counter
 import socket
 import time
-import tomllib
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable
@@ -26,11 +24,14 @@ from bcdtui.cells import (  # noqa: F401 - the formatting helpers, re-exported f
     fmt_duration,
     fmt_number,
     fmt_time,
+    pick_values,
     progress_bar,
+    recipe_values,
     row_cells,
+    with_config,
 )
 from bcdtui.runner import Job
-from bcdtui.tailer import TailSummary, number, read_tail
+from bcdtui.tailer import TailSummary, events_only_sig, file_sig, number, read_tail
 
 STATE_ORDER = {"starting": 0, "queued": 1, "running": 2, "lost": 3, "error": 4, "unreadable": 5, "failed": 6,
                "killed": 7, "finished": 8, "unknown": 9}
@@ -110,27 +111,6 @@ class _Seen:
     config: dict | None = None  # the recipe's resolved values (read once, when config columns are shown)
 
 
-def _sig(path: str) -> tuple:
-    try:
-        st = os.stat(path)
-    except FileNotFoundError:
-        return ()
-    except OSError:  # there but not statable (a link loop...): a run whose status shows as unreadable
-        try:
-            st = os.lstat(path)
-        except OSError:
-            return ()
-        return ("broken", st.st_mtime_ns, st.st_ino)
-    return (st.st_mtime_ns, st.st_size, st.st_ino)
-
-
-def _events_only(base: str) -> tuple:
-    """A directory with events but no status.json: a run whose status was lost (it shows as unreadable).
-    An empty stream is a run being created (its status comes a moment later): not shown yet."""
-    sig = _sig(base + "metrics.jsonl")
-    return ("no status",) if sig and sig[0] != "broken" and sig[1] > 0 else ()
-
-
 @dataclass
 class RefreshResult:
     added: set[str] = field(default_factory=set)
@@ -157,33 +137,42 @@ class RunsModel:
         self.config_keys: tuple[str, ...] = ()  # recipe keys shown as columns (cfg:KEY), e.g. algorithm.K
         self.host = self._host = socket.gethostname()
         self._turn = 0  # which share of the ended runs this refresh re-checks
+        self._ended = 0  # ended runs at the last refresh
+        self._dir_sig: tuple = ()
+        self._entries: list[tuple[str, str]] = []
+        self._pending: list[str] = []  # runs whose events' tail is still to read (after a deferred first load)
+        self._pending_config: list[str] = []  # runs whose recipe.toml is still to read (config columns)
 
     # --- refresh
-    def refresh(self, jobs: list[Job] | None = None, force: set[str] | None = None) -> RefreshResult:
+    def refresh(self, jobs: list[Job] | None = None, force: set[str] | None = None,
+                defer: bool = False) -> RefreshResult:
         """Re-read what changed on disk; `jobs` (the runner's) adds rows for launches without a directory.
         Live runs are checked at every refresh, ended ones in turns (ENDED_CHECKS_PER_REFRESH); `force` names
-        runs to check now whatever their turn (one the user just annotated)."""
+        runs to check now whatever their turn (one the user just annotated). `defer` (the first load): each
+        new run's status is read now, its events' tail later, by `fill()`, newest first, so that the table
+        paints at once at 10,000 runs."""
         result = RefreshResult()
         present: set[str] = set()
-        try:
-            entries = list(os.scandir(self.runs_dir))
-        except OSError:
-            entries = []
+        dir_sig = file_sig(str(self.runs_dir))
+        if dir_sig != self._dir_sig or not dir_sig:  # a run directory came or went (its parent's mtime changed)
+            try:
+                self._entries = [(e.name, e.path) for e in os.scandir(self.runs_dir) if not e.name.startswith(".")]
+            except OSError:
+                self._entries = []
+            self._dir_sig = dir_sig
         sep = os.sep
-        ended = sum(1 for s in self._seen.values() if s.status.get("state") in _ENDED)
-        turns = max(1, -(-ended // ENDED_CHECKS_PER_REFRESH))
+        turns = max(1, -(-self._ended // ENDED_CHECKS_PER_REFRESH))
         self._turn = (self._turn + 1) % turns
-        for index, entry in enumerate(entries):
-            name = entry.name
-            if name.startswith("."):
-                continue
+        ended = 0
+        for index, (name, entry_path) in enumerate(self._entries):
             seen = self._seen.get(name)
-            if seen is not None and turns > 1 and index % turns != self._turn and name in self.rows \
-                    and seen.status.get("state") in _ENDED and not (force and name in force):
-                present.add(name)  # not its turn: an ended run, unchanged since its last check in all likelihood
-                continue
-            base = entry.path + sep  # plain strings: this loop runs for every run four times a second
-            status_sig = _sig(base + "status.json") or _events_only(base)
+            if seen is not None and seen.status.get("state") in _ENDED:
+                ended += 1
+                if turns > 1 and index % turns != self._turn and name in self.rows and not (force and name in force):
+                    present.add(name)  # not its turn: an ended run, unchanged since its last check in all likelihood
+                    continue
+            base = entry_path + sep  # plain strings: this loop runs for every run four times a second
+            status_sig = file_sig(base + "status.json") or events_only_sig(base)
             if not status_sig:
                 continue  # not a run directory (or not yet)
             present.add(name)
@@ -192,21 +181,24 @@ class RunsModel:
             if status_sig == seen.status_sig and seen.status.get("state") in _ENDED:
                 metrics_sig = seen.metrics_sig  # an ended run's events do not change until its status does
             else:
-                metrics_sig = _sig(base + "metrics.jsonl")
-            notes_sig = _sig(base + "annotations.json")
+                metrics_sig = file_sig(base + "metrics.jsonl")
+            notes_sig = file_sig(base + "annotations.json")
             dirty = False
             row = self.rows.get(name)
-            path = row.path if row is not None and row.path is not None else Path(entry.path)
+            path = row.path if row is not None and row.path is not None else Path(entry_path)
             if status_sig != seen.status_sig:
                 seen.status, seen.problem = read_status_checked(path)
                 seen.status_sig, dirty = status_sig, True
             if metrics_sig != seen.metrics_sig:
-                seen.metrics_sig, seen.tail, dirty = metrics_sig, read_tail(path), True
+                if defer and seen.status.get("state") in _ENDED:
+                    self._pending.append(name)  # its tail comes with fill()
+                else:
+                    seen.metrics_sig, seen.tail, dirty = metrics_sig, read_tail(path), True
             if notes_sig != seen.notes_sig:
                 notes = read_annotations(path)[0]  # total: a broken file reads as none (the CLI says why)
                 seen.notes_sig, seen.annotations, dirty = notes_sig, (notes.name, notes.tags, notes.notes), True
-            if self.config_keys and seen.config is None:
-                seen.config, dirty = _resolved(path), True
+            if self.config_keys and seen.config is None and row is None:  # a new run; the others: fill()
+                seen.config, dirty = recipe_values(path), True
             state = self._state(seen.status, path, seen.problem)
             if row is None or dirty or row.state != state.state or row.holder != (state.holder or ""):
                 new = self._row(name, path, seen, state)
@@ -215,12 +207,44 @@ class RunsModel:
                 elif new != row:
                     result.changed.add(name)
                 self.rows[name] = new
+        self._ended = ended
+        if defer and self._pending:  # newest first: the rows the default sort shows at the top
+            self._pending.sort(key=lambda n: self.rows[n].started if n in self.rows else 0.0)
         for name in [n for n, r in self.rows.items() if r.job_id == "" and n not in present]:
             del self.rows[name]
             self._seen.pop(name, None)
             result.removed.add(name)
         if jobs is not None:
             self._merge_jobs(jobs, result)
+        return result
+
+    @property
+    def pending(self) -> int:
+        """Runs whose events are still to be read after the first load (their val and loss cells are blank)."""
+        return len(self._pending) + len(self._pending_config)
+
+    def fill(self, budget_s: float = 0.02) -> RefreshResult:
+        """Read the deferred tails, newest run first, for at most `budget_s` seconds (the app calls it between
+        refreshes until none is left)."""
+        result = RefreshResult()
+        deadline = time.perf_counter() + budget_s
+        while self._pending and time.perf_counter() < deadline:
+            name = self._pending.pop()
+            seen, row = self._seen.get(name), self.rows.get(name)
+            if seen is None or row is None or row.path is None:
+                continue
+            seen.metrics_sig, seen.tail = file_sig(str(row.path / "metrics.jsonl")), read_tail(row.path)
+            new = self._row(name, row.path, seen, self._state(seen.status, row.path, seen.problem))
+            if new != row:
+                self.rows[name] = new
+                result.changed.add(name)
+        while self._pending_config and not self._pending and time.perf_counter() < deadline:
+            name = self._pending_config.pop()
+            seen, row = self._seen.get(name), self.rows.get(name)
+            if seen is not None and row is not None and row.path is not None:
+                seen.config = recipe_values(row.path)
+                self.rows[name] = with_config(row, seen.config, self.config_keys)
+                result.changed.add(name)
         return result
 
     def _state(self, status: dict, path: Path | None = None, problem: str = "") -> RunState:
@@ -232,14 +256,15 @@ class RunsModel:
         return run_state(status, path, problem)
 
     def set_config_keys(self, keys: list[str] | tuple[str, ...]) -> None:
-        """Show these recipe keys as columns (each run's recipe.toml is read once, at the next refresh)."""
+        """Show these recipe keys as columns; each run's recipe.toml is read once, by `fill()`, newest first."""
         self.config_keys = tuple(dict.fromkeys(k.strip() for k in keys if k.strip()))
-        for name, seen in self._seen.items():
-            if self.config_keys and seen.config is None:
-                seen.config = _resolved(self.rows[name].path) if name in self.rows and self.rows[name].path else {}
-            row = self.rows.get(name)
-            if row is not None:
-                self.rows[name] = _with_config(row, seen.config or {}, self.config_keys)
+        for name, row in sorted(self.rows.items(), key=lambda item: item[1].started if item[1].path else 0.0):
+            seen = self._seen.get(name)
+            if seen is None:
+                continue
+            if self.config_keys and seen.config is None and name not in self._pending_config:
+                self._pending_config.append(name)
+            self.rows[name] = with_config(row, seen.config or {}, self.config_keys)
 
     def _row(self, name: str, path: Path, seen: _Seen, shown: RunState) -> RunRow:
         status, tail, state = seen.status, seen.tail, shown.state
@@ -267,7 +292,7 @@ class RunsModel:
             pid=status.get("pid"), host=str(status.get("host") or ""), error=str(error),
             exit_code=status.get("exit_code"), holder=shown.holder or "", note=tail.note,
             name=seen.annotations[0], tags=tuple(seen.annotations[1]), notes=seen.annotations[2],
-            config=_pick(seen.config or {}, self.config_keys))
+            config=pick_values(seen.config or {}, self.config_keys))
 
     def _merge_jobs(self, jobs: list[Job], result: RefreshResult) -> None:
         wanted: dict[str, RunRow] = {}
@@ -347,46 +372,10 @@ class RunsModel:
         return self.state_filter
 
     def counts(self) -> dict[str, int]:
-        out: dict[str, int] = {}
-        for row in self.rows.values():
-            out[row.state] = out.get(row.state, 0) + 1
-        return out
+        return dict(Counter(row.state for row in self.rows.values()))
 
     def live_runs(self) -> list[tuple[str, str]]:
         """(run_dir, gpu) of the runs whose process is alive here (for the runner's slot accounting)."""
         return [(str(r.path), r.gpu) for r in self.rows.values()
                 if r.path is not None and r.host in ("", self._host)
                 and (r.state == "running" or (r.state == "queued" and r.pid))]
-
-
-# ----------------------------------------------------------------------------------------------------------
-# config columns: values from each run's resolved recipe.toml
-
-def _resolved(path: Path | None) -> dict:
-    """A run's resolved recipe as {dotted.key: value text}; {} when it cannot be read (any bytes may be there)."""
-    if path is None:
-        return {}
-    try:
-        with open(path / "recipe.toml", "rb") as f:
-            raw = f.read(1 << 20)
-        data = tomllib.loads(raw.decode("utf-8"))
-    except (OSError, ValueError, RecursionError):
-        return {}
-    out: dict[str, str] = {}
-    for section, table in data.items():
-        if isinstance(table, dict):
-            for key, value in table.items():
-                if not isinstance(value, (dict, list)) or (isinstance(value, list) and len(value) <= 8):
-                    out[f"{section}.{key}"] = str(value)
-    return out
-
-
-def _pick(config: dict, keys: tuple[str, ...]) -> dict:
-    return {k: config[k] for k in keys if k in config}
-
-
-def _with_config(row: RunRow, config: dict, keys: tuple[str, ...]) -> RunRow:
-    picked = _pick(config, keys)
-    if picked == row.config:
-        return row
-    return RunRow(**{**row.__dict__, "config": picked})

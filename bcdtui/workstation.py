@@ -75,9 +75,13 @@ class Workstation:
         self._changes = RefreshResult()
 
     # --- the periodic step
-    def refresh(self) -> RefreshResult:
+    def refresh(self, defer: bool = False, fill_s: float = 0.03) -> RefreshResult:
+        """The periodic step. `defer` (the first load): statuses now, the events' tails later; each refresh then
+        reads deferred tails for up to `fill_s` seconds."""
         self.runner.tick(live=self.model.live_runs())
-        result = self.model.refresh(jobs=list(self.runner.jobs.values()))
+        result = self.model.refresh(jobs=list(self.runner.jobs.values()), defer=defer)
+        if self.model.pending and not defer:
+            result.changed |= self.model.fill(fill_s).changed
         self._changes.added |= result.added
         self._changes.removed |= result.removed
         self._changes.changed |= result.changed
