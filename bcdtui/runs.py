@@ -44,7 +44,7 @@ STATE_FILTERS: dict[str, frozenset | None] = {
 _ENDED = frozenset({"finished", "failed", "killed"})
 # an ended run's files change only when someone resumes or annotates it: with many runs, each refresh re-checks
 # at most this many ended runs (in turn), so that one refresh stays short at 10,000 runs
-ENDED_CHECKS_PER_REFRESH = 1000
+ENDED_CHECKS_PER_REFRESH = 500
 
 
 @dataclass
@@ -86,18 +86,24 @@ class RunRow:
         return min(1.0, self.round / self.rounds) if self.rounds else 0.0
 
     def sort_value(self, column: str):
-        value = {
-            "run": self.id, "recipe": self.recipe, "state": STATE_ORDER.get(self.state, 9),
-            "progress": self.progress, "round": self.round, "eta": self.eta_s, "train_loss": self.train_loss,
-            "val": self.val_value, "gpu": self.gpu, "started": self.started, "tags": " ".join(self.tags),
-        }.get(column, self.config.get(column.removeprefix("cfg:"), ""))
+        if column == "state":
+            value = STATE_ORDER.get(self.state, 9)
+        elif column == "progress":
+            value = self.progress
+        elif column == "tags":
+            value = " ".join(self.tags)
+        elif column in _SORT_ATTRS:
+            value = getattr(self, _SORT_ATTRS[column])
+        else:  # a config column, cfg:KEY
+            value = self.config.get(column.removeprefix("cfg:"), "")
         if isinstance(value, float) and math.isnan(value):
             return (1, 0.0)  # missing values sort last
         return (0, value)
 
 
-# ----------------------------------------------------------------------------------------------------------
-# the model
+_SORT_ATTRS = {"run": "id", "recipe": "recipe", "round": "round", "eta": "eta_s", "train_loss": "train_loss",
+               "val": "val_value", "gpu": "gpu", "started": "started"}
+
 
 @dataclass
 class _Seen:
@@ -142,6 +148,8 @@ class RunsModel:
         self._entries: list[tuple[str, str]] = []
         self._pending: list[str] = []  # runs whose events' tail is still to read (after a deferred first load)
         self._pending_config: list[str] = []  # runs whose recipe.toml is still to read (config columns)
+        self._version = 0  # counts changes of rows (what _summary's cache is keyed on)
+        self._summary_cache: tuple = (None, {}, [])
 
     # --- refresh
     def refresh(self, jobs: list[Job] | None = None, force: set[str] | None = None,
@@ -216,6 +224,7 @@ class RunsModel:
             result.removed.add(name)
         if jobs is not None:
             self._merge_jobs(jobs, result)
+        self._version += result.any
         return result
 
     @property
@@ -245,6 +254,7 @@ class RunsModel:
                 seen.config = recipe_values(row.path)
                 self.rows[name] = with_config(row, seen.config, self.config_keys)
                 result.changed.add(name)
+        self._version += result.any
         return result
 
     def _state(self, status: dict, path: Path | None = None, problem: str = "") -> RunState:
@@ -345,14 +355,13 @@ class RunsModel:
         return True
 
     def view(self) -> list[RunRow]:
-        out = [row for row in self.rows.values() if self.matches(row)]
-        # missing values last whatever the direction; ties by id for a stable order
-        present = [r for r in out if r.sort_value(self.sort_column)[0] == 0]
-        missing = [r for r in out if r.sort_value(self.sort_column)[0] == 1]
-        present.sort(key=lambda r: r.id)
-        present.sort(key=lambda r: r.sort_value(self.sort_column), reverse=self.sort_reverse)
-        missing.sort(key=lambda r: r.id)
-        return present + missing
+        """The rows that pass the filters, sorted: missing values last whatever the direction, ties by id."""
+        column = self.sort_column
+        keyed = [(row.sort_value(column), row) for row in self.rows.values() if self.matches(row)]
+        present = sorted((k for k in keyed if k[0][0] == 0), key=lambda k: k[1].id)
+        present.sort(key=lambda k: k[0], reverse=self.sort_reverse)
+        missing = sorted((k for k in keyed if k[0][0] == 1), key=lambda k: k[1].id)
+        return [row for _, row in present + missing]
 
     def sort_by(self, column: str, reverse: bool | None = None) -> None:
         if column not in COLUMNS and column.removeprefix("cfg:") not in self.config_keys:
@@ -371,11 +380,20 @@ class RunsModel:
         self.state_filter = names[(names.index(self.state_filter) + 1) % len(names)]
         return self.state_filter
 
+    def _summary(self) -> tuple[dict[str, int], list[tuple[str, str]]]:
+        """(counts by state, live runs), computed again only after rows changed (at 10,000 runs a pass over
+        them costs milliseconds, and the app asks for both at every refresh)."""
+        key = (self._version, len(self.rows))
+        if self._summary_cache[0] != key:
+            rows = self.rows.values()
+            live = [(str(r.path), r.gpu) for r in rows if r.path is not None and r.host in ("", self._host)
+                    and (r.state == "running" or (r.state == "queued" and r.pid))]
+            self._summary_cache = (key, dict(Counter(row.state for row in rows)), live)
+        return self._summary_cache[1], self._summary_cache[2]
+
     def counts(self) -> dict[str, int]:
-        return dict(Counter(row.state for row in self.rows.values()))
+        return dict(self._summary()[0])
 
     def live_runs(self) -> list[tuple[str, str]]:
         """(run_dir, gpu) of the runs whose process is alive here (for the runner's slot accounting)."""
-        return [(str(r.path), r.gpu) for r in self.rows.values()
-                if r.path is not None and r.host in ("", self._host)
-                and (r.state == "running" or (r.state == "queued" and r.pid))]
+        return list(self._summary()[1])

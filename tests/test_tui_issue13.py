@@ -340,7 +340,7 @@ async def test_a_launch_error_shows_in_its_row_and_on_its_run_screen(demo):
         from bcdtui.screens import RunScreen
         assert isinstance(app.screen, RunScreen)
         text = screen_text(app)
-        assert "refused by the engine on purpose" in text.replace("\n", " "), text
+        assert "refused by the engine on purpose" in " ".join(text.split()), text
 
 
 async def test_sweep_preview_says_how_many_more_at_80x24(demo):

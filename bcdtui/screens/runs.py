@@ -23,6 +23,9 @@ from bcdtui.widgets import KeyBar, RunsTable, TopBar
 from bcdtui.workstation import ActionError
 
 
+ADD_PER_SYNC = 400  # rows added to the table per frame: the first paint does not wait for 10,000 of them
+
+
 class RunsScreen(WsScreen):
     TITLE_TEXT = "Runs"
     BINDINGS = [
@@ -131,8 +134,15 @@ class RunsScreen(WsScreen):
         keep = self.cursor_run if self.cursor_run in self._cells else self.current_id()
         sort_index = self.columns.index(model.sort_column) if model.sort_column in self.columns else 0
         reorder = False
-        position = {r.id: i for i, r in enumerate(model.view())}
-        for run_id in sorted(ids, key=lambda r: (position.get(r, -1), r)):  # new rows arrive in view order
+        new_ids = [r for r in ids if r not in self._cells]
+        if len(new_ids) > ADD_PER_SYNC:  # thousands of new rows (the first start): the top ones now, the rest
+            rank = {r.id: i for i, r in enumerate(model.view())}  # in the next frames, in view order
+            new_ids.sort(key=lambda r: rank.get(r, len(rank)))
+            later = set(new_ids[ADD_PER_SYNC:])
+            ids = set(ids) - later
+            self._dirty |= later
+            self.call_after_refresh(self.on_screen_resume)
+        for run_id in ids:
             row = model.rows.get(run_id)
             shown = run_id in self._cells
             if row is None or not model.matches(row):
