@@ -75,6 +75,7 @@ class BcdApp(App):
     def on_mount(self) -> None:
         self.install_screen(RecipesScreen(), "recipes")
         self.set_interval(self.refresh_s, self.tick)
+        self.set_interval(0.05, self.backfill)
         self._update_topbar()
         for callback in self.first_paint_callbacks:
             self.call_after_refresh(callback)
@@ -98,6 +99,11 @@ class BcdApp(App):
         screen = self.screen
         if isinstance(screen, WsScreen) and screen is not self.runs_screen:
             screen.tick()
+
+    def backfill(self) -> None:
+        """After the first load: the deferred events' tails (val, loss), 30 ms at a time between frames."""
+        if self.ws.model.pending and self.runs_screen is not None and self.screen_stack:
+            self.runs_screen.note(self.ws.model.fill(0.03))
 
     def refresh_now(self) -> None:
         self.tick()

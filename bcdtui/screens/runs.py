@@ -158,8 +158,10 @@ class RunsScreen(WsScreen):
                 old = self._cells[run_id]
                 merged = []
                 for col, a, b in zip(self.columns, old, new):
-                    if a != b:  # update_width: a cell grown in place widens its column (never cut)
-                        table.update_cell(run_id, col, b, update_width=True)
+                    if a != b:  # a cell grown past its column widens it (never cut); a narrower one leaves it
+                        # (DataTable re-measures the whole column when a cell shrinks: 10,000 cells)
+                        wider = b.cell_len > table.columns[col].content_width
+                        table.update_cell(run_id, col, b, update_width=wider)
                     merged.append(b if a != b else a)  # the objects the table holds (reorder keys on them)
                 reorder |= old[sort_index] != new[sort_index]
                 new = tuple(merged)
@@ -203,9 +205,9 @@ class RunsScreen(WsScreen):
 
     def rebuild(self) -> None:
         """Re-check every run against the filter and the order (after a filter or sort change)."""
+        self._dirty.clear()  # all of them now (or, by thousands, the top ones now and the rest left dirty)
         self.sync(set(self.ws.model.rows) | set(self._cells))
         self.reorder()
-        self._dirty.clear()
 
     def _update_info(self) -> None:
         model = self.ws.model
