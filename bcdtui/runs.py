@@ -45,6 +45,7 @@ _ENDED = frozenset({"finished", "failed", "killed"})
 # an ended run's files change only when someone resumes or annotates it: with many runs, each refresh re-checks
 # at most this many ended runs (in turn), so that one refresh stays short at 10,000 runs
 ENDED_CHECKS_PER_REFRESH = 500
+DEFER_ABOVE = 2000  # runs: from this many on, the first load paints before reading the events' tails
 
 
 @dataclass
@@ -198,7 +199,7 @@ class RunsModel:
                 seen.status, seen.problem = read_status_checked(path)
                 seen.status_sig, dirty = status_sig, True
             if metrics_sig != seen.metrics_sig:
-                if defer and seen.status.get("state") in _ENDED:
+                if defer and len(self._entries) > DEFER_ABOVE and seen.status.get("state") in _ENDED:
                     self._pending.append(name)  # its tail comes with fill()
                 else:
                     seen.metrics_sig, seen.tail, dirty = metrics_sig, read_tail(path), True

@@ -11,7 +11,7 @@ from rich.text import Text
 
 from bcdtui.recipes import LaunchPlan
 from bcdcore.rundir import printable
-from bcdtui.runs import RunRow, fmt_duration, fmt_number, progress_bar
+from bcdtui.runs import COLUMN_TITLES, RunRow, fmt_duration, fmt_number, progress_bar
 from bcdtui.tailer import RunFollower, number
 
 STATE_STYLES = {"running": "bold #4fc3f7", "queued": "#b0bec5", "starting": "#b0bec5", "finished": "#81c784",
@@ -39,6 +39,21 @@ def block_cells(event: dict) -> tuple:
             Text(fmt_number(res, 3), style=MET if met else ""),
             fmt_number(thr, 3) if math.isfinite(thr) else "off", fmt_number(number(event.get("lambda")), 3),
             fmt_number(number(event.get("gamma")), 2), fmt_number(number(event.get("dist")), 3))
+
+
+def runs_info(model, shown: int, marked: int) -> str:
+    """The line under the runs table: how many shown, the sort, the filters, the marks, the backfill."""
+    column = model.sort_column
+    title = COLUMN_TITLES.get(column, column.removeprefix("cfg:"))
+    parts = [f"{shown} of {len(model.rows)} runs", f"sort {title} {'↓' if model.sort_reverse else '↑'}",
+             f"states: {model.state_filter}"]
+    if model.filter_text:
+        parts.append(f"filter: {model.filter_text!r}")
+    if marked:
+        parts.append(f"{marked} marked")
+    if model.pending:
+        parts.append(f"reading {model.pending} more runs")
+    return " · ".join(parts)
 
 
 def empty_state(runs_dir, recipes_dir, width: int = 80) -> Text:

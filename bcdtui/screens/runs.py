@@ -18,7 +18,7 @@ from bcdtui.screens.annotate import AnnotateScreen
 from bcdtui.screens.base import OpenComparison, OpenRun, WsScreen, steady_cursors
 from bcdtui.screens.dialogs import ConfirmScreen, PromptScreen
 from bcdtui.screens.launch import LaunchScreen
-from bcdtui.views import empty_state, styled_state
+from bcdtui.views import empty_state, runs_info, styled_state
 from bcdtui.widgets import KeyBar, RunsTable, TopBar
 from bcdtui.workstation import ActionError
 
@@ -131,7 +131,7 @@ class RunsScreen(WsScreen):
             return
         model = self.ws.model
         table = self.query_one("#runs", DataTable)
-        keep = self.cursor_run if self.cursor_run in self._cells else self.current_id()
+        keep = self.cursor_run if self.cursor_run in self._cells else None  # an empty table: the first row
         sort_index = self.columns.index(model.sort_column) if model.sort_column in self.columns else 0
         reorder = False
         new_ids = [r for r in ids if r not in self._cells]
@@ -191,12 +191,12 @@ class RunsScreen(WsScreen):
 
     @on(DataTable.RowHighlighted, "#runs")
     def _highlighted(self, event: DataTable.RowHighlighted) -> None:
-        self.cursor_run = event.row_key.value if event.row_key is not None else None
+        self.cursor_run = self.current_id()  # where the cursor is now (the event may predate a re-sort)
 
     def reorder(self) -> None:
         """Order the table's rows as the model's view (sort column and direction), keeping the cursor's run."""
         table = self.query_one("#runs", DataTable)
-        current = self.cursor_run if self.cursor_run in self._cells else self.current_id()
+        current = self.cursor_run if self.cursor_run in self._cells else None  # None: the first row, once sorted
         position = {id(self._cells[r.id][0]): i for i, r in enumerate(self.ws.model.view()) if r.id in self._cells}
         table.sort("run", key=lambda cell: position.get(id(cell), len(position)))
         if current in self._cells:
@@ -211,15 +211,7 @@ class RunsScreen(WsScreen):
 
     def _update_info(self) -> None:
         model = self.ws.model
-        shown = len(self._cells)
-        arrow = "↓" if model.sort_reverse else "↑"
-        parts = [f"{shown} of {len(model.rows)} runs", f"sort {COLUMN_TITLES[model.sort_column]} {arrow}",
-                 f"states: {model.state_filter}"]
-        if model.filter_text:
-            parts.append(f"filter: {model.filter_text!r}")
-        if self.marked:
-            parts.append(f"{len(self.marked)} marked")
-        info = " · ".join(parts)
+        info = runs_info(model, len(self._cells), len(self.marked))
         if info != getattr(self, "_info", None):
             self._info = info
             self.query_one("#runs-info", Static).update(info)
