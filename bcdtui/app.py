@@ -7,6 +7,7 @@ quitting leaves them running, and the next start re-attaches to them through the
 from __future__ import annotations
 
 import argparse
+import os
 import socket
 import sys
 from functools import partial
@@ -23,11 +24,13 @@ from bcdtui.keymap import Section, key_map_text
 from bcdtui.recipes import add_plugin_dirs
 from bcdtui.runner import Slot, cpu_slot, detect_slots
 from bcdtui.screens import (
+    AnnotateScreen,
     ClusterScreen,
     CompareScreen,
     ConfirmScreen,
     HelpScreen,
     LaunchScreen,
+    LogScreen,
     OpenComparison,
     OpenRun,
     RecipesScreen,
@@ -58,8 +61,12 @@ class BcdApp(App):
 
     def __init__(self, runs_dir: Path | str | None = None, recipes_dir: Path | str = "recipes", *,
                  slots: list[Slot] | None = None, per_slot: int = 1, engine: list[str] | None = None,
-                 grace_s: float = 30.0, refresh_s: float = 0.25, workstation: Workstation | None = None) -> None:
+                 grace_s: float = 30.0, refresh_s: float = 0.25, workstation: Workstation | None = None,
+                 confirm: bool | None = None) -> None:
         super().__init__()
+        # k and d ask first unless turned off: --no-confirm, or BCDTUI_CONFIRM=0 in the environment
+        self.confirm_prompts = confirm if confirm is not None else os.environ.get("BCDTUI_CONFIRM", "1") not in (
+            "0", "no", "off", "false")
         self.ws = workstation or Workstation(runs_dir if runs_dir is not None else default_runs_dir(), recipes_dir,
                                              slots=slots, per_slot=per_slot, engine=engine, grace_s=grace_s)
         self.refresh_s = refresh_s
@@ -69,7 +76,9 @@ class BcdApp(App):
 
     # --- start
     def get_default_screen(self) -> Screen:
-        self.ws.refresh()  # re-attach: every run's status and pid are read before the first paint
+        # re-attach: every run's status and pid are read before the first paint; the events' tails (val, loss)
+        # follow over the next refreshes, newest run first (at 10,000 runs they take seconds)
+        self.ws.refresh(defer=True)
         self.ws.drain_changes()
         self.runs_screen = RunsScreen()
         return self.runs_screen
@@ -77,6 +86,7 @@ class BcdApp(App):
     def on_mount(self) -> None:
         self.install_screen(RecipesScreen(), "recipes")
         self.set_interval(self.refresh_s, self.tick)
+        self.set_interval(0.05, self.backfill)
         self._update_topbar()
         for callback in self.first_paint_callbacks:
             self.call_after_refresh(callback)
@@ -100,6 +110,11 @@ class BcdApp(App):
         screen = self.screen
         if isinstance(screen, WsScreen) and screen is not self.runs_screen:
             screen.tick()
+
+    def backfill(self) -> None:
+        """After the first load: the deferred events' tails (val, loss), 30 ms at a time between frames."""
+        if self.ws.model.pending and self.runs_screen is not None and self.screen_stack:
+            self.runs_screen.note(self.ws.model.fill(0.03))
 
     def refresh_now(self) -> None:
         self.tick()
@@ -155,11 +170,30 @@ class BcdApp(App):
         if self.system_monitor is None:
             self.system_monitor = SystemMonitor()  # kept: the GPU probe's answer and psutil's CPU baselines
         self.push_screen(SystemScreen(self.system_monitor, socket.gethostname()))
+
     def action_show_cluster(self) -> None:
         if not isinstance(self.screen, ClusterScreen):
             self.push_screen(ClusterScreen())
 
+    def confirm(self, message: str, then) -> None:
+        """Ask yes/no, then call `then(answer)`; with prompts turned off, `then(True)` at once."""
+        if self.confirm_prompts:
+            self.push_screen(ConfirmScreen(message), then)
+        else:
+            then(True)
+
     def action_quit_app(self) -> None:
+        """Quit; unsaved recipe edits always ask first (whatever the prompt setting), then queued launches."""
+        recipes = self.get_screen("recipes") if self.is_screen_installed("recipes") else None
+        if recipes is not None and recipes.is_mounted and recipes.dirty:
+            name = self.ws.recipe_source(recipes.path)
+            self.push_screen(ConfirmScreen(f"{name} has unsaved changes that quitting would lose. Quit anyway? "
+                                           "(n, then ctrl+s on the recipes screen saves them)"),
+                             lambda yes: yes and self._quit_queued())
+            return
+        self._quit_queued()
+
+    def _quit_queued(self) -> None:
         waiting = len(self.ws.runner.queued())
         if not waiting:
             self.exit()
@@ -188,11 +222,16 @@ def key_sections() -> list[Section]:
     """Every screen's keys, in the order a user meets them: what F1 shows and docs/tui.md lists."""
     return [
         ("Everywhere", BcdApp.BINDINGS, [("ctrl+p", "command palette: every action of the screen, by name")]),
-        ("Runs (the start screen)", RunsScreen.BINDINGS, [("arrows, pgup/pgdn", "move in the table")]),
+        ("Runs (the start screen)", RunsScreen.BINDINGS, [
+            ("up / down, pgup / pgdn", "move in the table (the cursor stays on its run through changes)"),
+            ("left / right", "scroll the table one column (the run id stays)")]),
         ("Run (enter on a run)", RunScreen.BINDINGS, []),
+        ("Full-screen log (L on a run)", LogScreen.BINDINGS, []),
+        ("Annotate (a on a run)", AnnotateScreen.BINDINGS, [("tab", "next field")]),
         ("Compare (space marks runs, c compares)", CompareScreen.BINDINGS, []),
         ("System (F4)", SystemScreen.BINDINGS, []),
-        ("Recipes (F3 or e)", RecipesScreen.BINDINGS, [("tab", "move between the tree and the editor"),
+        ("Recipes (F3 or e)", RecipesScreen.BINDINGS, [("tab", "move focus: tree, editor (tab never inserts; "
+                                                               "indent with spaces)"),
                                                        ("enter (tree)", "edit the highlighted recipe")]),
         ("Launch dialog (l, or ctrl+l on a recipe)", LaunchScreen.BINDINGS, [("tab", "next field; space ticks a GPU")]),
         ("Cluster jobs (F5)", ClusterScreen.BINDINGS, []),
@@ -214,6 +253,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--plugins", action="append", type=Path, default=[], metavar="DIR",
                         help="a folder of your own packages named by recipes (models, datasets, solvers); runs "
                              "launched from here get it on PYTHONPATH")
+    parser.add_argument("--no-confirm", action="store_true",
+                        help="k (kill) and d (delete) act without asking (also BCDTUI_CONFIRM=0); unsaved recipe "
+                             "edits still ask")
     args = parser.parse_args(argv)
     if args.plugins:
         try:
@@ -231,7 +273,8 @@ def main(argv: list[str] | None = None) -> int:
             slots = [s for s in slots if s.key in wanted]
             if not slots:
                 parser.error(f"--gpus {args.gpus}: no such GPU here")
-    app = BcdApp(args.runs, args.recipes, slots=slots, per_slot=args.per_gpu, grace_s=args.grace)
+    app = BcdApp(args.runs, args.recipes, slots=slots, per_slot=args.per_gpu, grace_s=args.grace,
+                 confirm=False if args.no_confirm else None)
     app.run()
     return 0
 

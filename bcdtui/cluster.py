@@ -75,20 +75,23 @@ class ClusterJobs:
         return f"cancelled job {job.job_id} (its runs checkpoint and stop)"
 
 
-def run_entries(runs_dir: Path) -> list[os.DirEntry]:
-    """The runs directory's entries, and those of its sweep directories (a sweep's runs, cluster or local, live
-    inside it, next to sweep.json): where the runs table looks for run directories. Never raises."""
+def run_entries(runs_dir: Path) -> tuple[list[os.DirEntry], list[str]]:
+    """The runs directory's entries and those of its sweep directories (a sweep's runs, cluster or local, live
+    inside it, next to sweep.json): where the runs table looks for run directories; and the sweep directories
+    themselves (a reader watches their mtimes for new runs). Never raises."""
     try:
         entries = list(os.scandir(runs_dir))
     except OSError:
-        return []
+        return [], []
+    sweeps = []
     for entry in list(entries):
         if not entry.name.startswith(".") and os.path.lexists(os.path.join(entry.path, "sweep.json")):
+            sweeps.append(entry.path)
             try:
                 entries.extend(os.scandir(entry.path))
             except OSError:
                 pass
-    return entries
+    return entries, sweeps
 
 
 def _run_states(job: ClusterJob) -> str:

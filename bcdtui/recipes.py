@@ -16,6 +16,7 @@ from pathlib import Path
 from bcdcore.recipe import Recipe, RecipeError, expand_grid, parse_recipe, toml_value
 from bcdcore.recipe import read_recipe_text as core_read_recipe_text
 from bcdcore.recipe.plugin_keys import plugin_names
+from bcdcore.recipe.schema import DATASETS
 from bcdcore.rundir import RecordError, plain, printable
 from bcdcore.scheduler import point_overrides
 
@@ -219,6 +220,28 @@ def read_recipe_text(path: Path) -> str:
         raise RecipeError(printable(str(exc))) from None
 
 
+def data_root(root: str, environ: dict | None = None) -> Path:
+    """Where a dataset's files live, as bcdcore.data reads them: [data] root, else $BCD_DATA, else
+    ~/.cache/bcd/data (the same rule, without importing the data module and torch)."""
+    env = (os.environ if environ is None else environ).get("BCD_DATA", "")
+    return Path(root).expanduser() if root else Path(env).expanduser() if env else Path.home() / ".cache/bcd/data"
+
+
+def missing_data(recipe: Recipe) -> str:
+    """Why the recipe's dataset files are not there ("" when they are, or it needs none, or it may download
+    them): the launch dialog refuses such a recipe instead of starting a run that fails at once."""
+    spec = DATASETS.get(recipe.data.name)
+    if spec is None or not spec.files or recipe.data.download:
+        return ""
+    root = data_root(recipe.data.root)
+    first = spec.files.split("/", 1)[0]
+    folders = first.strip("{}").split(",") if first.startswith("{") else [first]
+    if any((root / f).exists() for f in folders):
+        return ""
+    return (f"data.name = {recipe.data.name!r} reads {spec.files} under {root}, and {root / folders[0]} is "
+            "missing: put the files there, set data.root to their folder, or set data.download = true")
+
+
 def plan_launch(path: Path, overrides: list[str] | tuple[str, ...] = (), source: str | None = None) -> LaunchPlan:
     """Validate `path` with `overrides` and expand its sweep. A recipe with a [sweep] table runs point by point,
     as `bcdcore sweep` runs it: each point is `bcdcore run RECIPE --sweep-point` with the point's values as
@@ -228,6 +251,9 @@ def plan_launch(path: Path, overrides: list[str] | tuple[str, ...] = (), source:
     if not check.ok:
         raise RecipeError(check.message)
     recipe = check.recipe
+    missing = missing_data(recipe)
+    if missing:
+        raise RecipeError(f"{source or path}: {missing}")
     base = list(overrides)
     summary = check.message.removeprefix("ok: ")
     found = find_plugins(recipe)  # a plugin the runs could not import is refused here, not in every run

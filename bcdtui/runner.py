@@ -13,7 +13,6 @@ import json
 import os
 import shutil
 import socket
-import subprocess
 import sys
 import time
 from dataclasses import asdict, dataclass, field
@@ -30,13 +29,13 @@ from bcdcore.scheduler import (
     Slot,
     Task,
     cpu_slot,
-    gpu_slot,
     is_zombie,
     read_run_directory,
     reap_pid,
     run_command,
     slot_key_for_gpu,
 )
+from bcdtui.slots import detect_slots, parse_nvidia_smi
 
 # the scheduler's names that the TUI (and its tests) use through this module
 __all__ = ["CPU_SLOT", "LIVE_STATES", "Job", "KillRequest", "LaunchSpec", "Runner", "RunnerError", "Slot", "cpu_slot",
@@ -75,43 +74,6 @@ class Job(Task):
     @property
     def alive(self) -> bool:
         return self.state in ("starting", "started")
-
-
-# GPUs: nvidia-smi, not torch, so that the workstation never loads torch (`bcdcore sweep` asks torch, which
-# honours CUDA_VISIBLE_DEVICES)
-
-def parse_nvidia_smi(text: str) -> list[Slot]:
-    """Slots from `nvidia-smi --query-gpu=index,name,memory.total --format=csv,noheader,nounits`."""
-    slots = []
-    for line in text.splitlines():
-        parts = [p.strip() for p in line.split(",")]
-        if len(parts) < 2 or not parts[0].isdigit():
-            continue
-        index, name = parts[0], parts[1]
-        memory = ""
-        if len(parts) > 2:
-            try:
-                memory = f" ({float(parts[2]) / 1024:.0f} GiB)"
-            except ValueError:
-                memory = ""
-        slots.append(gpu_slot(index, f"{index}: {name}{memory}"))
-    return slots
-
-
-def detect_slots(nvidia_smi: str | None = "nvidia-smi", timeout: float = 5.0) -> list[Slot]:
-    """The GPUs nvidia-smi reports (in its order), else the one CPU slot. Asks nvidia-smi, not torch, so that
-    the caller never loads torch."""
-    exe = shutil.which(nvidia_smi) if nvidia_smi else None
-    if exe:
-        try:
-            out = subprocess.run([exe, "--query-gpu=index,name,memory.total", "--format=csv,noheader,nounits"],
-                                 capture_output=True, text=True, timeout=timeout, stdin=subprocess.DEVNULL)
-            slots = parse_nvidia_smi(out.stdout) if out.returncode == 0 else []
-            if slots:
-                return slots
-        except (OSError, subprocess.SubprocessError):
-            pass
-    return [cpu_slot()]
 
 
 def read_launch_run_dir(out_path: Path, cwd: Path) -> Path | None:
@@ -285,6 +247,11 @@ class Runner:
         job.run_dir = str(run_dir)
         if job.state == "starting":
             job.state = "started"
+        # a resume writes into the directory of an earlier job of ours: that job (exited) no longer speaks
+        # for the run, so forget it; this job's pid is the run's now
+        for old in [j for j in self.jobs.values() if j is not job and j.run_dir and j.state in ("exited", "error")
+                    and Path(j.run_dir).name == Path(job.run_dir).name]:
+            del self.jobs[old.id]
         return True
 
     def _ended(self, job: Job) -> None:
@@ -318,6 +285,13 @@ class Runner:
                     and pid_alive(status.get("pid")):
                 pid = int(status["pid"])
         if not pid or not pid_alive(pid):
+            if run_dir:
+                status, problem = read_status_checked(Path(run_dir))
+                shown = run_state(status, Path(run_dir), problem)
+                if shown.holder is not None and shown.state in LIVE_STATES:
+                    raise RunnerError(f"{Path(run_dir).name} is written by {shown.holder} on another host or "
+                                      "outside this session: kill it there")
+                raise RunnerError(f"{Path(run_dir).name} is {shown.state}, not running: nothing to kill")
             raise RunnerError("that run is not running here: nothing to kill")
         return self.scheduler.kill(pid, grace_s=grace_s, label=Path(run_path).name)
 
@@ -339,6 +313,11 @@ class Runner:
             raise RunnerError(f"{path.name} is being written by {shown.holder}; kill it before resuming")
         if shown.state in LIVE_STATES:
             raise RunnerError(f"{path.name} is still {shown.state}; kill it before resuming")
+        if shown.state == "finished":
+            raise RunnerError(f"{path.name} finished: nothing to resume (r reruns it; to train longer, rerun "
+                              "with more run.rounds)")
+        if shown.state == "unreadable":
+            raise RunnerError(f"{path.name} cannot be resumed: its status is unreadable ({shown.reason})")
         if not (path / "checkpoint.pt").is_file():
             raise RunnerError(f"{path.name} has no checkpoint.pt to resume from")
         return self.submit(LaunchSpec(resume=str(path), label=f"{path.name} (resume)", slots=list(slots or [])))
@@ -367,7 +346,8 @@ class Runner:
         if not run_dir:
             return None
         target = str(Path(run_dir).resolve())
-        return next((j for j in self.jobs.values() if j.run_dir and str(Path(j.run_dir).resolve()) == target), None)
+        mine = [j for j in self.jobs.values() if j.run_dir and str(Path(j.run_dir).resolve()) == target]
+        return next((j for j in reversed(mine) if j.alive), mine[-1] if mine else None)  # the newest, live first
 
     # --- re-attach
     def reap(self, pids: Iterable[int]) -> None:

@@ -327,3 +327,27 @@ def read_tail(path: Path, window: int = 8192, max_window: int = 262144) -> TailS
         if d_round > 0 and math.isfinite(d_t) and d_t >= 0:
             summary.seconds_per_round = d_t / d_round
     return summary
+
+
+# ----------------------------------------------------------------------------------------------------------
+# what the runs model stats
+
+def file_sig(path: str) -> tuple:
+    try:
+        st = os.stat(path)
+    except FileNotFoundError:
+        return ()
+    except OSError:  # there but not statable (a link loop...): a run whose status shows as unreadable
+        try:
+            st = os.lstat(path)
+        except OSError:
+            return ()
+        return ("broken", st.st_mtime_ns, st.st_ino)
+    return (st.st_mtime_ns, st.st_size, st.st_ino)
+
+
+def events_only_sig(base: str) -> tuple:
+    """A directory with events but no status.json: a run whose status was lost (it shows as unreadable).
+    An empty stream is a run being created (its status comes a moment later): not shown yet."""
+    sig = file_sig(base + "metrics.jsonl")
+    return ("no status",) if sig and sig[0] != "broken" and sig[1] > 0 else ()

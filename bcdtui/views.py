@@ -9,8 +9,9 @@ from typing import Any
 from rich.markup import escape
 from rich.text import Text
 
+from bcdcore.rundir import printable
 from bcdtui.recipes import LaunchPlan
-from bcdtui.runs import RunRow, fmt_duration, fmt_number, progress_bar
+from bcdtui.runs import COLUMN_TITLES, RunRow, fmt_duration, fmt_number, progress_bar
 from bcdtui.tailer import RunFollower, number
 
 STATE_STYLES = {"running": "bold #4fc3f7", "queued": "#b0bec5", "starting": "#b0bec5", "finished": "#81c784",
@@ -33,25 +34,58 @@ def block_cells(event: dict) -> tuple:
     """One row of the run screen's blocks table, from a `block` event."""
     res, thr = number(event.get("residual")), number(event.get("threshold"))
     met = math.isfinite(thr) and res <= thr
-    return (str(event.get("block", "")), str(event.get("inner_steps", "")),
-            Text("yes", style=MET) if event.get("stopped_early") else "no",
+    steps = str(event.get("inner_steps", ""))  # "↓": its inexactness rule stopped it early (one column, not two)
+    return (str(event.get("block", "")), Text(f"{steps}↓", style=MET) if event.get("stopped_early") else steps,
             Text(fmt_number(res, 3), style=MET if met else ""),
             fmt_number(thr, 3) if math.isfinite(thr) else "off", fmt_number(number(event.get("lambda")), 3),
             fmt_number(number(event.get("gamma")), 2), fmt_number(number(event.get("dist")), 3))
 
 
-def launch_preview(plan: LaunchPlan, usage: dict[str, int], slots: list[str], per_slot: int) -> list[Text]:
-    """The launch dialog's plan: the validation, how many runs start now and how many wait, the first points."""
+def runs_info(model, shown: int, marked: int) -> str:
+    """The line under the runs table: how many shown, the sort, the filters, the marks, the backfill."""
+    column = model.sort_column
+    title = COLUMN_TITLES.get(column, column.removeprefix("cfg:"))
+    parts = [f"{shown} of {len(model.rows)} runs", f"sort {title} {'↓' if model.sort_reverse else '↑'}",
+             f"states: {model.state_filter}"]
+    if model.filter_text:
+        parts.append(f"filter: {model.filter_text!r}")
+    if marked:
+        parts.append(f"{marked} marked")
+    if model.pending:
+        parts.append(f"reading {model.pending} more runs")
+    return " · ".join(parts)
+
+
+def empty_state(runs_dir, recipes_dir, width: int = 80) -> Text:
+    """The first start (no runs yet): what to press."""
+    text = Text()
+    text.append("No runs yet", style="bold")
+    text.append(f" in {printable(str(runs_dir))}.\n\n")
+    for key, what in (("l", f"launch a recipe from {printable(str(recipes_dir))} (overrides, GPUs, sweep preview)"),
+                      ("F3 or e", "edit recipes (ctrl+n makes a new one from a template)"),
+                      ("F1", "every key; ctrl+p finds an action by name"),
+                      ("ctrl+q", "quit (runs keep running; the next start finds them)")):
+        text.append(f"  {key:<8}", style="bold #4fc3f7")
+        text.append(f" {what}\n")
+    return text
+
+
+def launch_preview(plan: LaunchPlan, usage: dict[str, int], slots: list[str], per_slot: int,
+                   limit: int = 5) -> list[Text]:
+    """The launch dialog's plan: the validation, how many runs start now and how many wait, the first `limit`
+    points; the count line says how many are not listed, so it shows even when the dialog is short."""
     free = sum(max(0, per_slot - usage.get(s, 0)) for s in slots)
     n = len(plan.runs)
     starts = min(n, free)
+    more = len(plan.points) - limit if len(plan.points) > limit else 0
+    listed = f" ({limit} listed below, and {more} more)" if more else ""
     lines = [Text(f"✓ {plan.summary}", style="green"),
-             Text(f"{n} run{'s' if n > 1 else ''}: {starts} start{'s' if starts == 1 else ''} now, "
+             Text(f"{n} run{'s' if n > 1 else ''}{listed}: {starts} start{'s' if starts == 1 else ''} now, "
                   f"{n - starts} wait{'s' if n - starts == 1 else ''} in the queue "
                   f"(slots {', '.join(slots)}, {per_slot} per slot)")]
     # escape(): as the dialog has always shown them (a Text takes no markup, so this only matters for lines
     # that look like a tag)
-    return lines + [Text("  " + escape(line), style="dim") for line in plan.describe(limit=5)]
+    return lines + [Text("  " + escape(line), style="dim") for line in plan.describe(limit=limit)]
 
 
 def run_summary(row: RunRow | None, f: RunFollower) -> list[Text]:
@@ -108,3 +142,13 @@ def run_summary(row: RunRow | None, f: RunFollower) -> list[Text]:
             lines.append(note)
     return lines
 
+
+
+def launch_summary(row: RunRow) -> list[Text]:
+    """The run screen of a launch that has no run directory (queued, starting, or refused by the engine)."""
+    lines = [styled_state(row.state), Text(f"{row.recipe}", style="bold")]
+    lines[0].append(f"  {printable(row.recipe)}  (no run directory yet)", style="dim")
+    if row.error:
+        lines.append(Text(f"error: {printable(row.error)}", style="bold #e57373"))
+    lines[1] = Text("the launch's output is below; d removes this row, l launches again", style="dim")
+    return lines

@@ -8,7 +8,7 @@ from rich.text import Text
 from textual.binding import Binding
 from textual.strip import Strip
 from textual.widget import Widget
-from textual.widgets import Static, TextArea
+from textual.widgets import DataTable, Static, TextArea
 
 from bcdtui.charts import Series, heat_map, line_chart
 
@@ -182,7 +182,14 @@ class StatusLines(TextLines):
             self.refresh(layout=True)
 
     def build(self, width: int, height: int) -> list[Text]:
-        return self.text_lines
+        """The lines, wrapped at the width (at 80 columns the status line's host:pid and test metrics go on
+        the next line instead of off the edge)."""
+        if width <= 0:
+            return self.text_lines
+        out: list[Text] = []
+        for line in self.text_lines:
+            out += list(line.wrap(self.app.console, width, overflow="fold")) or [Text("")]
+        return out
 
 
 class LineChart(TextLines):
@@ -261,3 +268,39 @@ class RecipeEditor(TextArea):
             text.stylize("on #5f1f1f")
             text.stylize("underline", 0, max(1, len(text.plain)))
         return text
+
+
+class RunsTable(DataTable):
+    """The runs table: left / right scroll by whole columns (the first, the run id, stays put), so a narrow
+    terminal reaches every column without cutting one in half."""
+
+    def column_starts(self) -> list[int]:
+        """x offsets (in the scrolled part, after the fixed columns) at which each scrollable column starts."""
+        widths = [c.get_render_width(self) for c in self.ordered_columns[self.fixed_columns:]]
+        starts, x = [], 0
+        for w in widths:
+            starts.append(x)
+            x += w
+        return starts
+
+    def scroll_columns(self, step: int) -> None:
+        starts = self.column_starts()
+        x = round(self.scroll_x)
+        if step > 0:
+            target = next((s for s in starts if s > x), None)
+        else:
+            target = next((s for s in reversed(starts) if s < x), 0)
+        if target is not None:
+            self.scroll_to(x=min(target, self.max_scroll_x), animate=False, immediate=True)
+
+    def action_cursor_right(self) -> None:
+        if self.cursor_type == "row":
+            self.scroll_columns(+1)
+        else:
+            super().action_cursor_right()
+
+    def action_cursor_left(self) -> None:
+        if self.cursor_type == "row":
+            self.scroll_columns(-1)
+        else:
+            super().action_cursor_left()

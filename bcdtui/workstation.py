@@ -15,6 +15,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable
 
+from bcdcore.annotations import Annotations, read_annotations, update_annotations
 from bcdcore.recipe import RecipeError
 from bcdcore.rundir import printable
 from bcdtui.charts import PALETTE, Series
@@ -24,6 +25,7 @@ from bcdtui.recipes import (
     Validation,
     display_name,
     full_check,
+    list_recipes,
     new_recipe,
     plan_launch,
     save_recipe,
@@ -73,9 +75,13 @@ class Workstation:
         self._changes = RefreshResult()
 
     # --- the periodic step
-    def refresh(self) -> RefreshResult:
+    def refresh(self, defer: bool = False, fill_s: float = 0.03) -> RefreshResult:
+        """The periodic step. `defer` (the first load): statuses now, the events' tails later; each refresh then
+        reads deferred tails for up to `fill_s` seconds."""
         self.runner.tick(live=self.model.live_runs())
-        result = self.model.refresh(jobs=list(self.runner.jobs.values()))
+        result = self.model.refresh(jobs=list(self.runner.jobs.values()), defer=defer)
+        if self.model.pending and not defer:
+            result.changed |= self.model.fill(fill_s).changed
         self._changes.added |= result.added
         self._changes.removed |= result.removed
         self._changes.changed |= result.changed
@@ -112,6 +118,18 @@ class Workstation:
 
     def run_id_of(self, job: Job) -> str:
         return Path(job.run_dir).name if job.run_dir else f"job:{job.id}"
+
+    def launch_row(self, row_id: str | None) -> str | None:
+        """The row that shows a launch now: `job:ID` until its run directory is known, then that run (a resume's
+        is the run it resumes, from the start); other ids as they are; None for a launch that is gone."""
+        if row_id is None or not row_id.startswith("job:"):
+            return row_id
+        job = self.runner.jobs.get(row_id.removeprefix("job:"))
+        if job is None:
+            return None
+        if job.spec.resume:
+            return Path(job.spec.resume).name
+        return self.run_id_of(job)
 
     def state_of_job(self, job: Job) -> str:
         row = self.model.rows.get(self.run_id_of(job))
@@ -172,6 +190,21 @@ class Workstation:
         return (f"sent SIGTERM to {run_id}: it finishes its round, checkpoints and ends as killed "
                 f"(SIGKILL after {self.runner.grace_s:.0f} s)")
 
+    def kill_problem(self, run_id: str) -> str:
+        """Why `k` cannot apply to this run ("" when it can): only a queued, starting or running one is killed."""
+        row = self.row(run_id)
+        label = row.recipe if row.job_id else row.display
+        if row.job_id:
+            job = self.runner.jobs.get(row.job_id)
+            if job is None or job.state not in ("queued", "starting", "started"):
+                return f"{label}: the launch did not start ({row.error or row.state}); nothing to kill (d removes it)"
+            return ""
+        if row.state not in ("queued", "running"):
+            return f"{label} is {row.state}, not running: nothing to kill"
+        if row.host not in ("", self.model.host):
+            return f"{label} runs on {row.host}: kill it there"
+        return ""
+
     def rerun(self, run_id: str) -> Job:
         try:
             job = self.runner.rerun(self.run_path(run_id))
@@ -205,6 +238,63 @@ class Workstation:
             raise ActionError(str(exc)) from None
         self.refresh()
         return f"deleted {row.recipe if row.job_id else run_id}"
+
+    # --- tags, notes, display name (RUN_DIR/annotations.json)
+    def annotations(self, run_id: str) -> tuple[Annotations, str]:
+        """The run's annotations and, when its file cannot be read, why."""
+        return read_annotations(self.run_path(run_id))
+
+    def annotate(self, run_id: str, name: str, tags: list[str], notes: str) -> Annotations:
+        """Store what the dialog holds (the whole set: tags not listed are removed)."""
+        path = self.run_path(run_id)
+        try:
+            current, _problem = read_annotations(path)
+            stored = update_annotations(path, name=name, add_tags=tags,
+                                        remove_tags=[t for t in current.tags if t not in tags], notes=notes)
+        except (RecipeError, OSError) as exc:  # AnnotationError is a RecipeError: one line naming the field
+            raise ActionError(str(exc)) from None
+        self.model.refresh(list(self.runner.jobs.values()), force={run_id})
+        self._changes.changed.add(run_id)
+        return stored
+
+    def recipe_for_run(self, run_id: str | None) -> Path | None:
+        """The recipe file under the recipes directory that a run (or launch) came from, for the launch dialog's
+        first choice: the launch's own file, else the recipe whose file stem or run.name is the run's recipe."""
+        row = self.model.rows.get(run_id) if run_id else None
+        if row is None:
+            return None
+        if row.job_id:
+            job = self.runner.jobs.get(row.job_id)
+            if job is not None and job.spec.recipe and not job.spec.recipe.endswith("recipe.toml"):
+                return Path(job.spec.recipe)
+        files = list_recipes(self.recipes_dir)
+        name = row.recipe.split(" [")[0].removesuffix(" (rerun)")
+        by_stem = [p for p in files if p.stem == name]
+        if by_stem:
+            return by_stem[0]
+        for path in files:  # a recipe whose file is named otherwise than its run.name
+            try:
+                head = path.read_text(errors="replace")[:4096]
+            except OSError:
+                continue
+            if f'name = "{name}"' in head:
+                return path
+        return None
+
+    def launch_output(self, run_id: str, limit: int = 2000) -> list[str]:
+        """The last lines a launch printed (its file under .bcdtui/launches), printable; [] without one."""
+        row = self.row(run_id)
+        job = self.runner.jobs.get(row.job_id) if row.job_id else None
+        if job is None or not job.out_path:
+            return []
+        try:
+            with open(job.out_path, "rb") as f:
+                f.seek(0, 2)
+                f.seek(max(0, f.tell() - (256 << 10)))
+                text = f.read().decode("utf-8", "replace")
+        except OSError as exc:
+            return [f"(could not read {job.out_path}: {exc.strerror or exc})"]
+        return [printable(line) for line in text.splitlines()[-limit:]]
 
     def follow(self, run_id: str) -> RunFollower:
         return RunFollower(self.run_path(run_id))

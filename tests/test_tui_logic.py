@@ -313,6 +313,10 @@ def test_rerun_resume_and_delete(tmp_path, fake):
     assert again.spec.recipe == str(Path(job.run_dir, "recipe.toml").resolve()) and "rerun" in again.spec.label
     wait(lambda: again.state == "exited", tick=runner.tick)
     assert again.run_dir != job.run_dir and status_of(again.run_dir)["state"] == "finished"
+    with pytest.raises(RunnerError, match="finished: nothing to resume"):
+        runner.resume(job.run_dir)  # issue 13: u on a finished run is refused, not started to fail
+    status = status_of(job.run_dir)
+    Path(job.run_dir, "status.json").write_text(json.dumps({**status, "state": "killed"}))
     with pytest.raises(RunnerError, match="checkpoint"):
         runner.resume(job.run_dir)
     Path(job.run_dir, "checkpoint.pt").write_bytes(b"x")
@@ -452,7 +456,7 @@ def test_model_sort_and_filter(tmp_path):
     assert model.cycle_state_filter() == "finished" and len(model.view()) == 2
     assert model.cycle_state_filter() == "problems"
     assert {r.state for r in model.view()} == {"failed", "killed", "lost"}
-    assert model.cycle_sort() in ("run", "recipe", "state", "progress")
+    assert model.cycle_sort() in ("run", "recipe", "state", "val", "progress")
     with pytest.raises(ValueError):
         model.sort_by("nope")
 
@@ -613,10 +617,12 @@ def test_bcdtui_imports_no_training_code():
     assert out.returncode == 0, out.stderr
     # bcdcore.records (the schema of status and events), bcdcore.runfiles (total file reading) and bcdcore.runlock
     # (the writer's lock), all without torch, come in through bcdcore.rundir; bcdcore.scheduler is the queue bcdtui
-    # shares with `bcdcore sweep`; bcdcore.sweepfile reads cluster jobs from sweep.json; the recipe package is its
-    # five modules (and `eval` of this list, not numpy)
-    assert eval(out.stdout) == ["bcdcore", "bcdcore.recipe", "bcdcore.recipe.locate", "bcdcore.recipe.plugin_keys",
-                                "bcdcore.recipe.schema", "bcdcore.recipe.toml_io", "bcdcore.recipe.validate", "bcdcore.records", "bcdcore.rundir", "bcdcore.runfiles",
+    # shares with `bcdcore sweep`; bcdcore.sweepfile reads cluster jobs from sweep.json; bcdcore.annotations reads
+    # and writes a run's tags, notes and display name; the recipe package is its five modules (and `eval` of this
+    # list, not numpy)
+    assert eval(out.stdout) == ["bcdcore", "bcdcore.annotations", "bcdcore.recipe", "bcdcore.recipe.locate",
+                                "bcdcore.recipe.plugin_keys", "bcdcore.recipe.schema", "bcdcore.recipe.toml_io",
+                                "bcdcore.recipe.validate", "bcdcore.records", "bcdcore.rundir", "bcdcore.runfiles",
                                 "bcdcore.runlock", "bcdcore.scheduler", "bcdcore.sweepfile"]
 
 

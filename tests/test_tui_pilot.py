@@ -124,7 +124,7 @@ async def test_kill_a_running_run_and_see_killed(place):
         await move_to(pilot, app, run_id)
         await pilot.press("enter")  # kill from the run screen
         assert isinstance(app.screen, RunScreen)
-        await pilot.press("k")
+        await pilot.press("k", "y")  # k asks first, as d does
         await until(pilot, lambda: app.ws.model.rows[run_id].state == "killed", 60, "state killed")
         await until(pilot, lambda: "killed" in summary(app.screen), 10,
                     "killed on the run screen")
@@ -149,7 +149,7 @@ async def test_restart_finds_a_running_run_reattached(place):
         round_then = second.ws.model.rows[run_id].round
         await until(pilot, lambda: second.ws.model.rows[run_id].round > round_then, 60, "live progress")
         await move_to(pilot, second, run_id)
-        await pilot.press("k")
+        await pilot.press("k", "y")
         await until(pilot, lambda: table_text(second, run_id, "state") == "killed", 60, "killed after re-attach")
 
 

@@ -130,3 +130,59 @@ def test_delete_confirmation(snap):
         await pilot.pause()
 
     assert snap(run_before)
+
+
+# ----------------------------------------------------------------------------------------------------------
+# issue 13: the first start, the column scroll, annotations, config columns, a maximised panel, the full log
+
+@pytest.mark.parametrize("size", SIZES)
+def test_empty_state(snap_compare, tmp_path, monkeypatch, size):
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "recipes").mkdir()
+    app = BcdApp(Path("runs"), Path("recipes"), slots=[Slot("cpu", "CPU", "")], refresh_s=0.25)
+    assert snap_compare(app, terminal_size=size)
+
+
+def test_runs_screen_scrolled_two_columns(snap):
+    assert snap(_after_keys("right", "right"))
+
+
+def test_annotate_dialog(snap):
+    async def run_before(pilot):
+        await pilot.pause()
+        _cursor_to(pilot, QUICKSTART)
+        await pilot.press("a", *"lr-0.05", "tab", *"baseline best", "tab", *"the reference run")
+        await pilot.pause()
+
+    assert snap(run_before)
+
+
+def test_runs_screen_with_annotations_and_config_columns(snap):
+    async def run_before(pilot):
+        await pilot.pause()
+        _cursor_to(pilot, QUICKSTART)
+        await pilot.press("a", *"lr-0.05", "tab", *"baseline", "ctrl+s")
+        await pilot.press("o", *"algorithm.K algorithm.lambda", "enter")
+        await pilot.pause()
+
+    assert snap(run_before)
+
+
+def test_run_screen_maximised_chart(snap):
+    async def run_before(pilot):
+        await _open(pilot, QUICKSTART)
+        await pilot.press("z")
+        await pilot.pause()
+
+    assert snap(run_before)
+
+
+def test_full_log_with_search(snap):
+    async def run_before(pilot):
+        await _open(pilot, QUICKSTART)
+        await pilot.press("L")
+        await pilot.pause()
+        await pilot.press("slash", *"round 2", "enter")
+        await pilot.pause()
+
+    assert snap(run_before)

@@ -23,8 +23,8 @@ def test_run_summary_of_a_finished_and_a_failed_run(tmp_path):
 def test_block_cells_mark_the_certified_blocks():
     cells = block_cells({"block": 1, "inner_steps": 4, "stopped_early": True, "residual": 0.1, "threshold": 0.2,
                          "lambda": 0.01, "gamma": 1.0, "dist": 0.5})
-    assert cells[:2] == ("1", "4") and cells[2].plain == "yes" and cells[3].style == "#81c784"
-    assert block_cells({"threshold": None})[4] == "off"
+    assert cells[0] == "1" and cells[1].plain == "4↓" and cells[2].style == "#81c784"  # stopped early, met
+    assert block_cells({"threshold": None})[3] == "off" and len(cells) == 7  # lambda, gamma, dist follow
 
 
 def test_launch_preview_counts_what_starts_and_what_waits():

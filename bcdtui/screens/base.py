@@ -8,6 +8,7 @@ from textual.message import Message
 from textual.screen import Screen
 from textual.widgets import Select
 
+from bcdcore.rundir import printable
 from bcdtui.tailer import X_AXES
 from bcdtui.workstation import ActionError, Comparison
 
@@ -38,23 +39,40 @@ class WsScreen(Screen):
         self.app.notify(str(exc), severity="error", timeout=8)
 
     def run_action(self, run_id: str | None, action: str) -> None:
-        """kill / rerun / resume `run_id` through the workstation; the outcome becomes a notification."""
+        """kill / rerun / resume `run_id` through the workstation; the outcome becomes a notification. A kill is
+        refused at once where it cannot apply, and asks first (as delete does) unless prompts are off."""
         if run_id is None:
             return
+        if action == "kill":
+            problem = self.ws.kill_problem(run_id)
+            if problem:
+                self.app.notify(problem, severity="warning", timeout=8)
+                return
+            what = self.ws.row(run_id)
+            label = what.recipe if what.job_id else what.display
+            self.app.confirm(f"Kill {printable(label)}? It finishes its round, checkpoints and ends as killed "  # type: ignore[attr-defined]
+                             "(u resumes it).", lambda yes: yes and self._act(run_id, action))
+            return
+        self._act(run_id, action)
+
+    def _act(self, run_id: str, action: str) -> None:
         try:
             if action == "kill":
                 message = self.ws.kill(run_id)
             elif action == "rerun":
-                self.ws.rerun(run_id)
+                self.launched(self.ws.rerun(run_id))
                 message = f"queued a rerun of {run_id}"
             else:
-                self.ws.resume(run_id)
+                self.launched(self.ws.resume(run_id))
                 message = f"queued: resume {run_id}"
         except ActionError as exc:
             self.fail(exc)
             return
         self.app.notify(message)
         self.app.refresh_now()  # type: ignore[attr-defined]
+
+    def launched(self, job) -> None:
+        """A launch this screen made (the runs screen moves its cursor to it)."""
 
     def tick(self) -> None:
         """Called by the app after every workstation refresh while this screen is on top."""

@@ -118,9 +118,11 @@ class LaunchScreen(ModalScreen):
             if recipe is None:
                 raise ActionError("no recipe selected")
             jobs = self.ws.launch(recipe, overrides, slots=slots, per_slot=per)
-        except Exception as exc:  # noqa: BLE001 - shown, the dialog stays open
-            self.app.notify(str(exc), severity="error", timeout=8)
+        except Exception as exc:  # noqa: BLE001 - shown in the dialog (which stays open), not only as a toast
             self.update_plan()
+            box = self.query_one("#plan", Static)
+            box.add_class("-error")
+            box.update(Text("✗ could not launch: " + str(exc)))
             return
         self.dismiss(jobs)
 

@@ -47,8 +47,9 @@ class RecipesScreen(WsScreen):
             tree.show_root = False
             yield tree
             with Vertical(id="recipe-pane"):
+                # tab moves focus, as the help says (the code editor's default would insert spaces)
                 yield RecipeEditor.code_editor("", language=toml_language(), id="editor", soft_wrap=False,
-                                               show_line_numbers=True, theme="monokai")
+                                               show_line_numbers=True, theme="monokai", tab_behavior="focus")
                 yield Static("select a recipe on the left (enter edits it); ctrl+n makes a new one",
                              id="validation")
         yield KeyBar()
