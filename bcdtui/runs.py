@@ -16,7 +16,7 @@ from pathlib import Path
 from typing import Callable
 
 from bcdcore.annotations import read_annotations
-from bcdcore.rundir import RunState, display_id, lost_reason, read_status_checked, run_state
+from bcdcore.rundir import RunState, display_id, lost_reason, printable, read_status_checked, run_state  # noqa: F401
 from bcdcore.scheduler import is_zombie, reap_pid
 from bcdtui.cells import (  # noqa: F401 - the formatting helpers, re-exported for the screens that show runs
     COLUMN_TITLES,

@@ -6,8 +6,8 @@ from textual.app import ComposeResult
 from textual.binding import Binding
 from textual.widgets import DataTable
 
+from bcdcore.rundir import printable
 from bcdtui.cluster import ClusterJobs
-from bcdtui.runs import printable
 from bcdtui.screens.base import WsScreen
 from bcdtui.screens.dialogs import ConfirmScreen
 from bcdtui.widgets import KeyBar, TopBar
