@@ -161,10 +161,11 @@ def test_sigterm_then_resume_on_both_nodes_equals_uninterrupted(tmp_path):
 def test_a_node_alone_says_so_in_one_line(tmp_path):
     recipe = _write(tmp_path, ONE_EACH)
     port = _port()
-    out = run_cli("run", recipe, "--runs-dir", "runs", *_node(0, port), cwd=tmp_path, timeout=180)
+    out = run_cli("run", recipe, "--runs-dir", "runs", *_node(0, port), "--set", "distributed.timeout_s=6",
+                  cwd=tmp_path, timeout=180)
     assert out.returncode == 1
     assert out.stdout.splitlines() == [
-        f"failed: node 0: the 2 nodes did not all join within 30 s; start `bcdcore run` on every node with the "
+        f"failed: node 0: the 2 nodes did not all join within 6 s; start `bcdcore run` on every node with the "
         f"same recipe, --nnodes and --rdzv 127.0.0.1:{port} (node 0 hosts it)"]
     assert out.stderr.strip() == ""
     assert not (tmp_path / "runs").exists()

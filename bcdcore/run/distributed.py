@@ -293,7 +293,7 @@ def agent_config(cfg, nproc: int, nodes: int = 1, endpoint: str = "localhost:0",
 
     return LaunchConfig(min_nodes=nodes, max_nodes=nodes, nproc_per_node=nproc,
                         run_id=run_id or uuid.uuid4().hex[:12], rdzv_backend="c10d", rdzv_endpoint=endpoint,
-                        rdzv_configs={"is_host": hosts_store, "join_timeout": max(30, int(cfg.timeout_s))},
+                        rdzv_configs={"is_host": hosts_store, "join_timeout": max(5, int(cfg.timeout_s))},  # nodes join within it
                         max_restarts=0, monitor_interval=0.1, shutdown_timeout=max(30, int(cfg.timeout_s)),
                         signals_to_handle="SIGTERM,SIGINT,SIGHUP,SIGQUIT" if agent_signals else "")
 
