@@ -5,14 +5,12 @@ the machinery behind `torchrun`), which `bcdcore run` runs in-process when `[dis
 started by an external `torchrun ... -m bcdcore run RECIPE` (multi-node), where the bcdcore processes are the
 ranks themselves.
 
-Blockwise (Algorithm 1, Jacobi): the blocks are split over the ranks by parameter count (deterministic greedy:
-largest block first, onto the least-loaded rank, lowest rank on ties). Every rank draws the same active set
-(same generator), solves the active blocks it owns from x_t with each block's own minibatch stream, and the
-ranks exchange their damped results as raw bytes of the flat slices (plus the blocks' buffers) in one
-all_gather, so every rank holds the same x_{t+1}, bit for bit, as the 1-process run. Block reports (and the
-per-step losses, so train_loss is computed in the same order as in one process) travel with an
-all_gather_object; one all_reduce per round carries the leader's stop/checkpoint decision and any rank's
-signal. Rank 0 (the leader) evaluates, measures, checkpoints and writes the run directory; other ranks write
+Blockwise (Algorithm 1, Jacobi): `Comm` holds the process group and the byte accounting; the round's exchange
+is `bcdcore.run.collective.RoundComm`: blocks owned by measured cost (FLOPs), and ONE all_gather per round of a
+flat byte buffer per rank carrying the damped slices, the blocks' buffers, the reports and per-step losses and
+the leader's stop code, so every rank holds the same x_{t+1}, bit for bit, as the 1-process run (see
+docs/distributed.md, "How a round communicates"). `assign_blocks` is the greedy both use (costliest block
+first, onto the least-loaded rank, lowest rank on ties). Rank 0 (the leader) evaluates, measures, checkpoints and writes the run directory; other ranks write
 only rankN.pid, rankN.log and, when they raise, rankN.error.
 
 Communication accounting (per round, in metric events): `bytes_round` is the model state (parameters and
