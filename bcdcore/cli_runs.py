@@ -7,7 +7,6 @@ in a run directory can make either command raise: the readers are total (bcdcore
 from __future__ import annotations
 
 import json
-import math
 import os
 import sys
 import time
@@ -19,6 +18,7 @@ from bcdcore.records import STATES
 from bcdcore.rundir import (
     default_runs_dir,
     display_id,
+    json_safe,
     list_runs,
     lost_reason,
     printable,
@@ -51,7 +51,7 @@ def cmd_ls(args) -> int:
     records = [r for r in map(ls_record, runs)
                if (not states or r["state"] in states) and all(t in r["tags"] for t in tags)]
     if getattr(args, "json", False):
-        print(json.dumps(plain_json(records), indent=1))
+        print(json.dumps(json_safe(records), indent=1))
         return 0
     if not records:
         wanted = " and ".join(filter(None, (states and f"--state {','.join(states)}",
@@ -119,17 +119,6 @@ def ls_record(path: Path) -> dict:
             "test": {"name": test, "value": metrics[test]} if test else None,
             "metrics": metrics, "name": notes.name, "tags": list(notes.tags), "notes": notes.notes,
             "annotations_problem": note_problem, "bad_lines": events.bad_lines, "note": events.note}
-
-
-def plain_json(value):
-    """Non-finite floats as the strings "nan", "inf", "-inf" (as in metrics.jsonl): JSON has no such numbers."""
-    if isinstance(value, float) and not math.isfinite(value):
-        return str(value)
-    if isinstance(value, dict):
-        return {k: plain_json(v) for k, v in value.items()}
-    if isinstance(value, list):
-        return [plain_json(v) for v in value]
-    return value
 
 
 def ls_row(record: dict) -> tuple[str, ...]:

@@ -58,14 +58,14 @@ def _json_default(value: Any) -> Any:
     raise TypeError(f"not JSON serialisable: {type(value).__name__}")
 
 
-def _finite(value: Any) -> Any:
+def json_safe(value: Any) -> Any:
     """JSON has no nan/inf: non-finite floats are written as strings "nan", "inf", "-inf"."""
     if isinstance(value, float) and not math.isfinite(value):
         return str(value)
     if isinstance(value, dict):
-        return {k: _finite(v) for k, v in value.items()}
+        return {k: json_safe(v) for k, v in value.items()}
     if isinstance(value, list):
-        return [_finite(v) for v in value]
+        return [json_safe(v) for v in value]
     return value
 
 
@@ -87,7 +87,7 @@ def write_bytes_atomic(path: Path, data: bytes | memoryview) -> None:
 
 
 def _json_bytes(data: dict) -> bytes:
-    return json.dumps(_finite(data), indent=1, default=_json_default).encode()
+    return json.dumps(json_safe(data), indent=1, default=_json_default).encode()
 
 
 def write_json_atomic(path: Path, data: dict) -> None:
@@ -195,7 +195,7 @@ class RunDir:
 
     def event(self, kind: str, **fields: Any) -> dict:
         record = {"v": EVENT_VERSION, "kind": kind, "t": time.time(), **fields}
-        line = json.dumps(_finite(record), default=_json_default) + "\n"
+        line = json.dumps(json_safe(record), default=_json_default) + "\n"
         try:
             if self._events is None:
                 self._open_streams()
