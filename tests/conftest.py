@@ -152,3 +152,18 @@ def cli(tmp_path):
         return run_cli(*args, cwd=cwd or tmp_path, timeout=timeout)
 
     return call
+
+
+@pytest.fixture
+def place(tmp_path, monkeypatch):
+    """A working directory with recipes/ and runs/; the engine subprocesses import this checkout."""
+    recipes = tmp_path / "recipes"
+    recipes.mkdir()
+    (recipes / "tiny.toml").write_text(TINY)
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setenv("PYTHONPATH", os.pathsep.join([str(REPO), os.environ.get("PYTHONPATH", "")]).rstrip(os.pathsep))
+    monkeypatch.setenv("OMP_NUM_THREADS", "1")
+    monkeypatch.delenv("BCD_RUNS", raising=False)
+    monkeypatch.delenv("BCD_OPS", raising=False)
+    monkeypatch.delenv("BCDTUI_CONFIRM", raising=False)
+    return tmp_path

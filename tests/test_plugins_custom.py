@@ -8,6 +8,7 @@ import os
 import pytest
 from conftest import REPO, cli_env, run_cli
 from textual.widgets import Static
+from tui_tools import until
 
 from bcdcore.api import load_run
 from bcdcore.rundir import list_runs, read_events
@@ -127,13 +128,3 @@ def plan_text(app) -> str:
         return str(app.screen.query_one("#plan", Static).render())
     except Exception:  # noqa: BLE001 - the dialog is not (yet) open
         return ""
-
-
-async def until(pilot, predicate, timeout: float, what: str) -> None:
-    import time
-
-    deadline = time.monotonic() + timeout
-    while not predicate():
-        if time.monotonic() > deadline:
-            raise AssertionError(f"timed out after {timeout:.0f} s waiting for {what}")
-        await pilot.pause(0.1)

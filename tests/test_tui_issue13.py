@@ -3,53 +3,19 @@ plus the new keys (annotations, filters, confirmations, empty state, scrolling, 
 from __future__ import annotations
 
 import os
-import time
 from pathlib import Path
 
 import pytest
-from conftest import REPO, TINY
+from conftest import TINY
 from textual.widgets import DataTable
+from tui_tools import make_app, real_runs, until
 
 from bcdtui.app import BcdApp
-from bcdtui.runner import cpu_slot
 from bcdtui.screens import ConfirmScreen, RunsScreen
-
-
-@pytest.fixture
-def place(tmp_path, monkeypatch):
-    recipes = tmp_path / "recipes"
-    recipes.mkdir()
-    (recipes / "tiny.toml").write_text(TINY)
-    monkeypatch.chdir(tmp_path)
-    monkeypatch.setenv("PYTHONPATH", os.pathsep.join([str(REPO), os.environ.get("PYTHONPATH", "")]).rstrip(os.pathsep))
-    monkeypatch.setenv("OMP_NUM_THREADS", "1")
-    monkeypatch.delenv("BCD_RUNS", raising=False)
-    monkeypatch.delenv("BCD_OPS", raising=False)
-    monkeypatch.delenv("BCDTUI_CONFIRM", raising=False)
-    return tmp_path
-
-
-def make_app(place: Path, **kwargs) -> BcdApp:
-    kwargs.setdefault("slots", [cpu_slot()])
-    kwargs.setdefault("per_slot", 2)
-    kwargs.setdefault("refresh_s", 0.1)
-    return BcdApp(place / "runs", place / "recipes", **kwargs)
-
-
-async def until(pilot, predicate, timeout: float, what: str) -> None:
-    deadline = time.monotonic() + timeout
-    while not predicate():
-        if time.monotonic() > deadline:
-            raise AssertionError(f"timed out after {timeout:.0f} s waiting for {what}")
-        await pilot.pause(0.1)
 
 
 def table(app: BcdApp) -> DataTable:
     return app.runs_screen.query_one("#runs", DataTable)
-
-
-def real_runs(app: BcdApp) -> list[str]:
-    return [str(r.key.value) for r in table(app).ordered_rows if not str(r.key.value).startswith("job:")]
 
 
 def cursor_run(app: BcdApp) -> str | None:

@@ -3,16 +3,11 @@ where the issue asks for it: launch a short recipe and see it finish, kill a run
 find a running run re-attached. The others use synthetic run directories (bcdtui.synthetic)."""
 from __future__ import annotations
 
-import os
-import time
-from pathlib import Path
-
-import pytest
-from conftest import REPO, TINY, line_of, tiny_recipe
+from conftest import line_of, tiny_recipe
 from textual.widgets import DataTable, Input, Log, Static
+from tui_tools import make_app, real_runs, shown_runs, until
 
 from bcdtui.app import BcdApp
-from bcdtui.runner import cpu_slot
 from bcdtui.screens import CompareScreen, ConfirmScreen, HelpScreen, LaunchScreen, RecipesScreen, RunScreen, RunsScreen
 from bcdtui.synthetic import demo_runs, write_run
 from bcdtui.widgets import HeatMap, KeyBar, LineChart, RecipeEditor, StatusLines
@@ -20,35 +15,6 @@ from bcdtui.widgets import HeatMap, KeyBar, LineChart, RecipeEditor, StatusLines
 # gamma's key misspelt: the validation names its line and suggests "gamma"; typing the missing "m" fixes it
 BROKEN = tiny_recipe(replace={"gamma = 1.0": "gama = 0.5"})
 BROKEN_LINE = line_of(BROKEN, "gama = 0.5")
-
-
-@pytest.fixture
-def place(tmp_path, monkeypatch):
-    """A working directory with recipes/ and runs/; the engine subprocesses import this checkout."""
-    recipes = tmp_path / "recipes"
-    recipes.mkdir()
-    (recipes / "tiny.toml").write_text(TINY)
-    monkeypatch.chdir(tmp_path)
-    monkeypatch.setenv("PYTHONPATH", os.pathsep.join([str(REPO), os.environ.get("PYTHONPATH", "")]).rstrip(os.pathsep))
-    monkeypatch.setenv("OMP_NUM_THREADS", "1")
-    monkeypatch.delenv("BCD_RUNS", raising=False)
-    monkeypatch.delenv("BCD_OPS", raising=False)
-    return tmp_path
-
-
-def make_app(place: Path, **kwargs) -> BcdApp:
-    kwargs.setdefault("slots", [cpu_slot()])
-    kwargs.setdefault("per_slot", 2)
-    kwargs.setdefault("refresh_s", 0.1)
-    return BcdApp(place / "runs", place / "recipes", **kwargs)
-
-
-async def until(pilot, predicate, timeout: float, what: str) -> None:
-    deadline = time.monotonic() + timeout
-    while not predicate():
-        if time.monotonic() > deadline:
-            raise AssertionError(f"timed out after {timeout:.0f} s waiting for {what}")
-        await pilot.pause(0.1)
 
 
 def table_text(app: BcdApp, run_id: str, column: str) -> str:
@@ -62,14 +28,6 @@ def table_text(app: BcdApp, run_id: str, column: str) -> str:
 
 def summary(screen) -> str:
     return "\n".join(line.plain for line in screen.query_one("#summary", StatusLines).text_lines)
-
-
-def shown_runs(app: BcdApp) -> list[str]:
-    return [str(r.key.value) for r in app.runs_screen.query_one("#runs", DataTable).ordered_rows]
-
-
-def real_runs(app: BcdApp) -> list[str]:
-    return [r for r in shown_runs(app) if not r.startswith("job:")]
 
 
 async def move_to(pilot, app: BcdApp, run_id: str) -> None:
