@@ -37,7 +37,7 @@ def run_id_for(name: str, digest: str, when: float | None = None) -> str:
     return f"{name}-{stamp:%Y%m%d-%H%M%S}-{digest[:6]}"
 
 
-_RUN_ID = re.compile(r"(?P<name>.+)-\d{8}-\d{6}-(?P<digest>[0-9a-f]{6})(?P<copy>-\d+)?")
+_RUN_ID = re.compile(r"(?P<name>.+)-(?P<time>\d{8}-\d{6})-(?P<digest>[0-9a-f]{6})(?P<copy>-\d+)?")
 
 
 def display_id(run_id: str, display_name: str = "") -> str:
@@ -48,6 +48,13 @@ def display_id(run_id: str, display_name: str = "") -> str:
     if match is None:
         return display_name or run_id
     return f"{display_name or match['name']}-{match['digest']}{match['copy'] or ''}"
+
+
+def id_time(run_id: str) -> str:
+    """The start time a run id carries ("YYYYmmdd-HHMMSS", which sorts as time does), "" for an id in another
+    form: a reader's order of reading many runs, newest first, before their status.json is read."""
+    match = _RUN_ID.fullmatch(run_id)
+    return match["time"] if match is not None else ""
 
 
 def _json_default(value: Any) -> Any:

@@ -120,6 +120,9 @@ class BcdApp(App):
         self.tick()
 
     def status_line(self) -> str:
+        unread = self.ws.model.unread_statuses
+        if unread:  # counts and slots are not known until every status is read
+            return f"reading the status of {unread:,} more runs…"
         counts = self.ws.model.counts()
         parts = [f"{counts[s]} {s}" for s in ("running", "starting", "queued", "lost", "failed", "unreadable")
                  if counts.get(s)]

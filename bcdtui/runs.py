@@ -10,13 +10,12 @@ import math
 import os
 import socket
 import time
-from collections import Counter
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable
 
 from bcdcore.annotations import read_annotations
-from bcdcore.rundir import RunState, display_id, lost_reason, printable, read_status_checked, run_state  # noqa: F401
+from bcdcore.rundir import RunState, display_id, id_time, lost_reason, printable, read_status_checked, run_state  # noqa: F401
 from bcdcore.scheduler import is_zombie, reap_pid
 from bcdtui.cells import (  # noqa: F401 - the formatting helpers, re-exported for the screens that show runs
     COLUMN_TITLES,
@@ -31,80 +30,16 @@ from bcdtui.cells import (  # noqa: F401 - the formatting helpers, re-exported f
     with_config,
 )
 from bcdtui.cluster import run_entries
+from bcdtui.rows import ACTIVE, PROBLEMS, STATE_FILTERS, STATE_ORDER, RunRow, StateTally  # noqa: F401 - re-exported
 from bcdtui.runner import Job
 from bcdtui.tailer import TailSummary, events_only_sig, file_sig, number, read_tail
-
-STATE_ORDER = {"starting": 0, "queued": 1, "running": 2, "lost": 3, "error": 4, "unreadable": 5, "failed": 6,
-               "killed": 7, "finished": 8, "unknown": 9}
-ACTIVE = frozenset({"queued", "starting", "running"})
-PROBLEMS = frozenset({"failed", "killed", "lost", "error", "unreadable"})
-# name -> the states it shows (None = all); `f` on the runs screen cycles through them in this order
-STATE_FILTERS: dict[str, frozenset | None] = {
-    "all": None, "active": ACTIVE, "finished": frozenset({"finished"}), "problems": PROBLEMS}
 
 _ENDED = frozenset({"finished", "failed", "killed"})
 # an ended run's files change only when someone resumes or annotates it: with many runs, each refresh re-checks
 # at most this many ended runs (in turn), so that one refresh stays short at 10,000 runs
 ENDED_CHECKS_PER_REFRESH = 500
 DEFER_ABOVE = 2000  # runs: from this many on, the first load paints before reading the events' tails
-
-
-@dataclass
-class RunRow:
-    id: str
-    path: Path | None
-    recipe: str = ""
-    state: str = "unknown"
-    round: int = 0
-    rounds: int = 0
-    eta_s: float = math.nan
-    train_loss: float = math.nan
-    val_name: str = ""
-    val_value: float = math.nan
-    test_name: str = ""
-    test_value: float = math.nan
-    gpu: str = ""
-    started: float = math.nan
-    ended: float = math.nan
-    pid: int | None = None
-    host: str = ""
-    error: str = ""
-    exit_code: int | None = None
-    job_id: str = ""  # a launch without a run directory yet
-    holder: str = ""  # host:pid holding the run's writer lock ("" when nobody does)
-    note: str = ""  # what was skipped reading it (bad event lines in the window read)
-    name: str = ""  # the display name the user gave it (annotations.json)
-    tags: tuple[str, ...] = ()
-    notes: str = ""
-    config: dict = field(default_factory=dict)  # recipe keys the table shows (cfg: columns): key -> text
-
-    @property
-    def display(self) -> str:
-        """The short id the table shows: name (or the user's display name) + 6 hex."""
-        return display_id(self.id, self.name)
-
-    @property
-    def progress(self) -> float:
-        return min(1.0, self.round / self.rounds) if self.rounds else 0.0
-
-    def sort_value(self, column: str):
-        if column == "state":
-            value = STATE_ORDER.get(self.state, 9)
-        elif column == "progress":
-            value = self.progress
-        elif column == "tags":
-            value = " ".join(self.tags)
-        elif column in _SORT_ATTRS:
-            value = getattr(self, _SORT_ATTRS[column])
-        else:  # a config column, cfg:KEY
-            value = self.config.get(column.removeprefix("cfg:"), "")
-        if isinstance(value, float) and math.isnan(value):
-            return (1, 0.0)  # missing values sort last
-        return (0, value)
-
-
-_SORT_ATTRS = {"run": "id", "recipe": "recipe", "round": "round", "eta": "eta_s", "train_loss": "train_loss",
-               "val": "val_value", "gpu": "gpu", "started": "started"}
+STATUS_FIRST = 500  # and before reading the status of all but this many runs (the newest by their ids)
 
 
 @dataclass
@@ -145,14 +80,20 @@ class RunsModel:
         self.config_keys: tuple[str, ...] = ()  # recipe keys shown as columns (cfg:KEY), e.g. algorithm.K
         self.host = self._host = socket.gethostname()
         self._turn = 0  # which share of the ended runs this refresh re-checks
-        self._ended = 0  # ended runs at the last refresh
         self._dir_sig: tuple = ()
         self._sweep_dirs: list[str] = []  # sweep directories under runs_dir: their runs are listed too
-        self._entries: list[tuple[str, str]] = []
+        self._entries: list[tuple[str, str]] = []  # (name, path) of every entry of the runs (and sweep) dirs
+        self._paths: dict[str, str] = {}  # the same, by name
+        # A refresh checks the entries not known to have ended (new, live, unreadable ones) and a share of the
+        # ended ones in turn, so that its cost follows the live runs, not all of them
+        self._ended: set[str] = set()
+        self._unended: dict[str, str] = {}  # name -> path, in the entries' order
+        self._jobs: set[str] = set()  # keys of the rows of launches without a directory (job:ID)
+        self._pending_status: list[tuple[str, str]] = []  # (name, path) whose status.json is still to read,
+        self._waiting: set[str] = set()  # newest last: the first load of many runs paints before reading them
         self._pending: list[str] = []  # runs whose events' tail is still to read (after a deferred first load)
         self._pending_config: list[str] = []  # runs whose recipe.toml is still to read (config columns)
-        self._version = 0  # counts changes of rows (what _summary's cache is keyed on)
-        self._summary_cache: tuple = (None, {}, [])
+        self.tally = StateTally(self._host)
 
     # --- refresh
     def refresh(self, jobs: list[Job] | None = None, force: set[str] | None = None,
@@ -163,81 +104,128 @@ class RunsModel:
         new run's status is read now, its events' tail later, by `fill()`, newest first, so that the table
         paints at once at 10,000 runs."""
         result = RefreshResult()
-        present: set[str] = set()
         dir_sig = (file_sig(str(self.runs_dir)), *(file_sig(path) for path in self._sweep_dirs))
+        gone: set[str] = set()
         if dir_sig != self._dir_sig or not dir_sig[0]:  # a run directory came or went (here or in a sweep)
             entries, self._sweep_dirs = run_entries(self.runs_dir)
             self._entries = [(e.name, e.path) for e in entries if not e.name.startswith(".")]
+            self._paths = dict(self._entries)
             self._dir_sig = (dir_sig[0], *(file_sig(path) for path in self._sweep_dirs))
-        sep = os.sep
-        turns = max(1, -(-self._ended // ENDED_CHECKS_PER_REFRESH))
+            self._ended &= self._paths.keys()
+            self._unended = {name: path for name, path in self._entries if name not in self._ended}
+            gone = {name for name in self.rows if name not in self._paths and name not in self._jobs}
+        if defer and not self._seen and len(self._entries) > DEFER_ABOVE:
+            # the first load of many runs: the newest by their ids' start time now, the others by fill()
+            order = sorted(self._unended.items(), key=lambda item: id_time(item[0]) or "~")  # other ids: first
+            self._pending_status = order[:-STATUS_FIRST]
+            self._waiting = {name for name, _ in self._pending_status}
+            self._unended = dict(order[-STATUS_FIRST:])
+        turns = max(1, -(-len(self._ended) // ENDED_CHECKS_PER_REFRESH))
         self._turn = (self._turn + 1) % turns
-        ended = 0
-        for index, (name, entry_path) in enumerate(self._entries):
-            seen = self._seen.get(name)
-            if seen is not None and seen.status.get("state") in _ENDED:
-                ended += 1
-                if turns > 1 and index % turns != self._turn and name in self.rows and not (force and name in force):
-                    present.add(name)  # not its turn: an ended run, unchanged since its last check in all likelihood
-                    continue
-            base = entry_path + sep  # plain strings: this loop runs for every run four times a second
-            status_sig = file_sig(base + "status.json") or events_only_sig(base)
-            if not status_sig:
-                continue  # not a run directory (or not yet)
-            present.add(name)
-            if seen is None:
-                seen = self._seen[name] = _Seen()
-            if status_sig == seen.status_sig and seen.status.get("state") in _ENDED:
-                metrics_sig = seen.metrics_sig  # an ended run's events do not change until its status does
-            else:
-                metrics_sig = file_sig(base + "metrics.jsonl")
-            notes_sig = file_sig(base + "annotations.json")
-            dirty = False
-            row = self.rows.get(name)
-            path = row.path if row is not None and row.path is not None else Path(entry_path)
-            if status_sig != seen.status_sig:
-                seen.status, seen.problem = read_status_checked(path)
-                seen.status_sig, dirty = status_sig, True
-            if metrics_sig != seen.metrics_sig:
-                if defer and len(self._entries) > DEFER_ABOVE and seen.status.get("state") in _ENDED:
-                    self._pending.append(name)  # its tail comes with fill()
-                else:
-                    seen.metrics_sig, seen.tail, dirty = metrics_sig, read_tail(path), True
-            if notes_sig != seen.notes_sig:
-                notes = read_annotations(path)[0]  # total: a broken file reads as none (the CLI says why)
-                seen.notes_sig, seen.annotations, dirty = notes_sig, (notes.name, notes.tags, notes.notes), True
-            if self.config_keys and seen.config is None and row is None:  # a new run; the others: fill()
-                seen.config, dirty = recipe_values(path), True
-            state = self._state(seen.status, path, seen.problem)
-            if row is None or dirty or row.state != state.state or row.holder != (state.holder or ""):
-                new = self._row(name, path, seen, state)
-                if row is None:
-                    result.added.add(name)
-                elif new != row:
-                    result.changed.add(name)
-                self.rows[name] = new
-        self._ended = ended
+        check = dict(self._unended)
+        for name, path in self._entries[self._turn::turns] if turns > 1 else self._entries:
+            if name not in self._waiting:  # this turn's share of the ended runs (every one while they are few)
+                check.setdefault(name, path)
+        for name in force or ():
+            if name in self._paths and name not in self._waiting:
+                check.setdefault(name, self._paths[name])
+        for name, entry_path in check.items():
+            if not self._check(name, entry_path, result, defer) and name in self.rows:
+                gone.add(name)
         if defer and self._pending:  # newest first: the rows the default sort shows at the top
             self._pending.sort(key=lambda n: self.rows[n].started if n in self.rows else 0.0)
-        for name in [n for n, r in self.rows.items() if r.job_id == "" and n not in present]:
-            del self.rows[name]
+        for name in gone:
+            self._drop(name)
             self._seen.pop(name, None)
+            self._ended.discard(name)
+            if name in self._paths:  # its directory is still there: look at it at every refresh again
+                self._unended[name] = self._paths[name]
             result.removed.add(name)
         if jobs is not None:
             self._merge_jobs(jobs, result)
-        self._version += result.any
         return result
+
+    def _check(self, name: str, entry_path: str, result: RefreshResult, defer: bool) -> bool:
+        """Re-read what changed of one run directory; False when it is not one (no status.json, no events)."""
+        seen = self._seen.get(name)
+        base = entry_path + os.sep  # plain strings: this runs for every live run four times a second
+        status_sig = file_sig(base + "status.json") or events_only_sig(base)
+        if not status_sig:
+            return False  # not a run directory (or not yet)
+        if seen is None:
+            seen = self._seen[name] = _Seen()
+        if status_sig == seen.status_sig and seen.status.get("state") in _ENDED:
+            metrics_sig = seen.metrics_sig  # an ended run's events do not change until its status does
+        else:
+            metrics_sig = file_sig(base + "metrics.jsonl")
+        notes_sig = file_sig(base + "annotations.json")
+        dirty = False
+        row = self.rows.get(name)
+        path = row.path if row is not None and row.path is not None else Path(entry_path)
+        if status_sig != seen.status_sig:
+            seen.status, seen.problem = read_status_checked(path)
+            seen.status_sig, dirty = status_sig, True
+            if seen.status.get("state") in _ENDED:
+                self._ended.add(name)
+                self._unended.pop(name, None)
+            else:  # live, unreadable, or resumed: looked at every refresh
+                self._ended.discard(name)
+                self._unended[name] = entry_path
+        if metrics_sig != seen.metrics_sig:
+            if defer and len(self._entries) > DEFER_ABOVE and seen.status.get("state") in _ENDED:
+                self._pending.append(name)  # its tail comes with fill()
+            else:
+                seen.metrics_sig, seen.tail, dirty = metrics_sig, read_tail(path), True
+        if notes_sig != seen.notes_sig:
+            notes = read_annotations(path)[0]  # total: a broken file reads as none (the CLI says why)
+            seen.notes_sig, seen.annotations, dirty = notes_sig, (notes.name, notes.tags, notes.notes), True
+        if self.config_keys and seen.config is None and row is None:  # a new run; the others: fill()
+            seen.config, dirty = recipe_values(path), True
+        state = self._state(seen.status, path, seen.problem)
+        if row is None or dirty or row.state != state.state or row.holder != (state.holder or ""):
+            new = self._row(name, path, seen, state)
+            if row is None:
+                result.added.add(name)
+            elif new != row:
+                result.changed.add(name)
+            self._put(name, new)
+        return True
+
+    def _put(self, name: str, row: RunRow) -> None:
+        self.rows[name] = row
+        self.tally.put(name, row)
+
+    def _drop(self, name: str) -> None:
+        del self.rows[name]
+        self.tally.drop(name)
 
     @property
     def pending(self) -> int:
-        """Runs whose events are still to be read after the first load (their val and loss cells are blank)."""
-        return len(self._pending) + len(self._pending_config)
+        """Runs still to be read after the first load: their status (no row yet), their events (the val and
+        loss cells are blank) or their recipe (config columns)."""
+        return len(self._pending_status) + len(self._pending) + len(self._pending_config)
+
+    @property
+    def unread_statuses(self) -> int:
+        """Runs whose status.json is still to be read (their rows, counts and live processes are not known)."""
+        return len(self._pending_status)
 
     def fill(self, budget_s: float = 0.02) -> RefreshResult:
-        """Read the deferred tails, newest run first, for at most `budget_s` seconds (the app calls it between
-        refreshes until none is left)."""
+        """Read what the first load deferred, newest run first, for at most `budget_s` seconds (the app calls it
+        between refreshes until none is left): statuses, then events' tails, then recipes."""
         result = RefreshResult()
         deadline = time.perf_counter() + budget_s
+        if self._pending_status:
+            while self._pending_status:  # at least one per call
+                name, path = self._pending_status.pop()
+                self._waiting.discard(name)
+                if name in self._paths and not self._check(name, path, result, defer=True):
+                    self._unended[name] = path  # not a run directory yet: looked at every refresh
+                if time.perf_counter() >= deadline:
+                    break
+            if self._pending_status:
+                return result
+            self._pending.sort(key=lambda n: self.rows[n].started if n in self.rows else 0.0)  # newest last
         while self._pending and time.perf_counter() < deadline:
             name = self._pending.pop()
             seen, row = self._seen.get(name), self.rows.get(name)
@@ -246,16 +234,15 @@ class RunsModel:
             seen.metrics_sig, seen.tail = file_sig(str(row.path / "metrics.jsonl")), read_tail(row.path)
             new = self._row(name, row.path, seen, self._state(seen.status, row.path, seen.problem))
             if new != row:
-                self.rows[name] = new
+                self._put(name, new)
                 result.changed.add(name)
         while self._pending_config and not self._pending and time.perf_counter() < deadline:
             name = self._pending_config.pop()
             seen, row = self._seen.get(name), self.rows.get(name)
             if seen is not None and row is not None and row.path is not None:
                 seen.config = recipe_values(row.path)
-                self.rows[name] = with_config(row, seen.config, self.config_keys)
+                self._put(name, with_config(row, seen.config, self.config_keys))
                 result.changed.add(name)
-        self._version += result.any
         return result
 
     def _state(self, status: dict, path: Path | None = None, problem: str = "") -> RunState:
@@ -275,7 +262,7 @@ class RunsModel:
                 continue
             if self.config_keys and seen.config is None and name not in self._pending_config:
                 self._pending_config.append(name)
-            self.rows[name] = with_config(row, seen.config or {}, self.config_keys)
+            self._put(name, with_config(row, seen.config or {}, self.config_keys))
 
     def _row(self, name: str, path: Path, seen: _Seen, shown: RunState) -> RunRow:
         status, tail, state = seen.status, seen.tail, shown.state
@@ -317,8 +304,8 @@ class RunsModel:
             wanted[key] = RunRow(id=key, path=None, recipe=job.spec.label or Path(job.spec.recipe).stem,
                                  state=state, gpu=job.slot.removeprefix("gpu") if job.slot.startswith("gpu") else
                                  (job.slot or ""), started=job.submitted, error=job.error, job_id=job.id)
-        for key in [k for k, r in self.rows.items() if r.job_id and k not in wanted]:
-            del self.rows[key]
+        for key in [k for k in self._jobs if k not in wanted]:
+            self._drop(key)
             result.removed.add(key)
         for key, row in wanted.items():
             old = self.rows.get(key)
@@ -326,7 +313,9 @@ class RunsModel:
                 result.added.add(key)
             elif old != row:
                 result.changed.add(key)
-            self.rows[key] = row
+            if old != row:
+                self._put(key, row)
+        self._jobs = set(wanted)
 
     # --- view
     def matches(self, row: RunRow) -> bool:
@@ -381,20 +370,9 @@ class RunsModel:
         self.state_filter = names[(names.index(self.state_filter) + 1) % len(names)]
         return self.state_filter
 
-    def _summary(self) -> tuple[dict[str, int], list[tuple[str, str]]]:
-        """(counts by state, live runs), computed again only after rows changed (at 10,000 runs a pass over
-        them costs milliseconds, and the app asks for both at every refresh)."""
-        key = (self._version, len(self.rows))
-        if self._summary_cache[0] != key:
-            rows = self.rows.values()
-            live = [(str(r.path), r.gpu) for r in rows if r.path is not None and r.host in ("", self._host)
-                    and (r.state == "running" or (r.state == "queued" and r.pid))]
-            self._summary_cache = (key, dict(Counter(row.state for row in rows)), live)
-        return self._summary_cache[1], self._summary_cache[2]
-
     def counts(self) -> dict[str, int]:
-        return dict(self._summary()[0])
+        return dict(self.tally.counts)
 
     def live_runs(self) -> list[tuple[str, str]]:
         """(run_dir, gpu) of the runs whose process is alive here (for the runner's slot accounting)."""
-        return list(self._summary()[1])
+        return list(self.tally.live.values())

@@ -281,6 +281,8 @@ def read_tail(path: Path, window: int = 8192, max_window: int = 262144) -> TailS
                 is_metric = b'"metric"' in raw
                 if not is_metric and b'"end"' not in raw and b'"start"' not in raw:
                     continue
+                if is_metric and len(metrics) >= RATE_EVENTS and b'"val_' not in raw:
+                    continue  # the rate has its events: only the last evaluation is still looked for
                 try:
                     event = parse_event(raw)
                 except RecordError:
@@ -288,7 +290,8 @@ def read_tail(path: Path, window: int = 8192, max_window: int = 262144) -> TailS
                     continue
                 kind = event.get("kind")
                 if kind == "metric" and not boundary:
-                    metrics.append(event)
+                    if len(metrics) < RATE_EVENTS:
+                        metrics.append(event)
                     if not summary.val_name:
                         for name in ("val_acc", "val_loss"):
                             if name in event and math.isfinite(number(event[name])):

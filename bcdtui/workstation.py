@@ -78,14 +78,22 @@ class Workstation:
     def refresh(self, defer: bool = False, fill_s: float = 0.03) -> RefreshResult:
         """The periodic step. `defer` (the first load): statuses now, the events' tails later; each refresh then
         reads deferred tails for up to `fill_s` seconds."""
-        self.runner.tick(live=self.model.live_runs())
+        self.runner.tick(live=self.known_live())
         result = self.model.refresh(jobs=list(self.runner.jobs.values()), defer=defer)
         if self.model.pending and not defer:
-            result.changed |= self.model.fill(fill_s).changed
+            filled = self.model.fill(fill_s)
+            result.added |= filled.added
+            result.changed |= filled.changed
+            result.removed |= filled.removed
         self._changes.added |= result.added
         self._changes.removed |= result.removed
         self._changes.changed |= result.changed
         return result
+
+    def known_live(self) -> list[tuple[str, str]] | None:
+        """The model's live runs, or None while the first load still reads statuses (the runner then scans for
+        them itself: a slot is never taken as free because its run's status is not read yet)."""
+        return None if self.model.unread_statuses else self.model.live_runs()
 
     def drain_changes(self) -> RefreshResult:
         """Everything that changed since the last call (across refreshes made by actions too)."""
@@ -140,7 +148,8 @@ class Workstation:
         return self.runner.slots
 
     def slot_usage(self) -> dict[str, int]:
-        return self.runner.usage(self.model.live_runs())
+        live = self.known_live()
+        return self.runner.usage(self.runner.live_runs() if live is None else live)
 
     # --- launch
     def plan(self, recipe: Path | str, overrides: list[str] | tuple[str, ...] = ()) -> LaunchPlan:
