@@ -133,9 +133,11 @@ class RunsScreen(WsScreen):
         keep = self.cursor_run if self.cursor_run in self._cells else None  # an empty table: the first row
         sort_index = self.columns.index(model.sort_column) if model.sort_column in self.columns else 0
         reorder = False
+        view = None  # the model's order, computed at most once per sync (a sort of every row)
         new_ids = [r for r in ids if r not in self._cells]
         if len(new_ids) > ADD_PER_SYNC:  # thousands of new rows (the first start): the top ones now, the rest
-            rank = {r.id: i for i, r in enumerate(model.view())}  # in the next frames, in view order
+            view = model.view()  # in the next frames, in view order
+            rank = {r.id: i for i, r in enumerate(view)}
             new_ids.sort(key=lambda r: rank.get(r, len(rank)))
             later = set(new_ids[ADD_PER_SYNC:])
             ids = set(ids) - later
@@ -166,7 +168,7 @@ class RunsScreen(WsScreen):
                 new = tuple(merged)
             self._cells[run_id] = new
         if reorder:
-            self.reorder()
+            self.reorder(view)
         self._place_cursor(keep)
         self._update_info()
 
@@ -192,12 +194,14 @@ class RunsScreen(WsScreen):
     def _highlighted(self, event: DataTable.RowHighlighted) -> None:
         self.cursor_run = self.current_id()  # where the cursor is now (the event may predate a re-sort)
 
-    def reorder(self) -> None:
-        """Order the table's rows as the model's view (sort column and direction), keeping the cursor's run."""
+    def reorder(self, view: list[RunRow] | None = None) -> None:
+        """Order the table's rows as the model's view, keeping the cursor's run (no sort when in order)."""
         table = self.query_one("#runs", DataTable)
         current = self.cursor_run if self.cursor_run in self._cells else None  # None: the first row, once sorted
-        position = {id(self._cells[r.id][0]): i for i, r in enumerate(self.ws.model.view()) if r.id in self._cells}
-        table.sort("run", key=lambda cell: position.get(id(cell), len(position)))
+        order = [r.id for r in (self.ws.model.view() if view is None else view) if r.id in self._cells]
+        if [row.key.value for row in table.ordered_rows] != order:
+            position = {id(self._cells[run_id][0]): i for i, run_id in enumerate(order)}
+            table.sort("run", key=lambda cell: position.get(id(cell), len(position)))
         if current in self._cells:
             table.move_cursor(row=table.get_row_index(current), animate=False)
             self.cursor_run = current
@@ -227,8 +231,6 @@ class RunsScreen(WsScreen):
 
     def current_id(self) -> str | None:
         table = self.query_one("#runs", DataTable)
-        if not table.row_count:
-            return None
         try:
             return table.coordinate_to_cell_key(table.cursor_coordinate).row_key.value
         except Exception:  # noqa: BLE001 - an empty or changing table
