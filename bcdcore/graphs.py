@@ -147,17 +147,9 @@ class StaticBatch:
 
 def draw_indices(stream: BatchStream, k: int, device: torch.device) -> Tensor:
     """The rows of the stream's next k minibatches as a [k, batch] index tensor on `device`, advancing the
-    stream exactly as k calls of BatchStream.next would (its host-side part, repeated here because next() copies
-    each index vector to the device with a blocking copy, which waits for the GPU). One copy from pinned memory,
-    not waited for."""
-    rows = []
-    for _ in range(k):
-        if stream.position + stream.batch_size > len(stream.order):
-            stream.order = torch.randperm(stream.n, generator=stream.generator)
-            stream.position = 0
-        rows.append(stream.order[stream.position:stream.position + stream.batch_size])
-        stream.position += stream.batch_size
-    host = torch.stack(rows)
+    stream exactly as k calls of BatchStream.next would (not next() itself: it copies each index vector to the
+    device with a blocking copy, which waits for the GPU). One copy from pinned memory, not waited for."""
+    host = torch.stack([stream.draw() for _ in range(k)])
     if device.type != "cuda":
         return host
     return host.pin_memory().to(device, non_blocking=True)

@@ -55,7 +55,15 @@ class PluginSolver:
 
     def step(self, x: Tensor, g: Tensor, a: Tensor, state: list[Tensor], *, lr: float, lam: float, step: int,
              gamma: float | None, out: Tensor | None, skip: Tensor | None, backend: str) -> tuple[Tensor, Tensor]:
-        kept = [x.clone(), *(s.clone() for s in state)] if skip is not None else None
+        norm_dtype = torch.float64 if x.dtype == torch.float64 else torch.float32
+        if skip is not None and skip.device.type == "cpu" and skip[0].item() != 0:
+            # the rule stopped before this step and the host sees it for free: the step is not taken (x, state
+            # stay), only the damped write; the norms are the certified point's
+            if gamma is not None or out is not None:
+                ops.damp_(x, a, gamma=gamma, out=out, backend=backend)
+            return skip[1].to(norm_dtype), skip[2].to(norm_dtype)
+        # on a device the decision stays there: the step runs and is undone where the rule had stopped
+        kept = [x.clone(), *(s.clone() for s in state)] if skip is not None and skip.device.type != "cpu" else None
         try:
             result = self.impl.step(x, g, a, state, lr=lr, lam=lam, step=step)
         except Exception as exc:
@@ -70,6 +78,5 @@ class PluginSolver:
                 live.copy_(torch.where(stopped, old, live))
         if gamma is not None or out is not None:  # gamma None + out: the undamped point moves to out (x <- a)
             ops.damp_(x, a, gamma=gamma, out=out, backend=backend)
-        norm_dtype = torch.float64 if x.dtype == torch.float64 else torch.float32
         r2, d2 = (torch.as_tensor(v, device=x.device).to(norm_dtype).reshape(()) for v in result)
         return r2, d2

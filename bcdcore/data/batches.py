@@ -21,12 +21,18 @@ class BatchStream:
         self.order = torch.empty(0, dtype=torch.long)
         self.position = 0
 
-    def next(self) -> tuple[Tensor, Tensor]:
+    def draw(self) -> Tensor:
+        """The rows of the next minibatch, on the host, advancing the stream (a new epoch's permutation when
+        the current one has no full batch left)."""
         if self.position + self.batch_size > len(self.order):
             self.order = torch.randperm(self.n, generator=self.generator)
             self.position = 0
-        idx = self.order[self.position:self.position + self.batch_size].to(self.x.device)
+        rows = self.order[self.position:self.position + self.batch_size]
         self.position += self.batch_size
+        return rows
+
+    def next(self) -> tuple[Tensor, Tensor]:
+        idx = self.draw().to(self.x.device)
         xb = self.x.index_select(0, idx)
         prefetch = getattr(self.x, "prefetch", None)  # splits decoded from files (bcdcore.image_files)
         if prefetch is not None and self.position + self.batch_size <= len(self.order):
