@@ -12,9 +12,10 @@ import pytest
 
 from bcdcore.rundir import id_time
 from bcdtui import runs as runs_module
+from bcdtui.app import BcdApp
+from bcdtui.runner import cpu_slot
 from bcdtui.runs import RunsModel
 from bcdtui.synthetic import write_run
-from bcdtui.workstation import Workstation
 
 
 def run_id(i: int) -> str:
@@ -49,13 +50,15 @@ def test_the_first_load_of_many_runs_reads_the_newest_statuses_first(tmp_path, s
     # an old run still running (its process is this test's): read late, but then counted and live
     write_run(runs, run_id(0), state="running", rounds=4, pid=os.getpid(), started=1_795_000_000.0)
     write_run(runs, "odd-name", state="failed", rounds=4, started=1_700_000_000.0)  # no time in its id: first
-    ws = Workstation(runs, tmp_path / "recipes")
+    app = BcdApp(runs, tmp_path / "recipes", slots=[cpu_slot()])
+    ws = app.ws
     model = ws.model
     first = model.refresh(defer=True)
     assert first.added == {run_id(11), run_id(10), "odd-name"}
     assert model.unread_statuses == 10
     assert model.pending >= 10
     assert ws.known_live() is None  # slots are not judged from a partial list
+    assert app.status_line() == "reading the status of 10 more runs…"  # not counts of a partial list
     model.refresh()  # a periodic refresh reads none of the waiting statuses
     assert set(model.rows) == first.added
     added = set()
@@ -68,6 +71,7 @@ def test_the_first_load_of_many_runs_reads_the_newest_statuses_first(tmp_path, s
     assert model.counts() == recount(model)[0] == {"finished": 11, "running": 1, "failed": 1}
     assert sorted(model.live_runs()) == recount(model)[1] == [(str(runs / run_id(0)), "")]
     assert ws.known_live() == model.live_runs()
+    assert app.status_line().startswith("1 running · 1 failed · cpu 1/")
     assert all(math.isfinite(r.train_loss) for r in model.rows.values())  # every events' tail read
 
 
