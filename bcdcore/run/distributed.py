@@ -331,9 +331,27 @@ def launch(run_dir: Path, nproc: int, cfg, resume: bool, quiet: bool) -> tuple[i
     if outcome == "signal":
         return finish(run_dir, None, 128 + detail)
     if outcome == "failed":
-        rank, reason = root_cause(detail, run_dir)
-        return finish(run_dir, reason, 1)
+        return finish_failed(run_dir, detail)
     return finish(run_dir, None, None)
+
+
+def finish_failed(run_dir: Path, failures: dict) -> tuple[int, str]:
+    """The ranks' group failed. A run whose end rank 0 recorded (it records only an orderly end under this
+    launcher, after a collective every rank joined) keeps that end when the failure is a rank dying by a
+    signal afterwards, in its teardown: the record is complete; the log says what happened. Else the run
+    failed, naming the rank that failed first."""
+    from bcdcore.rundir import read_events, read_status
+
+    rank, reason = root_cause(failures, run_dir)
+    state = read_status(run_dir).get("state")
+    if " died (" in reason and state in ("finished", "killed", "failed") and read_events(run_dir, "end"):
+        try:
+            with open(run_dir / "log.txt", "a") as f:
+                f.write(f"note: {reason} after the run had ended ({state}); the record above is complete\n")
+        except OSError:
+            pass
+        return finish(run_dir, None, None)
+    return finish(run_dir, reason, 1)
 
 
 def finish(run_dir: Path, failure: str | None, code: int | None) -> tuple[int, str]:
