@@ -6,9 +6,10 @@ inner step k of block i (forward and backward on a static minibatch buffer, the 
 step predicated on the device-side stopped flag, the damped write of the last step) is captured once as a CUDA
 graph and replayed in later rounds; the stream fills the static buffer with the block's next minibatch before
 each replay (the block's K index vectors go to the GPU in one copy that nobody waits for). The rule's stop stays a device flag: nothing is read by the host until the round's end, where the
-rule states, the last norms and the mean loss of every solved block come back in one copy, the round's only
-synchronisation. A step the rule has stopped still replays (the kernels skip it on the device), so a block whose
-rule fires consumes K minibatches where the eager loop consumes k + 2; its returned point is the same.
+rule states, the last norms and the per-step losses of every solved block come back in one copy, the round's
+only synchronisation. A step the rule has stopped still replays (the kernels skip it on the device; the block's
+BatchNorm statistics are put back); at the round's end the block's stream goes back to where the eager loop
+leaves it and only the eager passes are counted, so graph rounds are eager rounds, minibatch for minibatch.
 
 Capture applies on a GPU, in one process, with fixed-shape minibatches already on the device, no active
 dropout (its RNG is not replayed the way eager draws it), no module that opts out (`cuda_graphs = False` on a
@@ -176,6 +177,8 @@ class GraphRound:
         self.norms = torch.zeros(n, 2, dtype=torch.float64, device=p.flat.device)  # last step's r2, d2
         self.losses: Tensor | None = None  # [n, K] in the loss's dtype, allocated at the first capture
         self.shape = (n, k)
+        self.stream_at: dict[int, tuple] = {}  # block -> its stream's state before this round's draws
+        self.kept_buffers: dict[int, list[Tensor]] = {}  # block -> its buffers before a replayed forward
         self.failed = ""  # why a capture failed: the round finishes eagerly and the run stays eager after it
 
     def run_round(self, t: int) -> object:
@@ -184,32 +187,47 @@ class GraphRound:
         bases = tr.solve_blocks(active, self.solve_block)
         if active:  # rows gathered on the device (an index tensor would be a blocking host-to-device copy)
             pick = lambda t: torch.stack([t[i] for i in active])  # noqa: E731
-            values = read_back(pick(self.rules), pick(self.norms), pick(self.losses).reshape(-1).mean())
+            values = read_back(pick(self.rules), pick(self.norms), pick(self.losses))
         else:
             values = []
-        na = len(active)
-        rules, norms = values[:4 * na], values[4 * na:6 * na]
-        loss = values[6 * na] if active else math.nan
+        na, K = len(active), tr.cfg.K
+        rules, norms, losses = values[:4 * na], values[4 * na:6 * na], values[6 * na:]
         reports = [self.report(i, rules[4 * j:4 * j + 4], norms[2 * j:2 * j + 2], base)
                    for j, (i, base) in enumerate(zip(active, bases))]
+        # the eager loop's loss: the mean over the passes it makes (not the replays after a stop), in its order
+        used = [v for j, r in enumerate(reports) for v in losses[K * j:K * j + r.passes]]
+        dtype = self.losses.dtype if self.losses is not None else torch.float32
+        loss = float(torch.tensor(used, dtype=dtype).mean()) if used else math.nan  # on the host: no device read
         if self.failed:
             tr.graph_round = None
         return tr.result(loss, reports)
 
     def report(self, i: int, rule: list[float], norms: list[float], base: int):
-        """Block i's report from its rule state and last norms, as the eager loop makes it."""
+        """Block i's report from its rule state and last norms, as the eager loop makes it. A block whose rule
+        stopped replayed all K steps (the ones after the stop change nothing) and drew K minibatches; its
+        stream goes back to where the eager loop leaves it (the passes up to the step at which the host sees
+        the stop), so that later rounds see the eager loop's minibatches."""
         tr = self.tr
         cfg, lam = tr.cfg, tr.lams[i]
+        passes = cfg.K
         if self.rule_on(i):
             stopped = rule[0] != 0
             applied = int(rule[3]) if stopped else cfg.K
             coef = cfg.accuracy_factor * lam
             residual, dist, threshold = math.sqrt(rule[1]), math.sqrt(rule[2]), coef * math.sqrt(rule[2])
+            if stopped:
+                passes = min(cfg.K, applied + 1 + tr.rule_lag)
         else:
             stopped, applied = False, cfg.K
             residual, dist, threshold = math.sqrt(norms[0]), math.sqrt(norms[1]), math.nan
+        if passes < cfg.K:
+            stream = tr.streams[i]
+            generator_state, stream.order, stream.position = self.stream_at[i]
+            stream.generator.set_state(generator_state)
+            for _ in range(passes):
+                stream.draw()
         tr.solver.steps[i] = base + applied  # skipped steps do not advance Adam's counter
-        return tr.block_report(i, applied, stopped, residual, threshold, dist, cfg.K)
+        return tr.block_report(i, applied, stopped, residual, threshold, dist, passes)
 
     def rule_on(self, i: int) -> bool:
         return self.tr.cfg.accuracy_factor >= 0 and self.tr.lams[i] > 0
@@ -226,6 +244,7 @@ class GraphRound:
         if self.rule_on(i):
             self.rules[i].zero_()
         stream = tr.streams[i]
+        self.stream_at[i] = (stream.generator.get_state(), stream.order, stream.position)
         rows = draw_indices(stream, cfg.K, p.flat.device)
         for k in range(cfg.K):
             self.batch.fill(stream.x.index_select(0, rows[k]), stream.y.index_select(0, rows[k]))
@@ -263,10 +282,23 @@ class GraphRound:
         view = lambda t: p.block(i, t)  # noqa: E731
         b = tr.backend
 
+        # Running statistics (BatchNorm) of block i move with every forward; the eager loop makes passes only up
+        # to the step at which the host sees a stop (rule_lag steps after it), so a replayed forward after that
+        # puts the block's buffers back (a predicated copy, decided on the device as the step's skip is)
+        buffers = list(p.block_buffers[i]) if rule is not None else []
+        kept = self.kept_buffers.setdefault(i, [torch.empty_like(t) for t in buffers]) if buffers else []
+        lag = tr.rule_lag
+
         def step() -> None:
+            for mine, live in zip(kept, buffers):
+                mine.copy_(live)
             g.zero_()
             loss = tr.loss_fn(tr.model(self.batch.x), self.batch.y)
-            loss.backward()
+            loss.backward()  # (before the buffers are put back: the backward reads them)
+            if buffers:
+                late = (rule[0] != 0) & (rule[3] + lag < k)  # stopped before this pass's step in eager terms
+                for mine, live in zip(kept, buffers):
+                    live.copy_(torch.where(late, mine, live))
             if self.losses is None:
                 self.losses = torch.zeros(self.shape, dtype=loss.dtype, device=loss.device)
             self.losses[i, k].copy_(loss.detach())
