@@ -112,7 +112,8 @@ class RunsModel:
             self._paths = dict(self._entries)
             self._dir_sig = (dir_sig[0], *(file_sig(path) for path in self._sweep_dirs))
             self._ended &= self._paths.keys()
-            self._unended = {name: path for name, path in self._entries if name not in self._ended}
+            self._unended = {name: path for name, path in self._entries
+                             if name not in self._ended and name not in self._waiting}
             gone = {name for name in self.rows if name not in self._paths and name not in self._jobs}
         if defer and not self._seen and len(self._entries) > DEFER_ABOVE:
             # the first load of many runs: the newest by their ids' start time now, the others by fill()

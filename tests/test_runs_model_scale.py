@@ -61,6 +61,9 @@ def test_the_first_load_of_many_runs_reads_the_newest_statuses_first(tmp_path, s
     assert app.status_line() == "reading the status of 10 more runs…"  # not counts of a partial list
     model.refresh()  # a periodic refresh reads none of the waiting statuses
     assert set(model.rows) == first.added
+    write_run(runs, run_id(50), state="running", rounds=4, pid=os.getpid())  # a launch meanwhile: a new entry
+    assert model.refresh().added == {run_id(50)} and model.unread_statuses == 10  # still none of the others
+    first.added.add(run_id(50))
     added = set()
     while model.unread_statuses:
         added |= model.fill(1e-9).added  # one run per call at least
@@ -68,10 +71,10 @@ def test_the_first_load_of_many_runs_reads_the_newest_statuses_first(tmp_path, s
     while model.pending:
         model.fill(1.0)
     assert model.rows[run_id(0)].state == "running"
-    assert model.counts() == recount(model)[0] == {"finished": 11, "running": 1, "failed": 1}
-    assert sorted(model.live_runs()) == recount(model)[1] == [(str(runs / run_id(0)), "")]
+    assert model.counts() == recount(model)[0] == {"finished": 11, "running": 2, "failed": 1}
+    assert sorted(model.live_runs()) == recount(model)[1] == [(str(runs / run_id(i)), "") for i in (0, 50)]
     assert ws.known_live() == model.live_runs()
-    assert app.status_line().startswith("1 running · 1 failed · cpu 1/")
+    assert app.status_line().startswith("2 running · 1 failed · cpu 2/")
     assert all(math.isfinite(r.train_loss) for r in model.rows.values())  # every events' tail read
 
 
