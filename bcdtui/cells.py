@@ -19,7 +19,7 @@ from typing import TYPE_CHECKING
 from bcdcore.rundir import display_id, printable
 
 if TYPE_CHECKING:
-    from bcdtui.runs import RunRow
+    from bcdtui.rows import RunRow
 
 COLUMNS = ("run", "state", "val", "round", "eta", "train_loss", "tags", "progress", "gpu", "started", "recipe")
 COLUMN_TITLES = {"run": "run", "state": "state", "val": "val", "round": "round", "eta": "ETA",
