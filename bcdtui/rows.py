@@ -89,10 +89,7 @@ class StateTally:
     def put(self, name: str, row: RunRow) -> None:
         old = self._state.get(name)
         if old != row.state:
-            if old is not None:
-                self.counts[old] -= 1
-                if not self.counts[old]:
-                    del self.counts[old]
+            self._uncount(old)
             self.counts[row.state] += 1
             self._state[name] = row.state
         if row.path is not None and row.host in ("", self.host) and (
@@ -102,9 +99,11 @@ class StateTally:
             self.live.pop(name, None)
 
     def drop(self, name: str) -> None:
-        old = self._state.pop(name, None)
-        if old is not None:
-            self.counts[old] -= 1
-            if not self.counts[old]:
-                del self.counts[old]
+        self._uncount(self._state.pop(name, None))
         self.live.pop(name, None)
+
+    def _uncount(self, state: str | None) -> None:
+        if state is not None:
+            self.counts[state] -= 1
+            if not self.counts[state]:
+                del self.counts[state]

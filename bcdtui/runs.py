@@ -64,6 +64,12 @@ class RefreshResult:
     def any(self) -> bool:
         return bool(self.added or self.removed or self.changed)
 
+    def merge(self, other: "RefreshResult") -> None:
+        """Take in what `other` saw change too."""
+        self.added |= other.added
+        self.removed |= other.removed
+        self.changed |= other.changed
+
 
 class RunsModel:
     """Rows of a runs directory; `refresh()` is incremental; `view()` sorts and filters."""
@@ -89,8 +95,9 @@ class RunsModel:
         self._ended: set[str] = set()
         self._unended: dict[str, str] = {}  # name -> path, in the entries' order
         self._jobs: set[str] = set()  # keys of the rows of launches without a directory (job:ID)
-        self._pending_status: list[tuple[str, str]] = []  # (name, path) whose status.json is still to read,
-        self._waiting: set[str] = set()  # newest last: the first load of many runs paints before reading them
+        # name -> path of the runs whose status.json is still to read, newest last: the first load of many runs
+        # paints before reading them
+        self._pending_status: dict[str, str] = {}
         self._pending: list[str] = []  # runs whose events' tail is still to read (after a deferred first load)
         self._pending_config: list[str] = []  # runs whose recipe.toml is still to read (config columns)
         self.tally = StateTally(self._host)
@@ -113,22 +120,21 @@ class RunsModel:
             self._dir_sig = (dir_sig[0], *(file_sig(path) for path in self._sweep_dirs))
             self._ended &= self._paths.keys()
             self._unended = {name: path for name, path in self._entries
-                             if name not in self._ended and name not in self._waiting}
+                             if name not in self._ended and name not in self._pending_status}
             gone = {name for name in self.rows if name not in self._paths and name not in self._jobs}
         if defer and not self._seen and len(self._entries) > DEFER_ABOVE:
             # the first load of many runs: the newest by their ids' start time now, the others by fill()
             order = sorted(self._unended.items(), key=lambda item: id_time(item[0]) or "~")  # other ids: first
-            self._pending_status = order[:-STATUS_FIRST]
-            self._waiting = {name for name, _ in self._pending_status}
+            self._pending_status = dict(order[:-STATUS_FIRST])
             self._unended = dict(order[-STATUS_FIRST:])
         turns = max(1, -(-len(self._ended) // ENDED_CHECKS_PER_REFRESH))
         self._turn = (self._turn + 1) % turns
         check = dict(self._unended)
         for name, path in self._entries[self._turn::turns] if turns > 1 else self._entries:
-            if name not in self._waiting:  # this turn's share of the ended runs (every one while they are few)
+            if name not in self._pending_status:  # this turn's share of the ended runs (every one while they are few)
                 check.setdefault(name, path)
         for name in force or ():
-            if name in self._paths and name not in self._waiting:
+            if name in self._paths and name not in self._pending_status:
                 check.setdefault(name, self._paths[name])
         for name, entry_path in check.items():
             if not self._check(name, entry_path, result, defer) and name in self.rows:
@@ -218,8 +224,7 @@ class RunsModel:
         deadline = time.perf_counter() + budget_s
         if self._pending_status:
             while self._pending_status:  # at least one per call
-                name, path = self._pending_status.pop()
-                self._waiting.discard(name)
+                name, path = self._pending_status.popitem()  # the newest left
                 if name in self._paths and not self._check(name, path, result, defer=True):
                     self._unended[name] = path  # not a run directory yet: looked at every refresh
                 if time.perf_counter() >= deadline:

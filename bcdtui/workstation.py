@@ -81,13 +81,8 @@ class Workstation:
         self.runner.tick(live=self.known_live())
         result = self.model.refresh(jobs=list(self.runner.jobs.values()), defer=defer)
         if self.model.pending and not defer:
-            filled = self.model.fill(fill_s)
-            result.added |= filled.added
-            result.changed |= filled.changed
-            result.removed |= filled.removed
-        self._changes.added |= result.added
-        self._changes.removed |= result.removed
-        self._changes.changed |= result.changed
+            result.merge(self.model.fill(fill_s))
+        self._changes.merge(result)
         return result
 
     def known_live(self) -> list[tuple[str, str]] | None:
