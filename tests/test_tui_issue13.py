@@ -7,15 +7,10 @@ from pathlib import Path
 
 import pytest
 from conftest import TINY
-from textual.widgets import DataTable
-from tui_tools import make_app, real_runs, until
+from tui_tools import cursor_to, make_app, real_runs, table, until
 
 from bcdtui.app import BcdApp
 from bcdtui.screens import ConfirmScreen, RunsScreen
-
-
-def table(app: BcdApp) -> DataTable:
-    return app.runs_screen.query_one("#runs", DataTable)
 
 
 def cursor_run(app: BcdApp) -> str | None:
@@ -186,7 +181,7 @@ async def test_cursor_stays_on_its_run_after_resume_and_goes_to_a_rerun(demo):
     async with app.run_test(size=(120, 36)) as pilot:
         await pilot.pause()
         t = table(app)
-        t.move_cursor(row=t.get_row_index(killed))
+        cursor_to(app, killed)
         await pilot.pause()
         index_before = t.cursor_row
         await pilot.press("u")
@@ -229,8 +224,7 @@ async def test_u_on_a_finished_run_and_k_on_an_ended_one_are_refused(demo):
     notes = collect_notes(app)
     async with app.run_test(size=(120, 36)) as pilot:
         await pilot.pause()
-        t = table(app)
-        t.move_cursor(row=t.get_row_index("quickstart-20261126-025404-92c6eb"))
+        cursor_to(app, "quickstart-20261126-025404-92c6eb")
         await pilot.press("u", "k")
         await pilot.pause()
         assert app.ws.runner.jobs == {} and isinstance(app.screen, RunsScreen)
@@ -326,12 +320,11 @@ async def test_l_preselects_the_highlighted_runs_recipe(demo):
     app = demo_app(demo)
     async with app.run_test(size=(120, 36)) as pilot:
         await pilot.pause()
-        t = table(app)
-        t.move_cursor(row=t.get_row_index("quickstart-20261126-031010-4be1a0"))
+        cursor_to(app, "quickstart-20261126-031010-4be1a0")
         await pilot.press("l")
         assert Path(app.screen.query_one("#recipe").value).name == "quickstart.toml"
         await pilot.press("escape")
-        t.move_cursor(row=t.get_row_index("tiny-20261126-043000-deadbe"))
+        cursor_to(app, "tiny-20261126-043000-deadbe")
         await pilot.press("l")
         assert Path(app.screen.query_one("#recipe").value).name == "tiny.toml"
 
@@ -345,7 +338,7 @@ async def test_annotate_then_filter_by_tag_and_state(demo):
     async with app.run_test(size=(120, 36)) as pilot:
         await pilot.pause()
         t = table(app)
-        t.move_cursor(row=t.get_row_index(run_id))
+        cursor_to(app, run_id)
         await pilot.press("a", *"lr-0.05", "tab", *"baseline best", "ctrl+s")
         await pilot.pause()
         assert isinstance(app.screen, RunsScreen)
@@ -365,7 +358,7 @@ async def test_annotate_then_filter_by_tag_and_state(demo):
         # a bad tag is refused in the dialog, in one line, and nothing is stored
         app.runs_screen.query_one("#filter").value = ""
         await pilot.press("escape")
-        t.move_cursor(row=t.get_row_index(run_id))
+        cursor_to(app, run_id)
         await pilot.press("a", "tab", *" bad,tag!", "ctrl+s")
         await pilot.pause()
         assert "tag 'tag!'" in str(app.screen.query_one("#annotate-error").render())
@@ -399,8 +392,7 @@ async def test_run_screen_maximises_each_panel_in_turn(demo):
     app = demo_app(demo)
     async with app.run_test(size=(80, 24)) as pilot:
         await pilot.pause()
-        t = table(app)
-        t.move_cursor(row=t.get_row_index("quickstart-20261126-025404-92c6eb"))
+        cursor_to(app, "quickstart-20261126-025404-92c6eb")
         await pilot.press("enter")
         await pilot.pause()
         seen = []
@@ -418,8 +410,7 @@ async def test_full_log_search_wrap_and_follow(demo):
     log.write_text("".join(f"line {i} {'x' * 150 if i == 3 else ''}\n" for i in range(300)))
     async with app.run_test(size=(80, 24)) as pilot:
         await pilot.pause()
-        t = table(app)
-        t.move_cursor(row=t.get_row_index(run_id))
+        cursor_to(app, run_id)
         await pilot.press("enter", "L")
         await pilot.pause(0.3)
         screen = app.screen

@@ -6,7 +6,8 @@ from __future__ import annotations
 from pathlib import Path
 
 import pytest
-from textual.widgets import DataTable, Select
+from textual.widgets import Select
+from tui_tools import cursor_to
 
 from bcdtui.app import BcdApp
 from bcdtui.recipes import TEMPLATE
@@ -48,14 +49,9 @@ def snap(snap_compare, app, request):
 QUICKSTART = "quickstart-20261126-025404-92c6eb"
 
 
-def _cursor_to(pilot, run_id: str) -> None:
-    table = pilot.app.runs_screen.query_one("#runs", DataTable)
-    table.move_cursor(row=table.get_row_index(run_id))
-
-
 async def _open(pilot, run_id: str) -> None:
     await pilot.pause()
-    _cursor_to(pilot, run_id)
+    cursor_to(pilot.app, run_id)
     await pilot.press("enter")
     await pilot.pause()
 
@@ -95,7 +91,7 @@ def test_compare_screen(snap):
     async def run_before(pilot):
         await pilot.pause()
         for run_id in (QUICKSTART, "quickstart-20261126-031010-4be1a0"):
-            _cursor_to(pilot, run_id)
+            cursor_to(pilot.app, run_id)
             await pilot.press("space")
         await pilot.press("c")
         await pilot.pause()
@@ -125,7 +121,7 @@ def test_help_screen(snap):
 def test_delete_confirmation(snap):
     async def run_before(pilot):
         await pilot.pause()
-        _cursor_to(pilot, "diabetes-20261126-041500-77aa01")
+        cursor_to(pilot.app, "diabetes-20261126-041500-77aa01")
         await pilot.press("d")
         await pilot.pause()
 
@@ -150,7 +146,7 @@ def test_runs_screen_scrolled_two_columns(snap):
 def test_annotate_dialog(snap):
     async def run_before(pilot):
         await pilot.pause()
-        _cursor_to(pilot, QUICKSTART)
+        cursor_to(pilot.app, QUICKSTART)
         await pilot.press("a", *"lr-0.05", "tab", *"baseline best", "tab", *"the reference run")
         await pilot.pause()
 
@@ -160,7 +156,7 @@ def test_annotate_dialog(snap):
 def test_runs_screen_with_annotations_and_config_columns(snap):
     async def run_before(pilot):
         await pilot.pause()
-        _cursor_to(pilot, QUICKSTART)
+        cursor_to(pilot.app, QUICKSTART)
         await pilot.press("a", *"lr-0.05", "tab", *"baseline", "ctrl+s")
         await pilot.press("o", *"algorithm.K algorithm.lambda", "enter")
         await pilot.pause()

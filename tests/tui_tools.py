@@ -1,5 +1,6 @@
 """What the bcdtui pilot tests share (their working directory is conftest's `place` fixture): an app over it,
-waiting for a condition on screen, and the runs table's real rows (launches without a directory left out)."""
+waiting for a condition on screen, the runs table and its real rows (launches without a directory left out),
+and its cursor put on a run."""
 from __future__ import annotations
 
 import time
@@ -32,3 +33,13 @@ def shown_runs(app: BcdApp) -> list[str]:
 
 def real_runs(app: BcdApp) -> list[str]:
     return [r for r in shown_runs(app) if not r.startswith("job:")]
+
+
+def table(app: BcdApp) -> DataTable:
+    return app.runs_screen.query_one("#runs", DataTable)
+
+
+def cursor_to(app: BcdApp, run_id: str) -> None:
+    """The runs table's cursor onto this run's row."""
+    t = table(app)
+    t.move_cursor(row=t.get_row_index(run_id))
