@@ -112,7 +112,9 @@ def ls_record(path: Path) -> dict:
     return {"run": printable(path.name), "id": printable(path.name),
             "display_id": printable(display_id(path.name, notes.name)), "path": printable(str(path)),
             "state": state.state, "reason": lost_reason(state, ends[-1] if ends else None), "holder": state.holder,
-            "round": progress.get("round", last.get("round", 0)),  # unreadable status: the events still tell
+            # the later of status.json's progress (rewritten at most 4 times a second) and the last metric event
+            "round": max((v for v in (progress.get("round"), last.get("round"))
+                          if isinstance(v, int) and not isinstance(v, bool)), default=0),
             "rounds": progress.get("rounds"), "started": status.get("started"),
             "train_loss": last.get("train_loss"),
             "val": {"name": val, "value": metrics[val]} if val else None,

@@ -6,9 +6,12 @@ after another. Three configurations per model, in this order, repeated --repeat 
 in the machine's load hits all three alike):
 
 - `1p default`: 1 process with the threads a user gets by default (OMP_NUM_THREADS unset: torch uses every
-  core). This is the baseline of the speedup column.
+  core). This is the baseline of the "vs 1p default" column.
 - `1p 1 thread`: 1 process with OMP_NUM_THREADS=1, the per-core work of one rank.
-- `2p`: 2 processes with bcdcore's default, OMP_NUM_THREADS = cores / processes (1 on a 2-core machine).
+- `2p gloo`: 2 processes with bcdcore's default, OMP_NUM_THREADS = cores / processes (1 on a 2-core machine),
+  the round's exchange through gloo's all_gather (`distributed.exchange = "backend"`).
+- `2p`: the same with bcdcore's default exchange, sockets between the ranks of one host
+  (`distributed.exchange = "auto"`, bcdcore/run/host_exchange.py).
 
 The recipe: digits_flat, a 4-block MLP (widths below; 3 hidden layers + head = 4 blocks), Jacobi, all blocks
 active, K inner SGD steps per block, batch 128, eval only at the end. Rounds/s is measured from the runs' own
@@ -42,7 +45,7 @@ sys.path.insert(0, str(ROOT))  # bcdcore from this checkout, as in the other ben
 from bcdcore.recipe import to_toml  # noqa: E402
 
 
-def recipe_text(nproc: int, args, widths: list[int]) -> str:
+def recipe_text(nproc: int, args, widths: list[int], exchange: str = "auto") -> str:
     """The benchmarked recipe (see the module docstring) for `nproc` processes and these MLP widths, as TOML
     written by bcdcore's own writer from the values below."""
     return to_toml({
@@ -52,14 +55,15 @@ def recipe_text(nproc: int, args, widths: list[int]) -> str:
         "algorithm": {"mode": "blockwise", "schedule": "jacobi", "K": args.K, "lambda": 0.01, "gamma": 1.0,
                       "solver": "sgd", "lr": 0.05},
         "eval": {"every": 0},
-        "distributed": {"nproc": nproc, "communication_delay": args.delay, "bandwidth": args.bandwidth},
+        "distributed": {"nproc": nproc, "communication_delay": args.delay, "bandwidth": args.bandwidth,
+                        "exchange": exchange},
     })
 
 
-def run(tmp: Path, nproc: int, args, widths, threads: int | None, tag: str) -> dict:
+def run(tmp: Path, nproc: int, args, widths, threads: int | None, exchange: str, tag: str) -> dict:
     """One `bcdcore run`; threads None: OMP_NUM_THREADS unset (torch's default, or bcdcore's per-rank share)."""
     recipe = tmp / f"w{widths[0]}-n{nproc}-{tag}.toml"
-    recipe.write_text(recipe_text(nproc, args, widths))
+    recipe.write_text(recipe_text(nproc, args, widths, exchange))
     env = dict(os.environ, PYTHONPATH=str(ROOT))
     env.pop("BCD_OPS", None)
     env.pop("OMP_NUM_THREADS", None)
@@ -83,7 +87,8 @@ def run(tmp: Path, nproc: int, args, widths, threads: int | None, tag: str) -> d
             "flat": flat}
 
 
-CONFIGS = (("1p default", 1, None), ("1p 1 thread", 1, 1), ("2p", 2, None))
+CONFIGS = (("1p default", 1, None, "auto"), ("1p 1 thread", 1, 1, "auto"), ("2p gloo", 2, None, "backend"),
+           ("2p", 2, None, "auto"))
 
 
 def main() -> None:
@@ -102,29 +107,34 @@ def main() -> None:
     print(f"# {platform.processor() or platform.machine()}, {os.cpu_count()} cores, python {platform.python_version()},"
           f" torch {torch.__version__}, {args.rounds} rounds, K {args.K}, batch 128, {args.repeat} repetition(s)")
     print(f"# simulated network: {args.delay * 1e3:g} ms per message, {args.bandwidth / 1e9:g} GB/s")
-    header = ("model (block sizes)", "config", "rounds/s (median)", "speedup vs 1p default", "each repetition",
-              "bytes/round", "sim_time_s - wall_s", "block_owner", "same params")
+    header = ("model (block sizes)", "config", "rounds/s (median)", "vs 1p default", "vs 1p 1 thread",
+              "each repetition vs 1p default", "each vs 1p 1 thread", "bytes/round", "sim_time_s - wall_s",
+              "block_owner", "same params")
     rows = []
     with tempfile.TemporaryDirectory() as tmp:
         tmp = Path(tmp)
         for spec in args.widths.split(","):
             widths = [int(w) for w in spec.split("x")]
-            results: dict[str, list[dict]] = {name: [] for name, _, _ in CONFIGS}
+            results: dict[str, list[dict]] = {name: [] for name, *_ in CONFIGS}
             for rep in range(args.repeat):
                 print(f"# {spec} repetition {rep + 1}: load average {os.getloadavg()[0]:.2f}", flush=True)
-                for name, nproc, threads in CONFIGS:
-                    results[name].append(run(tmp, nproc, args, widths, threads, f"{name.replace(' ', '')}{rep}"))
+                for name, nproc, threads, exchange in CONFIGS:
+                    results[name].append(run(tmp, nproc, args, widths, threads, exchange,
+                                             f"{name.replace(' ', '')}{rep}"))
             reference = results["1p 1 thread"][0]["flat"]
             base = [r["rate"] for r in results["1p default"]]
-            for name, _, _ in CONFIGS:
+            one = [r["rate"] for r in results["1p 1 thread"]]
+            for name, *_ in CONFIGS:
                 rs = results[name]
                 ratios = [r["rate"] / b for r, b in zip(rs, base)]  # against the same repetition's baseline
+                thread_ratios = [r["rate"] / b for r, b in zip(rs, one)]
                 last = rs[-1]
                 sim = f"{last['sim'] - last['wall']:.3f}" if last["sim"] is not None else "0"
                 same = all(torch.equal(r["flat"], reference) for r in rs)
                 rows.append(f"| mlp {spec} ({'/'.join(map(str, last['sizes']))}) | {name} | "
                             f"{statistics.median(r['rate'] for r in rs):.1f} | {statistics.median(ratios):.2f}x | "
-                            f"{' '.join(f'{x:.2f}x' for x in ratios)} | {last['bytes']:,} | {sim} | "
+                            f"{statistics.median(thread_ratios):.2f}x | {' '.join(f'{x:.2f}x' for x in ratios)} | "
+                            f"{' '.join(f'{x:.2f}x' for x in thread_ratios)} | {last['bytes']:,} | {sim} | "
                             f"{last['owner'] or '-'} | {'yes' if same else 'NO'} |")
     print(f"# load average at the end: {os.getloadavg()[0]:.2f}")
     print("| " + " | ".join(header) + " |")

@@ -38,6 +38,8 @@ if os.environ.get("BCD_COUNT_DIR") and "RANK" in os.environ:
     for name in ("all_gather", "all_gather_into_tensor", "all_reduce", "broadcast", "reduce", "gather", "scatter",
                  "all_gather_object", "broadcast_object_list", "gather_object", "barrier", "send", "recv"):
         setattr(dist, name, counting(name, getattr(dist, name)))
+    from bcdcore.run.host_exchange import HostExchange
+    HostExchange.all_gather = counting("host_all_gather", HostExchange.all_gather)
     def dump():
         path = os.path.join(os.environ["BCD_COUNT_DIR"], "rank" + os.environ["RANK"] + ".json")
         with open(path, "w") as f:
@@ -141,27 +143,36 @@ def test_more_losses_than_K_is_refused():
 # --- real 2-process runs
 
 def test_one_collective_per_round(tmp_path):
-    """Counted in the ranks themselves (a sitecustomize wraps torch.distributed): R rounds make R all_gathers
-    and nothing else per round; the only other collective is the final checkpoint's gather."""
+    """Counted in the ranks themselves (a sitecustomize wraps torch.distributed and the host exchange): R rounds
+    make R exchanges and nothing else per round; the only other collective is the final checkpoint's gather.
+    Between ranks of one host the exchange runs over sockets (set up by one broadcast and one barrier); with
+    `exchange = "backend"` it is gloo's all_gather. Both end with the same parameters, bit for bit."""
     rounds = 5
     site = tmp_path / "site"
     site.mkdir()
     (site / "sitecustomize.py").write_text(SITECUSTOMIZE)
-    counts = tmp_path / "counts"
-    counts.mkdir()
     env = cli_env()
     env["PYTHONPATH"] = f"{site}:{env.get('PYTHONPATH', '')}"
-    env["BCD_COUNT_DIR"] = str(counts)
-    recipe = tmp_path / "recipe.toml"
-    recipe.write_text(DIST.replace("rounds = 3", f"rounds = {rounds}"))
-    proc = run_cli("run", recipe, "--runs-dir", "runs", "--quiet", cwd=tmp_path, env=env, timeout=180)
-    assert proc.returncode == 0, proc.stderr
-    run_dir = _run_dir(tmp_path, proc.stdout)
-    assert read_status(run_dir)["state"] == "finished"
-    for rank in (0, 1):
-        seen = json.loads((counts / f"rank{rank}.json").read_text())
-        assert seen == {"all_gather": rounds, "gather_object": 1}, (rank, seen)
-    assert len(read_events(run_dir, "metric")) == rounds
+    expected = {"auto": {"broadcast": 1, "barrier": 1, "host_all_gather": rounds, "gather_object": 1},
+                "backend": {"all_gather": rounds, "gather_object": 1}}
+    flats = {}
+    for exchange, want in expected.items():
+        counts = tmp_path / f"counts-{exchange}"
+        counts.mkdir()
+        env["BCD_COUNT_DIR"] = str(counts)
+        recipe = tmp_path / f"{exchange}.toml"
+        recipe.write_text(DIST.replace("rounds = 3", f"rounds = {rounds}")
+                          .replace("[distributed]", f'[distributed]\nexchange = "{exchange}"'))
+        proc = run_cli("run", recipe, "--runs-dir", "runs", "--quiet", cwd=tmp_path, env=env, timeout=180)
+        assert proc.returncode == 0, proc.stderr
+        run_dir = _run_dir(tmp_path, proc.stdout)
+        assert read_status(run_dir)["state"] == "finished"
+        for rank in (0, 1):
+            seen = json.loads((counts / f"rank{rank}.json").read_text())
+            assert seen == want, (exchange, rank, seen)
+        assert len(read_events(run_dir, "metric")) == rounds
+        flats[exchange] = torch.load(run_dir / "checkpoint.pt", weights_only=False)["flat"]
+    assert torch.equal(flats["auto"], flats["backend"])
 
 
 def test_rank_0_stop_takes_back_the_started_round(tmp_path):

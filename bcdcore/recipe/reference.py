@@ -171,6 +171,9 @@ MEANINGS: dict[str, tuple[str, str]] = {
         'rendezvous address on node 0, reachable from every node (needed when nnodes > 1); also `--rdzv`'),
     'distributed.rdzv_id': ('string',
         'rendezvous id, the same on every node; "" = derived from the recipe'),
+    'distributed.exchange': ('"auto" \\| "backend"',
+        "a blockwise round's exchange: auto = Unix-domain sockets when all ranks are on one host on the CPU, "
+        "else the backend's all_gather; backend = always the backend's"),
 }
 
 SHIPPED = '| recipe | what |\n|---|---|\n| `recipes/quickstart.toml` | 3-block MLP on the 8x8 digits, Jacobi, lambda 0.01, momentum; test acc >= 0.95 |\n| `recipes/quickstart_entire.toml` | the same model trained whole (the baseline) |\n| `recipes/diabetes.toml` | regression, Gauss-Seidel, per-block lambda and gamma, Adam |'

@@ -229,6 +229,7 @@ class DistributedConfig:
     node_rank: int = 0  # this host's number; node 0 hosts the c10d rendezvous store
     rdzv_endpoint: str = ""  # "host:port" of node 0, reachable from every node (needed when nnodes > 1)
     rdzv_id: str = ""  # rendezvous id shared by the nodes; "" = derived from the recipe (same recipe, same id)
+    exchange: str = "auto"  # a blockwise round's exchange: "auto" = sockets between one host's CPU ranks, "backend"
 
 
 @dataclass

@@ -357,6 +357,7 @@ class Validator:
         d = r.distributed
         need(d.nproc >= 1, "distributed.nproc", f"must be >= 1, got {d.nproc}")
         self.choice("distributed.backend", d.backend, ("gloo", "nccl"))
+        self.choice("distributed.exchange", d.exchange, ("auto", "backend"))
         need(d.communication_delay >= 0, "distributed.communication_delay",
              f"must be >= 0 seconds, got {d.communication_delay}")
         need(d.bandwidth >= 0, "distributed.bandwidth", f"must be >= 0 bytes/s (0 = unlimited), got {d.bandwidth}")

@@ -21,6 +21,8 @@ On rounds where rank 0 measures lambda = "auto" the lambda broadcast carries the
 from __future__ import annotations
 
 import dataclasses
+import os
+import sys
 
 import torch
 import torch.distributed as dist
@@ -28,6 +30,7 @@ from torch import Tensor
 
 from bcdcore.algorithm import BlockReport
 from bcdcore.run.distributed import Comm, assign_blocks
+from bcdcore.run.host_exchange import HostExchange
 
 REPORT_FIELDS = [f.name for f in dataclasses.fields(BlockReport)]
 _CASTS = {"int": int, "bool": bool, "float": float}
@@ -99,6 +102,23 @@ class RoundComm(Comm):
         self.K = 0
         self.peer_signal = 0  # the largest signal any rank put in this round's header
         self._staged: tuple | None = None
+        self._host: HostExchange | None = None  # sockets between this host's ranks, made at the first exchange
+
+    def _all_gather(self, gathered: list[Tensor], buf: Tensor) -> None:
+        """The round's one collective: over sockets when every rank is on this host and the buffer is on the
+        CPU (`distributed.exchange = "auto"`, bcdcore.run.host_exchange), else the backend's all_gather. Every
+        rank takes the same branch: they share the recipe, the world and the device type."""
+        if self._host is None and self._host_applies(buf):
+            self._host = HostExchange.connect(self.cfg.timeout_s)
+        if self._host is not None:
+            self._host.all_gather(gathered, buf)
+        else:
+            dist.all_gather(gathered, buf)
+
+    def _host_applies(self, buf: Tensor) -> bool:
+        one_host = os.environ.get("LOCAL_WORLD_SIZE") == str(self.world)
+        return (self.cfg.exchange == "auto" and one_host and buf.device.type == "cpu" and sys.platform != "win32"
+                and dist.get_backend() == "gloo")
 
     # --- the round's layout, known to every rank
     def _per_rank(self, active: list[int]) -> list[list[int]]:
@@ -162,7 +182,7 @@ class RoundComm(Comm):
                 buf[offset:offset + n].copy_(_bytes(t))
                 offset += n
         gathered = [torch.empty_like(buf) for _ in range(self.world)]
-        dist.all_gather(gathered, buf)
+        self._all_gather(gathered, buf)
         metas = [gathered[r][:8 * self._meta_len(per_rank[r])].cpu().view(torch.float64).tolist()
                  for r in range(self.world)]
         if metas[0][0] and not self.leader:
@@ -188,7 +208,7 @@ class RoundComm(Comm):
         _, lengths = self._lengths(params, self._per_rank(active))
         buf = torch.zeros(max(lengths), dtype=torch.uint8, device=params.flat.device)
         buf[:16].copy_(_bytes(torch.tensor([float(code), float(signum)], dtype=torch.float64)))
-        dist.all_gather([torch.empty_like(buf) for _ in range(self.world)], buf)
+        self._all_gather([torch.empty_like(buf) for _ in range(self.world)], buf)
 
     def share_floats(self, values: list[float] | None, n: int, code: int = 0, signum: int = 0) -> list[float]:
         """Rank 0's `n` floats (lambda = "auto") to every rank in one broadcast, with its stop code: a rank

@@ -12,12 +12,11 @@ The loop itself has no branch on distribution.
 """
 from __future__ import annotations
 
-import copy
 import os
 import signal
 
 from bcdcore.algorithm import RoundResult
-from bcdcore.checkpoint import save_checkpoint, to_cpu
+from bcdcore.checkpoint import clone_state, save_checkpoint, to_cpu
 from bcdcore.run.collective import STOP_STATES, LeaderStopped, RoundComm, balance_blocks
 from bcdcore.run.distributed import Comm, launched_by_bcdcore, write_rank_error, write_rank_file
 from bcdcore.run.loop import Run
@@ -83,7 +82,7 @@ class DistributedRun(Run):
         if self.piggyback and not self.leader:  # this round may be taken back (rank 0 stopped before it)
             p = self.p
             self._inflight = (p.params.flat.detach().clone(), p.params.snapshot_buffers(),
-                              copy.deepcopy(p.trainer.state_dict()))
+                              clone_state(p.trainer.state_dict()))
 
     def _end_round(self) -> None:
         self._inflight = None
