@@ -2,8 +2,8 @@
 simulated time of a stated network.
 
 Each configuration is a real `bcdcore run` (2 processes: gloo, started by bcdcore through torchrun's agent), one
-after another. Three configurations per model, in this order, repeated --repeat times (interleaved, so a change
-in the machine's load hits all three alike):
+after another. Four configurations per model, in this order, repeated --repeat times (interleaved, so a change
+in the machine's load hits all four alike):
 
 - `1p default`: 1 process with the threads a user gets by default (OMP_NUM_THREADS unset: torch uses every
   core). This is the baseline of the "vs 1p default" column.
