@@ -276,7 +276,7 @@ EVENTS: dict[str, Callable[[Any], dict]] = {
     "start": table({"run_id": _str, "recipe": _str, "n_blocks": optional(integer()),
                     "block_sizes": optional(list_of(integer())), "device": _str, "backend": _str, "mode": _str,
                     "resumed_from_round": optional(integer()), "world_size": optional(integer(1)),
-                    "dist_backend": _str, "block_owner": optional(list_of(integer()))}),
+                    "dist_backend": _str, "block_owner": optional(list_of(integer())), "exchange": _str}),
     "metric": table({"round": integer(), "grad_evals": optional(_count), "samples": optional(_count),
                      "bytes_comm": optional(_count), "wall_s": optional(_count), "bytes_round": optional(_count),
                      "comm_sim_s": _metric_value, "sim_time_s": _metric_value, "train_loss": _metric_value},

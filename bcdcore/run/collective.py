@@ -102,23 +102,31 @@ class RoundComm(Comm):
         self.K = 0
         self.peer_signal = 0  # the largest signal any rank put in this round's header
         self._staged: tuple | None = None
-        self._host: HostExchange | None = None  # sockets between this host's ranks, made at the first exchange
+        self._host: HostExchange | None = None  # sockets between this host's ranks (open_exchange)
+        self.exchange = f"{cfg.backend} all_gather"  # how the round's buffer travels, for the record
+
+    def open_exchange(self, device: torch.device) -> str:
+        """Choose how a blockwise round's buffer travels, before the first round (a collective: every rank
+        calls it). Over sockets when every rank is on this host and the parameters are on the CPU
+        (`distributed.exchange = "auto"`, bcdcore.run.host_exchange), else the backend's all_gather; every rank
+        takes the same branch (same recipe, world and device type, and the set-up's own agreement). Returns a
+        line for the run's log."""
+        one_host = os.environ.get("LOCAL_WORLD_SIZE") == str(self.world)
+        if not (self.cfg.exchange == "auto" and one_host and device.type == "cpu" and sys.platform != "win32"
+                and dist.get_backend() == "gloo"):
+            return f"round exchange: {self.exchange}"
+        self._host, problem = HostExchange.connect(self.cfg.timeout_s)
+        if self._host is None:
+            return f"round exchange: {self.exchange} (the host's sockets could not be used: {problem})"
+        self.exchange = "host sockets"
+        return f"round exchange: Unix-domain sockets between this host's {self.world} ranks"
 
     def _all_gather(self, gathered: list[Tensor], buf: Tensor) -> None:
-        """The round's one collective: over sockets when every rank is on this host and the buffer is on the
-        CPU (`distributed.exchange = "auto"`, bcdcore.run.host_exchange), else the backend's all_gather. Every
-        rank takes the same branch: they share the recipe, the world and the device type."""
-        if self._host is None and self._host_applies(buf):
-            self._host = HostExchange.connect(self.cfg.timeout_s)
+        """The round's one collective, by the transport open_exchange chose."""
         if self._host is not None:
             self._host.all_gather(gathered, buf)
         else:
             dist.all_gather(gathered, buf)
-
-    def _host_applies(self, buf: Tensor) -> bool:
-        one_host = os.environ.get("LOCAL_WORLD_SIZE") == str(self.world)
-        return (self.cfg.exchange == "auto" and one_host and buf.device.type == "cpu" and sys.platform != "win32"
-                and dist.get_backend() == "gloo")
 
     # --- the round's layout, known to every rank
     def _per_rank(self, active: list[int]) -> list[list[int]]:

@@ -41,6 +41,7 @@ class DistributedRun(Run):
             costs = [self.flop_table.block_pass(i) for i in range(prepared.params.n_blocks)]
             if sum(costs) > 0:  # a model none of whose operations counts keeps the parameter-count split
                 comm.owner = balance_blocks(costs, comm.world)
+            self.file_log.info("%s", comm.open_exchange(prepared.params.flat.device))
 
     # --- checkpoints: a collective; rank 0 writes the merged state
     def _trainer_state_to_save(self) -> dict | None:
@@ -67,6 +68,8 @@ class DistributedRun(Run):
         start = {"world_size": self.comm.world, "dist_backend": r.distributed.backend}
         if r.algorithm.mode == "blockwise":
             start["block_owner"] = list(self.comm.owner)
+            if self.piggyback:
+                start["exchange"] = self.comm.exchange
         return status, start
 
     def _metric_fields(self, wall: float) -> tuple[int, dict]:

@@ -7,9 +7,10 @@ with CUDA tensors, the backend's all_gather is used (`RoundComm`).
 
 Set-up is a collective: rank 0 draws a random key and broadcasts it through the process group; every rank
 listens on an address made from the key and its rank (Linux: the abstract namespace, so no file is left
-behind; elsewhere a socket file in the temp folder, removed once everyone is connected); after a barrier each
-rank connects to every lower rank and sends the key and its rank; a connection that does not present the key
-is dropped. The exchange itself sends this rank's buffer to every peer and receives each peer's, all at once
+behind; elsewhere a socket file in the temp folder, removed once everyone is connected), connects to every
+lower rank and sends the key and its rank, then accepts the higher ranks; a connection that does not present
+the key is dropped. The ranks agree after each step, so where sockets cannot be used (a sandbox without
+Unix-domain sockets, ranks in different network namespaces) they all keep the backend's all_gather. The exchange itself sends this rank's buffer to every peer and receives each peer's, all at once
 (non-blocking sockets under one selector), so no pair waits on another.
 
 A rank that dies closes its sockets: its peers' exchange fails at once with one line naming it, as gloo's does
@@ -51,6 +52,16 @@ def _recv_exactly(sock: socket.socket, n: int) -> bytes:
             break
         data += chunk
     return data
+
+
+def _agree(problem: str) -> str:
+    """All ranks learn whether any had a problem (an all_reduce, MAX of 0/1); the others' words are not sent,
+    so a rank that had none says which step failed elsewhere."""
+    flag = torch.tensor([1 if problem else 0], dtype=torch.int64)
+    dist.all_reduce(flag, op=dist.ReduceOp.MAX)
+    if int(flag.item()) == 0:
+        return ""
+    return problem or "another rank could not set up its sockets (its log says why)"
 
 
 def connect_peer(where: str, key: bytes, rank: int, timeout_s: float) -> socket.socket:
@@ -102,8 +113,10 @@ class HostExchange:
             sock.setblocking(False)
 
     @classmethod
-    def connect(cls, timeout_s: float) -> HostExchange:
-        """Every rank of the (default) process group calls this together."""
+    def connect(cls, timeout_s: float) -> tuple[HostExchange | None, str]:
+        """Every rank of the (default) process group calls this together. Returns (the exchange, "") or, when
+        any rank could not listen, connect or be reached, (None, why) on every rank alike: the ranks agree
+        after each step (an all_reduce of "ok" flags), so they all fall back to the backend together."""
         rank, world = dist.get_rank(), dist.get_world_size()
         shared = torch.frombuffer(bytearray(os.urandom(KEY_BYTES)), dtype=torch.uint8)
         dist.broadcast(shared, src=0)
@@ -111,19 +124,30 @@ class HostExchange:
         listener = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
         mine = address(key, rank)
         peers: dict[int, socket.socket] = {}
+        problem = ""
         try:
-            listener.bind(mine)
-            listener.listen(world)
-            dist.barrier()  # every rank listens before any connects
-            for lower in range(rank):
-                peers[lower] = connect_peer(address(key, lower), key, rank, timeout_s)
-            peers.update(accept_peers(listener, key, rank, world, timeout_s))
-        except OSError as exc:
-            for sock in peers.values():
-                sock.close()
-            raise ConnectionError(f"rank {rank}: could not connect to this host's other ranks "
-                                  f"({exc.strerror or exc}); distributed.exchange = \"backend\" uses the "
-                                  "backend's all_gather instead") from exc
+            # 1. everyone listens (the backlog holds every higher rank's connection until it is accepted)
+            try:
+                listener.bind(mine)
+                listener.listen(world)
+            except OSError as exc:
+                problem = f"rank {rank} could not listen ({exc.strerror or exc})"
+            problem = _agree(problem)
+            # 2. everyone connects to the lower ranks: queued in their backlogs, so nobody waits for an accept
+            if not problem:
+                try:
+                    for lower in range(rank):
+                        peers[lower] = connect_peer(address(key, lower), key, rank, timeout_s)
+                except OSError as exc:
+                    problem = f"rank {rank} could not reach rank {lower} ({exc.strerror or exc})"
+                problem = _agree(problem)
+            # 3. everyone takes the higher ranks' connections (already queued: no wait unless one was lost)
+            if not problem:
+                try:
+                    peers.update(accept_peers(listener, key, rank, world, timeout_s))
+                except OSError as exc:
+                    problem = f"rank {rank} was not reached by every higher rank ({exc.strerror or exc})"
+                problem = _agree(problem)
         finally:
             listener.close()
             if not mine.startswith("\0"):
@@ -131,7 +155,11 @@ class HostExchange:
                     os.unlink(mine)
                 except OSError:
                     pass
-        return cls(rank, peers, timeout_s)
+        if problem:
+            for sock in peers.values():
+                sock.close()
+            return None, problem
+        return cls(rank, peers, timeout_s), ""
 
     def all_gather(self, out: list[Tensor], buf: Tensor) -> None:
         """out[r] = rank r's `buf`, on every rank."""
