@@ -40,6 +40,14 @@ if os.environ.get("BCD_COUNT_DIR") and "RANK" in os.environ:
         setattr(dist, name, counting(name, getattr(dist, name)))
     from bcdcore.run.host_exchange import HostExchange
     HostExchange.all_gather = counting("host_all_gather", HostExchange.all_gather)
+    if os.environ.get("BCD_REFUSE_UNIX") and os.environ["RANK"] == "1":  # a sandbox without Unix sockets
+        import socket
+        bind = socket.socket.bind
+        def refuse(self, address):
+            if self.family == socket.AF_UNIX:
+                raise PermissionError(13, "Permission denied")
+            return bind(self, address)
+        socket.socket.bind = refuse
     def dump():
         path = os.path.join(os.environ["BCD_COUNT_DIR"], "rank" + os.environ["RANK"] + ".json")
         with open(path, "w") as f:
@@ -145,23 +153,25 @@ def test_more_losses_than_K_is_refused():
 def test_one_collective_per_round(tmp_path):
     """Counted in the ranks themselves (a sitecustomize wraps torch.distributed and the host exchange): R rounds
     make R exchanges and nothing else per round; the only other collective is the final checkpoint's gather.
-    Between ranks of one host the exchange runs over sockets (set up by one broadcast and three all_reduces
-    in which the ranks agree that every step worked); with
-    `exchange = "backend"` it is gloo's all_gather. Both end with the same parameters, bit for bit."""
+    Between ranks of one host the exchange runs over sockets (set up by one broadcast and three all_reduces in
+    which the ranks agree that every step worked); with `exchange = "backend"` it is gloo's all_gather, and so
+    it is when rank 1 cannot bind a Unix socket: the ranks agree after the first step to keep gloo, and the
+    logs say why. All three end with the same parameters, bit for bit."""
     rounds = 5
     site = tmp_path / "site"
     site.mkdir()
     (site / "sitecustomize.py").write_text(SITECUSTOMIZE)
-    env = cli_env()
-    env["PYTHONPATH"] = f"{site}:{env.get('PYTHONPATH', '')}"
-    expected = {"auto": {"broadcast": 1, "all_reduce": 3, "host_all_gather": rounds, "gather_object": 1},
-                "backend": {"all_gather": rounds, "gather_object": 1}}
+    gloo = {"all_gather": rounds, "gather_object": 1}
+    cases = {"auto": ("auto", {"broadcast": 1, "all_reduce": 3, "host_all_gather": rounds, "gather_object": 1}),
+             "backend": ("backend", gloo),
+             "refused": ("auto", {"broadcast": 1, "all_reduce": 1, **gloo})}
     flats = {}
-    for exchange, want in expected.items():
-        counts = tmp_path / f"counts-{exchange}"
+    for case, (exchange, want) in cases.items():
+        counts = tmp_path / f"counts-{case}"
         counts.mkdir()
-        env["BCD_COUNT_DIR"] = str(counts)
-        recipe = tmp_path / f"{exchange}.toml"
+        env = cli_env(BCD_COUNT_DIR=str(counts), **({"BCD_REFUSE_UNIX": "1"} if case == "refused" else {}))
+        env["PYTHONPATH"] = f"{site}:{env['PYTHONPATH']}"
+        recipe = tmp_path / f"{case}.toml"
         recipe.write_text(DIST.replace("rounds = 3", f"rounds = {rounds}")
                           .replace("[distributed]", f'[distributed]\nexchange = "{exchange}"'))
         proc = run_cli("run", recipe, "--runs-dir", "runs", "--quiet", cwd=tmp_path, env=env, timeout=180)
@@ -170,54 +180,17 @@ def test_one_collective_per_round(tmp_path):
         assert read_status(run_dir)["state"] == "finished"
         for rank in (0, 1):
             seen = json.loads((counts / f"rank{rank}.json").read_text())
-            assert seen == want, (exchange, rank, seen)
+            assert seen == want, (case, rank, seen)
         assert len(read_events(run_dir, "metric")) == rounds
-        said = "host sockets" if exchange == "auto" else "gloo all_gather"
+        said = "host sockets" if case == "auto" else "gloo all_gather"
         assert read_events(run_dir, "start")[0]["exchange"] == said
-        assert f"round exchange: {'Unix-domain sockets' if exchange == 'auto' else said}" in (
-            run_dir / "log.txt").read_text()
-        flats[exchange] = torch.load(run_dir / "checkpoint.pt", weights_only=False)["flat"]
-    assert torch.equal(flats["auto"], flats["backend"])
-
-
-# Rank 1 cannot bind a Unix-domain socket (a sandbox that forbids them, say).
-NO_UNIX_SOCKETS = """
-import os, socket
-if os.environ.get("RANK") == "1":
-    bind = socket.socket.bind
-    def refuse(self, address):
-        if self.family == socket.AF_UNIX:
-            raise PermissionError(13, "Permission denied")
-        return bind(self, address)
-    socket.socket.bind = refuse
-"""
-
-
-def test_without_host_sockets_every_rank_keeps_the_backend(tmp_path):
-    """One rank cannot set up its socket: the ranks agree to use gloo's all_gather, the run finishes with the
-    parameters of the socket run, and the logs say why."""
-    site = tmp_path / "site"
-    site.mkdir()
-    (site / "sitecustomize.py").write_text(NO_UNIX_SOCKETS)
-    recipe = tmp_path / "recipe.toml"
-    recipe.write_text(DIST)
-    runs = {}
-    for name, extra in (("sockets", ""), ("refused", str(site))):
-        env = cli_env()
-        if extra:
-            env["PYTHONPATH"] = f"{extra}:{env['PYTHONPATH']}"
-        proc = run_cli("run", recipe, "--runs-dir", name, "--quiet", cwd=tmp_path, env=env, timeout=180)
-        assert proc.returncode == 0, proc.stderr
-        runs[name] = _run_dir(tmp_path, proc.stdout)
-        assert read_status(runs[name])["state"] == "finished"
-    refused = runs["refused"]
-    assert read_events(runs["sockets"], "start")[0]["exchange"] == "host sockets"
-    assert read_events(refused, "start")[0]["exchange"] == "gloo all_gather"
-    assert ("round exchange: gloo all_gather (the host's sockets could not be used: another rank could not set "
-            "up its sockets" in (refused / "log.txt").read_text())
-    assert "rank 1 could not listen (Permission denied)" in (refused / "rank1.log").read_text()
-    flats = [torch.load(d / "checkpoint.pt", weights_only=False)["flat"] for d in runs.values()]
-    assert torch.equal(*flats)
+        log = (run_dir / "log.txt").read_text()
+        assert f"round exchange: {'Unix-domain sockets' if case == 'auto' else said}" in log
+        if case == "refused":
+            assert ("(the host's sockets could not be used: another rank could not set up its sockets" in log)
+            assert "rank 1 could not listen (Permission denied)" in (run_dir / "rank1.log").read_text()
+        flats[case] = torch.load(run_dir / "checkpoint.pt", weights_only=False)["flat"]
+    assert torch.equal(flats["auto"], flats["backend"]) and torch.equal(flats["auto"], flats["refused"])
 
 
 def test_rank_0_stop_takes_back_the_started_round(tmp_path):

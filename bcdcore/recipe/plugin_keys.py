@@ -5,12 +5,20 @@ checking the plugin itself is bcdcore.plugins' work, at `bcdcore check` / run ti
 from __future__ import annotations
 
 import re
-from typing import TYPE_CHECKING, Any
+from typing import Any, Protocol
 
 from bcdcore.recipe.schema import RecipeError, show_value
 
-if TYPE_CHECKING:
-    from bcdcore.recipe.validate import Validator
+
+class Validator(Protocol):
+    """What these checks use of bcdcore.recipe.validate.Validator (named here, not imported: validate imports
+    this module)."""
+
+    def fail(self, dotted: str, message: str) -> RecipeError: ...
+
+    def typed(self, dotted: str, value: Any, kind: str) -> Any: ...
+
+    def choice(self, dotted: str, value: Any, choices) -> str: ...
 
 # "package.module:name" or "package.module.name": identifiers separated by dots, at most one ':'
 _PATH = re.compile(r"[A-Za-z_]\w*(\.[A-Za-z_]\w*)*(:[A-Za-z_]\w*(\.[A-Za-z_]\w*)*)?")
@@ -33,7 +41,7 @@ def plugin_names(recipe) -> list[tuple[str, str]]:
     return [(key, name) for key, name in keys if is_plugin(name)]
 
 
-def check_name(v: "Validator", dotted: str, value: Any, choices) -> str:
+def check_name(v: Validator, dotted: str, value: Any, choices) -> str:
     """A built-in name from `choices`, or a well-formed plugin path (imported later, by bcdcore check)."""
     value = v.typed(dotted, value, "str")
     if is_plugin(value):
@@ -45,7 +53,7 @@ def check_name(v: "Validator", dotted: str, value: Any, choices) -> str:
     return v.choice(dotted, value, choices) if choices else value
 
 
-def check_args(v: "Validator", dotted: str, value: Any) -> dict:
+def check_args(v: Validator, dotted: str, value: Any) -> dict:
     """An `args` table: keyword arguments (identifier keys, any TOML values) passed to a plugin."""
     if not isinstance(value, dict):
         raise v.fail(dotted, f"expected a table [{dotted}] of keyword arguments, got {show_value(value)}")
@@ -55,7 +63,7 @@ def check_args(v: "Validator", dotted: str, value: Any) -> dict:
     return dict(value)
 
 
-def check_blocks(v: "Validator", dotted: str, value: Any) -> str | list[str]:
+def check_blocks(v: Validator, dotted: str, value: Any) -> str | list[str]:
     """`[model] blocks`: "auto", "children", or a non-empty list of "prefix|prefix" entries."""
     if isinstance(value, str):
         if value not in BLOCK_RULES:
@@ -78,7 +86,7 @@ def check_blocks(v: "Validator", dotted: str, value: Any) -> str | list[str]:
     return list(value)
 
 
-def field_value(v: "Validator", dotted: str, value: Any, hint: str) -> Any | None:
+def field_value(v: Validator, dotted: str, value: Any, hint: str) -> Any | None:
     """The plugin fields' values (None: not a plugin field)."""
     if hint == "dict":
         return check_args(v, dotted, value)
@@ -87,7 +95,7 @@ def field_value(v: "Validator", dotted: str, value: Any, hint: str) -> Any | Non
     return None
 
 
-def check_plugin_keys(v: "Validator", recipe) -> None:
+def check_plugin_keys(v: Validator, recipe) -> None:
     """args and blocks only where a plugin reads them."""
     m = recipe.model
     if not is_plugin(m.name):
@@ -110,7 +118,7 @@ def model_key_users(name: str, users: tuple[str, ...], key: str) -> bool:
     return name in users or (key == "weights" and is_plugin(name))
 
 
-def plugin_stop(v: "Validator", raw: dict, stop_cls) -> Any:
+def plugin_stop(v: Validator, raw: dict, stop_cls) -> Any:
     """A plugin stopper: kind is its path, every other key one of its keyword arguments."""
     kind = check_name(v, "stop.kind", raw["kind"], ())
     return stop_cls(kind=kind, args=check_args(v, "stop", {k: val for k, val in raw.items() if k != "kind"}))
