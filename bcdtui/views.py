@@ -94,7 +94,9 @@ def run_summary(row: RunRow | None, f: RunFollower) -> list[Text]:
     status = f.status
     state = row.state if row else status.get("state", "unknown")
     progress = status.get("progress") or {}
-    rnd, rounds = progress.get("round", 0), progress.get("rounds", 0)  # checked ints (bcdcore.records)
+    rounds = progress.get("rounds", 0)  # checked ints (bcdcore.records)
+    # the later of status.json's progress (rewritten at most 4 times a second) and the last metric event read
+    rnd = max(progress.get("round", 0), max(f.rows, default=0))
     line1 = styled_state(state)
     line1.append("  ")
     if rounds:

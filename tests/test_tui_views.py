@@ -1,6 +1,7 @@
 """What the screens show, computed without a terminal (bcdtui.views): run summary, block rows, launch preview."""
 from __future__ import annotations
 
+import json
 from pathlib import Path
 
 from bcdtui.recipes import LaunchPlan
@@ -18,6 +19,22 @@ def test_run_summary_of_a_finished_and_a_failed_run(tmp_path):
     failed = RunFollower(write_run(tmp_path, "r-20260101-000000-bbbbbb", state="failed", rounds=10, done=3))
     failed.poll()
     assert [line.plain for line in run_summary(None, failed)][0].startswith("failed")
+
+
+def test_run_summary_shows_the_later_of_status_progress_and_the_events(tmp_path):
+    """A running run rewrites status.json's progress at most 4 times a second: the metric events it has
+    written since are the newer word on the round."""
+    run = write_run(tmp_path, "r-20260101-000000-cccccc", state="running", rounds=10, done=6)
+    status = json.loads((run / "status.json").read_text())
+    status["progress"]["round"] = 4
+    (run / "status.json").write_text(json.dumps(status))
+    follower = RunFollower(run)
+    follower.poll()
+    assert [line.plain for line in run_summary(None, follower)][0].startswith("running  round 6/10")
+    status["progress"]["round"] = 8  # and status.json when it is ahead of the events read so far
+    (run / "status.json").write_text(json.dumps(status))
+    follower.refresh_status()
+    assert [line.plain for line in run_summary(None, follower)][0].startswith("running  round 8/10")
 
 
 def test_block_cells_mark_the_certified_blocks():
