@@ -29,7 +29,7 @@ import torch.distributed as dist
 from torch import Tensor
 
 from bcdcore.algorithm import BlockReport
-from bcdcore.run.distributed import Comm, assign_blocks
+from bcdcore.run.distributed import Comm, _bytes, assign_blocks
 from bcdcore.run.host_exchange import HostExchange
 
 REPORT_FIELDS = [f.name for f in dataclasses.fields(BlockReport)]
@@ -85,10 +85,6 @@ def unpack_reports(meta: list[float], n_blocks: int, K: int) -> list[tuple[Block
         n = int(meta[start + len(REPORT_FIELDS)])
         out.append((report, meta[start + len(REPORT_FIELDS) + 1:start + len(REPORT_FIELDS) + 1 + n]))
     return out
-
-
-def _bytes(t: Tensor) -> Tensor:
-    return t.reshape(-1).view(torch.uint8)
 
 
 class RoundComm(Comm):

@@ -10,8 +10,9 @@ listens on an address made from the key and its rank (Linux: the abstract namesp
 behind; elsewhere a socket file in the temp folder, removed once everyone is connected), connects to every
 lower rank and sends the key and its rank, then accepts the higher ranks; a connection that does not present
 the key is dropped. The ranks agree after each step, so where sockets cannot be used (a sandbox without
-Unix-domain sockets, ranks in different network namespaces) they all keep the backend's all_gather. The exchange itself sends this rank's buffer to every peer and receives each peer's, all at once
-(non-blocking sockets under one selector), so no pair waits on another.
+Unix-domain sockets, ranks in different network namespaces) they all keep the backend's all_gather. The
+exchange itself sends this rank's buffer to every peer and receives each peer's, all at once (non-blocking
+sockets under one selector), so no pair waits on another.
 
 A rank that dies closes its sockets: its peers' exchange fails at once with one line naming it, as gloo's does
 ("Connection closed by peer"). A rank that stays alive but silent fails the others after `timeout_s`.
