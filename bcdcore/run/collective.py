@@ -29,7 +29,7 @@ import torch.distributed as dist
 from torch import Tensor
 
 from bcdcore.algorithm import BlockReport
-from bcdcore.run.distributed import Comm, _bytes, assign_blocks
+from bcdcore.run.distributed import Comm, assign_blocks, byte_view
 from bcdcore.run.host_exchange import HostExchange
 
 REPORT_FIELDS = [f.name for f in dataclasses.fields(BlockReport)]
@@ -178,12 +178,12 @@ class RoundComm(Comm):
         meta = torch.tensor(pack_reports(mine, per_rank[self.rank], self.K, 0, self.local_signal()),
                             dtype=torch.float64)
         buf = torch.zeros(max(lengths), dtype=torch.uint8, device=params.flat.device)
-        buf[:meta.numel() * 8].copy_(_bytes(meta))
+        buf[:meta.numel() * 8].copy_(byte_view(meta))
         offset = meta.numel() * 8
         for i in per_rank[self.rank]:
             for t in self._tensors(params, i):
                 n = t.numel() * t.element_size()
-                buf[offset:offset + n].copy_(_bytes(t))
+                buf[offset:offset + n].copy_(byte_view(t))
                 offset += n
         gathered = [torch.empty_like(buf) for _ in range(self.world)]
         self._all_gather(gathered, buf)
@@ -201,7 +201,7 @@ class RoundComm(Comm):
             for i in blocks:
                 for t in self._tensors(params, i):
                     n = t.numel() * t.element_size()
-                    _bytes(t).copy_(gathered[r][offset:offset + n])
+                    byte_view(t).copy_(gathered[r][offset:offset + n])
                     offset += n
         return out
 
@@ -211,7 +211,7 @@ class RoundComm(Comm):
         buffer has the size the other ranks expect)."""
         _, lengths = self._lengths(params, self._per_rank(active))
         buf = torch.zeros(max(lengths), dtype=torch.uint8, device=params.flat.device)
-        buf[:16].copy_(_bytes(torch.tensor([float(code), float(signum)], dtype=torch.float64)))
+        buf[:16].copy_(byte_view(torch.tensor([float(code), float(signum)], dtype=torch.float64)))
         self._all_gather([torch.empty_like(buf) for _ in range(self.world)], buf)
 
     def share_floats(self, values: list[float] | None, n: int, code: int = 0, signum: int = 0) -> list[float]:

@@ -60,7 +60,7 @@ def assign_blocks(sizes: list[int], world: int) -> list[int]:
     return owner
 
 
-def _bytes(t: Tensor) -> Tensor:
+def byte_view(t: Tensor) -> Tensor:
     """A contiguous tensor's storage seen as uint8 (a view: writes go through)."""
     return t.reshape(-1).view(torch.uint8)
 
@@ -137,7 +137,7 @@ class Comm:
         for i in per_rank[self.rank]:
             for t in (params.block(i), *params.block_buffers[i]):
                 n = t.numel() * t.element_size()
-                mine[offset:offset + n].copy_(_bytes(t))
+                mine[offset:offset + n].copy_(byte_view(t))
                 offset += n
         gathered = [torch.empty_like(mine) for _ in range(self.world)]
         dist.all_gather(gathered, mine)
@@ -148,7 +148,7 @@ class Comm:
             for i in blocks:
                 for t in (params.block(i), *params.block_buffers[i]):
                     n = t.numel() * t.element_size()
-                    _bytes(t).copy_(gathered[r][offset:offset + n])
+                    byte_view(t).copy_(gathered[r][offset:offset + n])
                     offset += n
 
     def all_gather_object(self, obj) -> list:
